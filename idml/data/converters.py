@@ -1,0 +1,564 @@
+"""Converters from common image-dataset layouts to the idml format (see ``format.py``).
+
+All converters share one pipeline (``convert_items``):
+
+1. Every image is read and validated by fully decoding it (``normalize_image_bytes``)
+   in a small thread pool; invalid ones are counted in a ``ConversionReport`` by reason.
+2. Classes left without any valid image are reported and get no label. Labels
+   0..K-1 go to the remaining classes in the converter's canonical class order.
+3. A deterministic ``val_fraction`` of the training classes moves to split ``val``
+   (``select_val_classes``): disjoint classes for model selection.
+4. ``write_dataset`` writes the shards and the manifest (with the report).
+
+Classes are disjoint across splits, as deep metric learning evaluates on unseen classes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+from tqdm.auto import tqdm
+
+from idml.data.format import DEFAULT_SHARD_BYTES, ImageRecord, write_dataset
+from idml.data.images import DEFAULT_MAX_PIXELS, InvalidImageError, normalize_image_bytes
+from idml.data.report import ConversionReport
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
+DEFAULT_VAL_FRACTION = 0.1
+# Re-encoded images are kept in memory between validation and writing up to this
+# many bytes; beyond it they are re-encoded again while writing.
+_CACHE_BUDGET_BYTES = 1 << 30
+
+
+@dataclass
+class SourceImage:
+    """One input image before validation; ``split`` is "train" or "test"."""
+
+    id: str
+    class_name: str
+    domain: str
+    split: str
+    source: str
+    load: Callable[[], bytes]
+
+
+def select_val_classes(train_classes: Iterable[str], val_fraction: float) -> list[str]:
+    """Pick the training classes that move to ``val``, deterministically.
+
+    Classes are ordered by the sha1 hex digest of their name and the first
+    round(val_fraction * C) are taken: at least 1 when val_fraction > 0 and C > 1,
+    and never all of them. Returns the chosen names sorted.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    classes = sorted(set(train_classes))
+    if val_fraction == 0.0 or len(classes) < 2:
+        return []
+    n = min(max(1, round(val_fraction * len(classes))), len(classes) - 1)
+    by_hash = sorted(classes, key=lambda c: hashlib.sha1(c.encode("utf-8")).hexdigest())
+    return sorted(by_hash[:n])
+
+
+def _ordered_map(fn: Callable, items: Sequence, workers: int) -> Iterator:
+    """Like map(fn, items) on a thread pool, with a bounded number of pending items."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        window: deque = deque()
+        for item in items:
+            window.append(pool.submit(fn, item))
+            if len(window) >= 8 * workers:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+
+
+def _default_workers() -> int:
+    # Decoding releases the GIL, so threads use the cores without process overhead.
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def convert_items(
+    items: Sequence[SourceImage],
+    dst: str | os.PathLike,
+    *,
+    name: str,
+    class_order: Sequence[str],
+    source: dict[str, Any] | None = None,
+    report: ConversionReport | None = None,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_side: int | None = None,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    overwrite: bool = False,
+    num_workers: int | None = None,
+) -> dict[str, Any]:
+    """Validate ``items``, assign labels and splits, and write the dataset at ``dst``.
+
+    ``class_order`` lists every class (including ones without items) in label order.
+    """
+    report = report if report is not None else ConversionReport()
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    class_split: dict[str, str] = {}
+    for item in items:
+        if item.split not in ("train", "test"):
+            raise ValueError(f"{item.source}: split {item.split!r} must be 'train' or 'test'")
+        if class_split.setdefault(item.class_name, item.split) != item.split:
+            raise ValueError(
+                f"class {item.class_name!r} has images in both train and test (e.g. {item.source}); "
+                "classes must be disjoint across splits"
+            )
+    missing = set(class_split) - set(class_order)
+    if missing:
+        raise ValueError(f"classes {sorted(missing)[:5]} are not in class_order")
+
+    def check(item: SourceImage) -> tuple[str, Any]:
+        try:
+            data = item.load()
+        except FileNotFoundError:
+            return "skip", "missing file"
+        except OSError as e:
+            return "skip", f"unreadable ({type(e).__name__})"
+        try:
+            out = normalize_image_bytes(data, max_pixels=max_pixels, max_side=max_side)
+        except InvalidImageError as e:
+            return "skip", e.reason
+        return "ok", (None if out is data else out)
+
+    workers = num_workers or _default_workers()
+    outcome: list[Any] = [None] * len(items)
+    valid_per_class: dict[str, int] = {c: 0 for c in class_order}
+    cached = 0
+    results = _ordered_map(check, items, workers)
+    for i, (status, value) in enumerate(
+        tqdm(results, total=len(items), desc=f"{name}: checking images", unit="img", disable=None)
+    ):
+        item = items[i]
+        if status == "skip":
+            report.skip(value, item.source)
+            outcome[i] = False
+            continue
+        valid_per_class[item.class_name] += 1
+        if value is not None and cached + len(value) <= _CACHE_BUDGET_BYTES:
+            cached += len(value)
+            outcome[i] = value
+        else:
+            # True: re-read (unchanged bytes) or re-normalize (cache full) while writing.
+            outcome[i] = True if value is None else "redo"
+
+    report.empty_classes = [c for c in class_order if valid_per_class.get(c, 0) == 0]
+    kept = [c for c in class_order if valid_per_class.get(c, 0) > 0]
+    if not kept:
+        raise ValueError(
+            f"no valid images found for dataset {name!r} ({len(items)} candidates, "
+            f"skipped: {report.skipped or 'none'}); check the source folder"
+        )
+    labels = {c: i for i, c in enumerate(kept)}
+    val_classes = set(select_val_classes([c for c in kept if class_split[c] == "train"], val_fraction))
+    split_of = {c: ("val" if c in val_classes else class_split[c]) for c in kept}
+
+    def records() -> Iterator[ImageRecord]:
+        for item, state in zip(items, outcome):
+            if state is False:
+                continue
+            if state is True:
+                data = item.load()
+            elif state == "redo":
+                data = normalize_image_bytes(item.load(), max_pixels=max_pixels, max_side=max_side)
+            else:
+                data = state
+            yield ImageRecord(
+                id=item.id,
+                image=data,
+                label=labels[item.class_name],
+                class_name=item.class_name,
+                domain=item.domain,
+                split=split_of[item.class_name],
+                source=item.source,
+            )
+
+    source = dict(source or {})
+    source.setdefault("val_fraction", val_fraction)
+    source.setdefault("max_side", max_side)
+    total = len(items) - outcome.count(False)
+    manifest = write_dataset(
+        tqdm(records(), total=total, desc=f"{name}: writing", unit="img", disable=None),
+        dst,
+        name=name,
+        source=source,
+        shard_bytes=shard_bytes,
+        report=report,
+        overwrite=overwrite,
+    )
+    report.log_summary(logger)
+    logger.info(
+        "wrote dataset %r to %s: %s",
+        name,
+        dst,
+        ", ".join(
+            f"{split} {info['num_images']} images / {info['num_classes']} classes"
+            for split, info in manifest["splits"].items()
+        ),
+    )
+    return manifest
+
+
+def _file_loader(path: Path) -> Callable[[], bytes]:
+    return path.read_bytes
+
+
+def _find_root(src: Path, marker: str, nested: Sequence[str]) -> Path:
+    """``src`` or a conventional sub-folder of it that holds ``marker``."""
+    if not src.is_dir():
+        raise FileNotFoundError(f"source folder {src} does not exist")
+    for candidate in [src, *(src / n for n in nested)]:
+        if (candidate / marker).is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"{src / marker} not found (also looked in {', '.join(str(src / n) for n in nested)}); "
+        "point src at the extracted dataset folder"
+    )
+
+
+def _read_test_classes(test_classes: Iterable[str] | str | os.PathLike) -> list[str]:
+    if isinstance(test_classes, (str, os.PathLike)):
+        path = Path(test_classes)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"test class list {path} not found; pass a text file with one class name per line"
+            )
+        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return [str(c) for c in test_classes]
+
+
+def convert_image_folder(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    test_classes: Iterable[str] | str | os.PathLike | None = None,
+    test_fraction: float = 0.5,
+    with_domains: bool = False,
+    name: str | None = None,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_side: int | None = None,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    overwrite: bool = False,
+    num_workers: int | None = None,
+) -> dict[str, Any]:
+    """Convert ``src/<class>/<image>`` (or ``src/<domain>/<class>/<image>``).
+
+    Images may sit in sub-folders of a class folder. With domains, a class is the
+    same folder name across domain folders.
+
+    Class split: ``test_classes`` (names, or a path to a text file with one name
+    per line) go to test and all others to train. Without it, the class names are
+    sorted and the last ``int(C * test_fraction)`` (at least 1 and at most C-1 when
+    0 < test_fraction and C > 1) go to test, so the default puts the first half in
+    train. ``test_fraction=0`` puts every class in train.
+    """
+    src = Path(src)
+    if not src.is_dir():
+        raise FileNotFoundError(f"source folder {src} does not exist")
+    if not 0.0 <= test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
+    report = ConversionReport()
+
+    def subdirs(folder: Path) -> list[Path]:
+        dirs = []
+        for p in sorted(folder.iterdir()):
+            if p.is_dir() and not p.name.startswith("."):
+                dirs.append(p)
+            elif p.is_file():
+                report.skip("file outside a class folder", str(p))
+        return dirs
+
+    if with_domains:
+        domain_dirs = [(d.name, d) for d in subdirs(src)]
+        if not domain_dirs:
+            raise ValueError(f"{src} has no domain folders; expected src/<domain>/<class>/<image>")
+    else:
+        domain_dirs = [("default", src)]
+
+    found: list[tuple[str, str, Path]] = []  # (class, domain, path)
+    class_names: set[str] = set()
+    for domain, domain_dir in domain_dirs:
+        for class_dir in subdirs(domain_dir):
+            class_names.add(class_dir.name)
+            for path in sorted(class_dir.rglob("*")):
+                if not path.is_file():
+                    continue
+                if any(part.startswith(".") for part in path.relative_to(class_dir).parts[:-1]):
+                    # e.g. .ipynb_checkpoints copies: not part of the dataset, but counted.
+                    report.skip("ignored file in hidden folder", str(path))
+                elif path.suffix.lower() in IMAGE_SUFFIXES:
+                    found.append((class_dir.name, domain, path))
+                else:
+                    report.skip("ignored non-image file", str(path))
+    if not class_names:
+        layout = "src/<domain>/<class>/<image>" if with_domains else "src/<class>/<image>"
+        raise ValueError(f"{src} has no class folders; expected {layout}")
+
+    classes = sorted(class_names)
+    if test_classes is not None:
+        test = set(_read_test_classes(test_classes))
+        unknown = sorted(test - class_names)
+        if unknown:
+            raise ValueError(
+                f"test_classes names unknown class(es) {unknown[:10]}; classes are folder names in {src}"
+            )
+    else:
+        n_test = int(len(classes) * test_fraction)
+        if test_fraction > 0 and len(classes) > 1:
+            n_test = min(max(n_test, 1), len(classes) - 1)
+        test = set(classes[len(classes) - n_test :]) if n_test else set()
+
+    # Group rows by class (then domain) so each class's images sit together in the shards.
+    found.sort(key=lambda t: (t[0], t[1], str(t[2])))
+    items = [
+        SourceImage(
+            id=path.relative_to(src).as_posix(),
+            class_name=cls,
+            domain=domain,
+            split="test" if cls in test else "train",
+            source=str(path),
+            load=_file_loader(path),
+        )
+        for cls, domain, path in found
+    ]
+    return convert_items(
+        items,
+        dst,
+        name=name or src.resolve().name,
+        class_order=classes,
+        source={
+            "converter": "image_folder",
+            "src": str(src),
+            "with_domains": with_domains,
+            "test_classes": None if test_classes is None else sorted(test),
+            "test_fraction": test_fraction,
+        },
+        report=report,
+        val_fraction=val_fraction,
+        max_pixels=max_pixels,
+        max_side=max_side,
+        shard_bytes=shard_bytes,
+        overwrite=overwrite,
+        num_workers=num_workers,
+    )
+
+
+def _read_table(path: Path, columns: int, skip_header: bool = False) -> list[list[str]]:
+    rows = []
+    lines = path.read_text().splitlines()
+    for lineno, line in enumerate(lines[1:] if skip_header else lines, start=2 if skip_header else 1):
+        if not line.strip():
+            continue
+        parts = line.split(maxsplit=columns - 1)
+        if len(parts) != columns:
+            raise ValueError(f"{path}:{lineno}: expected {columns} fields, got {line!r}")
+        rows.append(parts)
+    return rows
+
+
+def convert_cub(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    name: str = "cub200",
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_side: int | None = None,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    overwrite: bool = False,
+    num_workers: int | None = None,
+) -> dict[str, Any]:
+    """Convert CUB-200-2011: classes 1-100 train, 101-200 test.
+
+    Reads ``images.txt`` and ``image_class_labels.txt``; class names are the image
+    folder names (e.g. "001.Black_footed_Albatross"). ``src`` may also be the folder
+    that contains ``CUB_200_2011/``.
+    """
+    root = _find_root(Path(src), "images.txt", ["CUB_200_2011"])
+    labels_file = root / "image_class_labels.txt"
+    if not labels_file.is_file():
+        raise FileNotFoundError(f"{labels_file} not found; it must sit next to {root / 'images.txt'}")
+    paths = {image_id: rel for image_id, rel in _read_table(root / "images.txt", 2)}
+    class_of = {image_id: int(cls) for image_id, cls in _read_table(labels_file, 2)}
+    report = ConversionReport()
+    class_names: dict[int, str] = {}
+    found = []
+    for image_id, rel in paths.items():
+        if image_id not in class_of:
+            raise ValueError(f"image id {image_id} ({rel}) from images.txt has no entry in {labels_file}")
+        class_id = class_of[image_id]
+        folder = Path(rel).parts[0]
+        if class_names.setdefault(class_id, folder) != folder:
+            raise ValueError(
+                f"class {class_id} has images in folders {class_names[class_id]!r} and {folder!r}; "
+                f"check {labels_file}"
+            )
+        found.append((class_id, rel))
+    found.sort()
+    items = [
+        SourceImage(
+            id=f"images/{rel}",
+            class_name=class_names[class_id],
+            domain="default",
+            split="train" if class_id <= 100 else "test",
+            source=str(root / "images" / rel),
+            load=_file_loader(root / "images" / rel),
+        )
+        for class_id, rel in found
+    ]
+    return convert_items(
+        items,
+        dst,
+        name=name,
+        class_order=[class_names[c] for c in sorted(class_names)],
+        source={"converter": "cub", "src": str(src)},
+        report=report,
+        val_fraction=val_fraction,
+        max_pixels=max_pixels,
+        max_side=max_side,
+        shard_bytes=shard_bytes,
+        overwrite=overwrite,
+        num_workers=num_workers,
+    )
+
+
+def _mat_field(struct: Any, field: str) -> Any:
+    value = getattr(struct, field)
+    return value.item() if hasattr(value, "item") and getattr(value, "size", 1) == 1 else value
+
+
+def convert_cars196(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    name: str = "cars196",
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_side: int | None = None,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    overwrite: bool = False,
+    num_workers: int | None = None,
+) -> dict[str, Any]:
+    """Convert Cars196 (``car_ims/`` + ``cars_annos.mat``): classes 1-98 train, 99-196 test.
+
+    Whole images are stored; the bounding boxes in the annotations are not applied.
+    """
+    import scipy.io  # only this converter needs scipy
+
+    root = _find_root(Path(src), "cars_annos.mat", ["cars196", "CARS196"])
+    mat_path = root / "cars_annos.mat"
+    try:
+        mat = scipy.io.loadmat(mat_path, squeeze_me=True, struct_as_record=False)
+    except Exception as e:  # scipy raises several types for unreadable files
+        raise ValueError(f"cannot read {mat_path} as a MATLAB file ({e})") from e
+    if "annotations" not in mat:
+        raise ValueError(f"{mat_path} has no 'annotations' struct array")
+    import numpy as np
+
+    annotations = np.atleast_1d(mat["annotations"])
+    names = [str(n) for n in np.atleast_1d(mat["class_names"])] if "class_names" in mat else []
+    found = []
+    for a in annotations:
+        rel = str(_mat_field(a, "relative_im_path"))
+        class_id = int(_mat_field(a, "class"))
+        if not 1 <= class_id <= max(196, len(names)):
+            raise ValueError(f"{mat_path}: {rel} has class {class_id}, expected 1..196")
+        found.append((class_id, rel))
+    found.sort()
+
+    def class_name(class_id: int) -> str:
+        return names[class_id - 1] if class_id <= len(names) else str(class_id)
+
+    items = [
+        SourceImage(
+            id=rel,
+            class_name=class_name(class_id),
+            domain="default",
+            split="train" if class_id <= 98 else "test",
+            source=str(root / rel),
+            load=_file_loader(root / rel),
+        )
+        for class_id, rel in found
+    ]
+    return convert_items(
+        items,
+        dst,
+        name=name,
+        class_order=[class_name(c) for c in sorted({c for c, _ in found})],
+        source={"converter": "cars196", "src": str(src)},
+        report=ConversionReport(),
+        val_fraction=val_fraction,
+        max_pixels=max_pixels,
+        max_side=max_side,
+        shard_bytes=shard_bytes,
+        overwrite=overwrite,
+        num_workers=num_workers,
+    )
+
+
+def convert_sop(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    name: str = "sop",
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_side: int | None = None,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    overwrite: bool = False,
+    num_workers: int | None = None,
+) -> dict[str, Any]:
+    """Convert Stanford Online Products: Ebay_train.txt classes -> train, Ebay_test.txt -> test.
+
+    class_name is the product class id as a string; domain is "default".
+    """
+    root = _find_root(Path(src), "Ebay_train.txt", ["Stanford_Online_Products"])
+    found = []
+    for split, filename in (("train", "Ebay_train.txt"), ("test", "Ebay_test.txt")):
+        path = root / filename
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found; it must sit next to {root / 'Ebay_train.txt'}")
+        for _image_id, class_id, _super_id, rel in _read_table(path, 4, skip_header=True):
+            found.append((int(class_id), split, rel))
+    found.sort()
+    items = [
+        SourceImage(
+            id=rel,
+            class_name=str(class_id),
+            domain="default",
+            split=split,
+            source=str(root / rel),
+            load=_file_loader(root / rel),
+        )
+        for class_id, split, rel in found
+    ]
+    return convert_items(
+        items,
+        dst,
+        name=name,
+        class_order=[str(c) for c in sorted({c for c, _, _ in found})],
+        source={"converter": "sop", "src": str(src)},
+        report=ConversionReport(),
+        val_fraction=val_fraction,
+        max_pixels=max_pixels,
+        max_side=max_side,
+        shard_bytes=shard_bytes,
+        overwrite=overwrite,
+        num_workers=num_workers,
+    )

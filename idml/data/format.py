@@ -1,0 +1,396 @@
+"""The one on-disk dataset format: sharded Parquet per split plus ``manifest.json``.
+
+Layout::
+
+    <root>/manifest.json
+    <root>/<split>/part-00000.parquet, part-00001.parquet, ...
+
+Every row holds one encoded image (PNG or JPEG bytes) and its labels; see
+``DATASET_SCHEMA``. ``label`` is a dataset-wide class index; consumers that need
+targets 0..C-1 for one split use ``contiguous_targets``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import numbers
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from idml.data.report import ConversionReport
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SPLITS = ("train", "val", "test")
+DEFAULT_SHARD_BYTES = 64 << 20
+# Small row groups let streaming readers fetch a piece of a shard at a time.
+ROW_GROUP_ROWS = 512
+
+DATASET_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("image", pa.binary(), nullable=False),
+        pa.field("label", pa.int32(), nullable=False),
+        pa.field("class_name", pa.string(), nullable=False),
+        pa.field("domain", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+    ]
+)
+COLUMNS = tuple(DATASET_SCHEMA.names)
+
+_HOW_TO_CREATE = (
+    "create it with `idml data convert <format> <src> <root>` "
+    "or fetch a built-in dataset with `idml data fetch <name>`"
+)
+
+
+@dataclass
+class ImageRecord:
+    id: str
+    image: bytes
+    label: int
+    class_name: str
+    domain: str
+    split: str
+    # Where the record came from (e.g. a file path); only used in error messages.
+    source: str | None = field(default=None, compare=False, repr=False)
+
+
+class _ShardWriter:
+    """Writes one split as shards that roll over at ``shard_bytes`` of image data."""
+
+    def __init__(self, tmp_root: Path, split: str, shard_bytes: int):
+        self.dir = tmp_root / split
+        self.dir.mkdir(parents=True)
+        self.split = split
+        self.shard_bytes = shard_bytes
+        self.shards: list[dict[str, Any]] = []
+        self._writer: pq.ParquetWriter | None = None
+        self._path: Path | None = None
+        self._rows = 0
+        self._image_bytes = 0
+        self._buffer: list[ImageRecord] = []
+
+    def add(self, record: ImageRecord) -> None:
+        if self._writer is None:
+            self._open()
+        self._buffer.append(record)
+        self._rows += 1
+        self._image_bytes += len(record.image)
+        if len(self._buffer) >= ROW_GROUP_ROWS:
+            self._flush()
+        if self._image_bytes >= self.shard_bytes:
+            self._close_shard()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._close_shard()
+
+    def _open(self) -> None:
+        self._path = self.dir / f"part-{len(self.shards):05d}.parquet"
+        self._writer = pq.ParquetWriter(
+            self._path,
+            DATASET_SCHEMA,
+            # Images are already compressed; only the small string columns gain from it.
+            compression={name: ("NONE" if name == "image" else "ZSTD") for name in COLUMNS},
+            use_dictionary=["class_name", "domain", "split"],
+        )
+        self._rows = 0
+        self._image_bytes = 0
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        columns = {
+            "id": [r.id for r in self._buffer],
+            "image": [r.image for r in self._buffer],
+            "label": [int(r.label) for r in self._buffer],
+            "class_name": [r.class_name for r in self._buffer],
+            "domain": [r.domain for r in self._buffer],
+            "split": [r.split for r in self._buffer],
+        }
+        table = pa.Table.from_pydict(columns, schema=DATASET_SCHEMA)
+        self._writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
+        self._buffer = []
+
+    def _close_shard(self) -> None:
+        self._flush()
+        self._writer.close()
+        self._writer = None
+        self.shards.append(
+            {
+                "path": f"{self.split}/{self._path.name}",
+                "num_rows": self._rows,
+                "bytes": self._path.stat().st_size,
+                "sha256": _sha256(self._path),
+            }
+        )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_record(record: ImageRecord) -> None:
+    where = f"record {record.id!r}" + (f" from {record.source}" if record.source else "")
+    if record.split not in SPLITS:
+        raise ValueError(f"{where} has split {record.split!r}; expected one of {SPLITS}")
+    if not isinstance(record.image, (bytes, bytearray, memoryview)) or len(record.image) == 0:
+        raise ValueError(f"{where} has no encoded image bytes")
+    if not isinstance(record.label, numbers.Integral) or isinstance(record.label, bool) or record.label < 0:
+        raise ValueError(f"{where} has label {record.label!r}; labels are ints >= 0")
+    if not record.class_name:
+        raise ValueError(f"{where} has an empty class_name")
+    if not record.domain:
+        raise ValueError(f"{where} has an empty domain; use 'default' when there are none")
+
+
+def _is_dataset(root: Path) -> bool:
+    return (root / MANIFEST_NAME).is_file()
+
+
+def write_dataset(
+    records: Iterable[ImageRecord],
+    root: str | os.PathLike,
+    *,
+    name: str,
+    source: dict[str, Any] | None = None,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    report: ConversionReport | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Write ``records`` as a dataset at ``root`` and return its manifest.
+
+    Everything is written to a temporary sibling folder that is renamed into
+    place at the end, so a failure never leaves a half-written dataset at
+    ``root``. An existing dataset is replaced only with ``overwrite=True``; a
+    non-empty folder that is not a dataset is never replaced.
+    """
+    root = Path(root)
+    if shard_bytes <= 0:
+        raise ValueError(f"shard_bytes must be > 0, got {shard_bytes}")
+    if root.exists():
+        if not root.is_dir():
+            raise FileExistsError(f"{root} exists and is not a folder; choose another output path")
+        non_empty = any(root.iterdir())
+        if non_empty and not _is_dataset(root):
+            raise FileExistsError(
+                f"{root} is a non-empty folder without {MANIFEST_NAME}; refusing to replace it, "
+                "choose an empty or new output path"
+            )
+        if non_empty and not overwrite:
+            raise FileExistsError(
+                f"a dataset already exists at {root}; pass overwrite=True (--overwrite) to replace it"
+            )
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp_root = root.parent / f".{root.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp_root.mkdir()
+    report = report if report is not None else ConversionReport()
+    try:
+        manifest = _write_into(records, tmp_root, name=name, source=source, shard_bytes=shard_bytes, report=report)
+        with open(tmp_root / MANIFEST_NAME, "w") as f:
+            json.dump(manifest, f, indent=2)
+            f.write("\n")
+        if root.exists():
+            # Move the old dataset aside first so `root` is always either old or new.
+            trash = root.parent / f".{root.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(root, trash)
+            os.rename(tmp_root, root)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(tmp_root, root)
+    except BaseException:
+        shutil.rmtree(tmp_root, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _write_into(
+    records: Iterable[ImageRecord],
+    tmp_root: Path,
+    *,
+    name: str,
+    source: dict[str, Any] | None,
+    shard_bytes: int,
+    report: ConversionReport,
+) -> dict[str, Any]:
+    writers: dict[str, _ShardWriter] = {}
+    seen_sources: dict[str, str | None] = {}
+    label_to_class: dict[int, str] = {}
+    class_to_label: dict[str, int] = {}
+    stats: dict[str, dict[str, Any]] = {}
+    class_splits: set[tuple[int, str]] = set()
+
+    for record in records:
+        _check_record(record)
+        label = int(record.label)
+        if record.id in seen_sources:
+            first = seen_sources[record.id]
+            sources = " and ".join(repr(s) for s in (first, record.source) if s)
+            raise ValueError(
+                f"duplicate image id {record.id!r}" + (f" (from {sources})" if sources else "")
+                + "; ids must be unique across the dataset"
+            )
+        seen_sources[record.id] = record.source
+        if label_to_class.setdefault(label, record.class_name) != record.class_name:
+            raise ValueError(
+                f"label {label} is used for class {label_to_class[label]!r} and for "
+                f"{record.class_name!r} (record {record.id!r}); each label must name one class"
+            )
+        if class_to_label.setdefault(record.class_name, label) != label:
+            raise ValueError(
+                f"class {record.class_name!r} has labels {class_to_label[record.class_name]} and "
+                f"{label} (record {record.id!r}); each class must have one label"
+            )
+        if record.split not in writers:
+            writers[record.split] = _ShardWriter(tmp_root, record.split, shard_bytes)
+            stats[record.split] = {"labels": set(), "per_class": {}, "per_domain": {}}
+        writers[record.split].add(record)
+        s = stats[record.split]
+        s["labels"].add(label)
+        s["per_class"][record.class_name] = s["per_class"].get(record.class_name, 0) + 1
+        s["per_domain"][record.domain] = s["per_domain"].get(record.domain, 0) + 1
+        class_splits.add((label, record.split))
+
+    if not writers:
+        raise ValueError("no records to write; the dataset would be empty")
+    for writer in writers.values():
+        writer.close()
+
+    splits = {}
+    for split in SPLITS:
+        if split not in writers:
+            continue
+        s = stats[split]
+        splits[split] = {
+            "num_images": sum(s["per_class"].values()),
+            "num_classes": len(s["labels"]),
+            "labels": sorted(s["labels"]),
+            "images_per_class": dict(sorted(s["per_class"].items())),
+            "images_per_domain": dict(sorted(s["per_domain"].items())),
+            "shards": writers[split].shards,
+        }
+    report.written = {split: info["num_images"] for split, info in splits.items()}
+    split_order = {split: i for i, split in enumerate(SPLITS)}
+    classes = [
+        {"label": label, "class_name": label_to_class[label], "split": split}
+        for label, split in sorted(class_splits, key=lambda ls: (ls[0], split_order[ls[1]]))
+    ]
+    return {
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source": dict(source or {}),
+        "classes": classes,
+        "splits": splits,
+        "conversion_report": report.to_dict(),
+    }
+
+
+def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset folder {root} does not exist; {_HOW_TO_CREATE}")
+    path = root / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing, so {root} is not an idml dataset; {_HOW_TO_CREATE}"
+        )
+    with open(path) as f:
+        try:
+            manifest = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); re-create the dataset") from e
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has format_version {version!r}; this idml reads version {FORMAT_VERSION}. "
+            "Re-create the dataset with this idml version"
+        )
+    return manifest
+
+
+def _split_info(manifest: dict[str, Any], split: str, root: Any = None) -> dict[str, Any]:
+    splits = manifest.get("splits", {})
+    if split not in splits:
+        where = f" in {root}" if root is not None else ""
+        raise ValueError(
+            f"split {split!r} not found{where}; available splits: {', '.join(splits) or 'none'}"
+        )
+    return splits[split]
+
+
+def split_files(root: str | os.PathLike, split: str) -> list[str]:
+    """Absolute paths of the shards of ``split``, in order."""
+    root = Path(root).resolve()
+    info = _split_info(read_manifest(root), split, root)
+    return [str(root / shard["path"]) for shard in info["shards"]]
+
+
+def read_split(
+    root: str | os.PathLike, split: str, columns: list[str] | None = None
+) -> pa.Table:
+    if columns is not None:
+        unknown = [c for c in columns if c not in COLUMNS]
+        if unknown:
+            raise ValueError(f"unknown column(s) {unknown}; columns are {list(COLUMNS)}")
+    tables = [pq.read_table(path, columns=columns) for path in split_files(root, split)]
+    schema = DATASET_SCHEMA if columns is None else pa.schema([DATASET_SCHEMA.field(c) for c in columns])
+    if not tables:
+        return schema.empty_table()
+    return pa.concat_tables(tables)
+
+
+def verify_dataset(root: str | os.PathLike) -> list[str]:
+    """Check every shard against the manifest; returns problems found (empty if OK)."""
+    root = Path(root)
+    manifest = read_manifest(root)
+    problems = []
+    for split, info in manifest.get("splits", {}).items():
+        total = 0
+        for shard in info.get("shards", []):
+            path = root / shard["path"]
+            if not path.is_file():
+                problems.append(f"{split}: missing shard {path}")
+                continue
+            size = path.stat().st_size
+            if size != shard["bytes"]:
+                problems.append(f"{split}: {path} has {size} bytes, manifest says {shard['bytes']}")
+            digest = _sha256(path)
+            if digest != shard["sha256"]:
+                problems.append(f"{split}: checksum mismatch for {path} (sha256 {digest[:12]}…, manifest {shard['sha256'][:12]}…)")
+            try:
+                meta = pq.ParquetFile(path).metadata
+            except Exception as e:  # any Parquet/IO error is a problem to report, not to raise
+                problems.append(f"{split}: cannot read {path} as Parquet ({e})")
+                continue
+            if meta.num_rows != shard["num_rows"]:
+                problems.append(f"{split}: {path} has {meta.num_rows} rows, manifest says {shard['num_rows']}")
+            if not meta.schema.to_arrow_schema().equals(DATASET_SCHEMA):
+                problems.append(f"{split}: {path} does not have the dataset schema")
+            total += meta.num_rows
+        if total != info.get("num_images") and not any(p.startswith(f"{split}:") for p in problems):
+            problems.append(f"{split}: shards hold {total} rows, manifest says {info.get('num_images')} images")
+    return problems
+
+
+def contiguous_targets(manifest: dict[str, Any], split: str) -> dict[int, int]:
+    """Map the dataset labels of ``split`` to 0..C-1 in sorted-label order.
+
+    Proxy losses need contiguous targets; every consumer uses this one mapping.
+    """
+    labels = _split_info(manifest, split)["labels"]
+    return {int(label): i for i, label in enumerate(sorted(labels))}

@@ -1,0 +1,199 @@
+"""Training and evaluation loops shared by the local CLI and the Ray Train workers.
+
+The loops consume any iterable of ``(images, targets)`` batches (images NCHW float in [0, 1] or
+uint8; targets contiguous class indices), so a torch DataLoader and a Ray Data iterator drive
+the same code.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .config import Config, TrainConfig
+from .losses import build_loss
+from .mixup import IntrospectiveObjective
+from .model import IDMLModel, build_model
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def configure_threads(threads: int) -> None:
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a DistributedDataParallel wrapper (or the module itself)."""
+    return getattr(module, "module", module)
+
+
+@dataclass
+class TrainingState:
+    objective: IntrospectiveObjective
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+    @property
+    def model(self) -> IDMLModel:
+        return self.objective.model
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.objective.model.state_dict(),
+            "criterion": self.objective.criterion.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.objective.model.load_state_dict(state["model"])
+        self.objective.criterion.load_state_dict(state["criterion"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+def build_training(cfg: Config, num_classes: int, *, device: str | torch.device = "cpu") -> TrainingState:
+    """Model, loss, optimizer and scheduler for ``cfg`` (AdamW with per-group learning rates:
+    backbone and heads at ``lr``, class proxies at ``lr * proxy_lr_multiplier``)."""
+    model = build_model(cfg.model.backbone, embedding_dim=cfg.model.embedding_dim,
+                        pretrained=cfg.model.pretrained, weights_path=cfg.model.weights_path)
+    criterion = build_loss(cfg.loss.name, num_classes=num_classes, embedding_dim=cfg.model.embedding_dim,
+                           introspective=cfg.loss.introspective, uncertainty_weight=cfg.loss.uncertainty_weight,
+                           margin=cfg.loss.margin, scale=cfg.loss.scale)
+    objective = IntrospectiveObjective(model, criterion, mixup=cfg.loss.mixup, mixup_alpha=cfg.loss.mixup_alpha).to(device)
+    if cfg.train.channels_last:
+        objective.model.to(memory_format=torch.channels_last)
+    t = cfg.train
+    groups = [
+        {"name": "backbone", "params": list(model.backbone.parameters()), "lr": t.lr},
+        {"name": "heads", "params": list(model.semantic_head.parameters()) + list(model.uncertainty_head.parameters()), "lr": t.lr},
+    ]
+    loss_params = list(criterion.parameters())
+    if loss_params:
+        groups.append({"name": "loss", "params": loss_params, "lr": t.lr * t.proxy_lr_multiplier})
+    optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=t.lr_step, gamma=t.lr_gamma)
+    return TrainingState(objective, optimizer, scheduler)
+
+
+def train_one_epoch(
+    objective: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    epoch: int,
+    train_cfg: TrainConfig,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    total: int | None = None,
+) -> dict[str, float]:
+    """One pass over ``batches``. During warm-up epochs only heads and proxies train."""
+    model = unwrap(objective).model
+    model.set_backbone_trainable(epoch >= train_cfg.warmup_epochs)
+    objective.train()
+    totals = {"loss": 0.0, "uncertainty_clean": 0.0, "uncertainty_mixed": 0.0}
+    steps = images = 0
+    start = time.perf_counter()
+    bar = tqdm(batches, total=total, desc=f"epoch {epoch}", disable=not progress, leave=False)
+    for images_batch, targets in bar:
+        images_batch = _to_device(images_batch, device, train_cfg.channels_last)
+        targets = targets.to(device, non_blocking=True).long()
+        loss, stats = objective(images_batch, targets)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch}, step {steps}; lower train.lr or loss.uncertainty_weight")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if train_cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_value_(objective.parameters(), train_cfg.grad_clip)
+        optimizer.step()
+        steps += 1
+        images += len(targets)
+        totals["loss"] += loss.item()
+        for key, value in stats.items():
+            totals[key] += float(value)
+        bar.set_postfix(loss=f"{totals['loss'] / steps:.3f}")
+        if train_cfg.max_steps_per_epoch and steps >= train_cfg.max_steps_per_epoch:
+            break
+    seconds = time.perf_counter() - start
+    if steps == 0:
+        raise ValueError(f"epoch {epoch} received no batches: is the training split empty or smaller than one batch?")
+    out = {key: value / steps for key, value in totals.items()}
+    if not unwrap(objective).mixup:
+        out.pop("uncertainty_mixed")
+    out.update(steps=steps, images=images, seconds=seconds, images_per_s=images / seconds)
+    return out
+
+
+def _to_device(images: torch.Tensor, device, channels_last: bool) -> torch.Tensor:
+    images = images.to(device, non_blocking=True)
+    if images.dtype == torch.uint8:
+        images = images.float().div_(255)
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+
+@torch.no_grad()
+def embed(
+    model: IDMLModel,
+    batches: Iterable[torch.Tensor | tuple],
+    *,
+    device: str | torch.device = "cpu",
+    channels_last: bool = True,
+    pooled_features: bool = False,
+    progress: bool = True,
+    total: int | None = None,
+    desc: str = "embed",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings ``(mu, sigma)`` of every image in ``batches`` (batches may be image tensors
+    or tuples whose first item is the image tensor). ``pooled_features=True`` returns the
+    normalised backbone feature instead of mu (the frozen-backbone baseline) and empty sigma."""
+    model.eval()
+    mus, sigmas = [], []
+    for batch in tqdm(batches, total=total, desc=desc, disable=not progress, leave=False):
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        images = _to_device(images, device, channels_last)
+        if pooled_features:
+            feats = torch.nn.functional.normalize(model.pooled_features(images), dim=1)
+            mus.append(feats.float().cpu())
+            sigmas.append(feats.new_zeros(len(feats), 0).cpu())
+        else:
+            mu, sigma = model(images)
+            mus.append(mu.float().cpu())
+            sigmas.append(sigma.float().cpu())
+    if not mus:
+        raise ValueError("nothing to embed: the batch iterable was empty")
+    return torch.cat(mus).numpy(), torch.cat(sigmas).numpy()
+
+
+def mixed_pairs(images: torch.Tensor, targets: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """50/50 blends of each image with a random image of another class in the batch: the most
+    ambiguous input mixup produces, used to check that uncertainty rises on ambiguous images."""
+    n = len(targets)
+    partners = torch.randint(0, n, (n,), generator=generator)
+    for _ in range(10):  # re-draw partners that share the class
+        same = targets[partners] == targets
+        if not same.any():
+            break
+        partners[same] = torch.randint(0, n, (int(same.sum()),), generator=generator)
+    if images.dtype == torch.uint8:
+        images = images.float().div(255)
+    return 0.5 * images + 0.5 * images[partners]
+
+
+def iterate_mixed(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], seed: int = 0) -> Iterator[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    for images, targets in batches:
+        yield mixed_pairs(images, targets, generator)

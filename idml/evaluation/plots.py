@@ -1,0 +1,227 @@
+"""PNG figures for evaluation reports.
+
+Figures are built on ``matplotlib.figure.Figure`` directly (no pyplot), so nothing here
+touches global backend state and it works headless and in worker processes.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from .retrieval import to_numpy
+
+CORRECT_COLOR = (0, 170, 0)
+WRONG_COLOR = (220, 0, 0)
+
+
+def _save(fig: Figure, path: str | Path) -> str:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=100, bbox_inches="tight")
+    return str(path)
+
+
+def _bin_label(i: int, n: int) -> str:
+    name = f"Q{i + 1}"
+    if i == 0:
+        return f"{name} (lowest)"
+    if i == n - 1:
+        return f"{name} (highest)"
+    return name
+
+
+def plot_uncertainty_analysis(
+    bins: Sequence[dict],
+    clean_uncertainty: Any,
+    mixed_uncertainty: Any,
+    path: str | Path,
+) -> str:
+    """Two panels: R@1 per query-uncertainty bin, and clean-vs-mixed uncertainty histograms.
+
+    ``bins`` is the output of :func:`~idml.evaluation.uncertainty.recall_by_uncertainty`.
+    ``mixed_uncertainty`` may be ``None`` (only the clean histogram is drawn). Returns the
+    written path.
+    """
+    if not bins:
+        raise ValueError("bins is empty; pass the output of recall_by_uncertainty")
+    missing = [k for k in ("recall@1", "num_queries") if k not in bins[0]]
+    if missing:
+        raise ValueError(f"bins entries lack keys {missing}; pass the output of recall_by_uncertainty")
+    clean = to_numpy(clean_uncertainty, "clean_uncertainty").astype(np.float64).ravel()
+    mixed = None
+    if mixed_uncertainty is not None:
+        mixed = to_numpy(mixed_uncertainty, "mixed_uncertainty").astype(np.float64).ravel()
+    if clean.size == 0:
+        raise ValueError("clean_uncertainty is empty")
+
+    fig = Figure(figsize=(12, 4.5))
+    left, right = fig.subplots(1, 2)
+
+    recall = [100.0 * b["recall@1"] for b in bins]
+    x = np.arange(len(bins))
+    bars = left.bar(x, recall, color="tab:blue")
+    for bar, b, r in zip(bars, bins, recall):
+        left.annotate(
+            f"{r:.1f}%\n(n={b['num_queries']})",
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center", va="bottom", fontsize=8,
+        )
+    left.set_xticks(x, [_bin_label(i, len(bins)) for i in range(len(bins))])
+    left.set_ylim(0, 110)
+    left.set_xlabel("Query uncertainty quantile (||sigma||^2)")
+    left.set_ylabel("Recall@1 (%)")
+    left.set_title("Retrieval R@1 by query uncertainty")
+
+    series = [("clean", clean, "tab:green")]
+    if mixed is not None and mixed.size:
+        series.append(("mixed", mixed, "tab:red"))
+    edges = np.histogram_bin_edges(np.concatenate([s[1] for s in series]), bins=40)
+    for name, values, color in series:
+        right.hist(values, bins=edges, density=True, alpha=0.45, color=color,
+                   label=f"{name} (n={len(values)})")
+        mean = values.mean()
+        right.axvline(mean, color=color, linestyle="--", linewidth=2, label=f"{name} mean = {mean:.3g}")
+    right.set_xlabel("Uncertainty ||sigma||^2")
+    right.set_ylabel("Density")
+    right.set_title("Uncertainty of clean vs mixed images")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _matches(key: str, metric: str) -> bool:
+    # "recall@1" matches "recall@1", "val/recall@1", "test_recall@1" but not "recall@16".
+    return key == metric or re.fullmatch(rf".+[/_.:\-]{re.escape(metric)}", key) is not None
+
+
+def plot_recall_curves(
+    history: Sequence[dict],
+    path: str | Path,
+    keys: Sequence[str] = ("recall@1", "map@r"),
+) -> str:
+    """Metric vs epoch, one panel per metric in ``keys``.
+
+    Each history item has ``"epoch"`` plus metric values (fractions, plotted as %). Every
+    history key equal to a metric name or ending in ``<sep><metric>`` (``val/recall@1``,
+    ``test_recall@1``) becomes one line, so several splits share a panel. Items lacking a
+    key are skipped for that line only.
+    """
+    if not history:
+        raise ValueError("history is empty; pass a list of {'epoch': ..., metric: ...} dicts")
+    if any("epoch" not in h for h in history):
+        raise ValueError("every history item needs an 'epoch' key")
+    all_keys = list(dict.fromkeys(k for h in history for k in h if k != "epoch"))
+    panels = {m: [k for k in all_keys if _matches(k, m)] for m in keys}
+    panels = {m: ks for m, ks in panels.items() if ks}
+    if not panels:
+        raise ValueError(f"no history key matches any of {list(keys)}; available keys: {all_keys}")
+
+    fig = Figure(figsize=(5.5 * len(panels), 4))
+    axes = np.atleast_1d(fig.subplots(1, len(panels)))
+    for ax, (metric, series_keys) in zip(axes, panels.items()):
+        for key in series_keys:
+            points = sorted((h["epoch"], h[key]) for h in history if key in h and h[key] is not None)
+            epochs = [p[0] for p in points]
+            values = [100.0 * float(p[1]) for p in points]
+            ax.plot(epochs, values, marker="o", markersize=3, label=key)
+        ax.set_xlabel("Epoch")
+        ax.set_ylabel(f"{metric} (%)")
+        ax.set_title(f"{metric} vs epoch")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _to_rgb(img: Any, where: str) -> np.ndarray:
+    if hasattr(img, "convert") and hasattr(img, "size"):  # PIL image
+        img = img.convert("RGB")
+    arr = to_numpy(img, where)
+    if arr.ndim == 2:
+        arr = np.stack([arr] * 3, axis=-1)
+    if arr.ndim != 3 or arr.shape[2] not in (3, 4) or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"{where} must be an HxWx3 uint8 array or a PIL image, got shape {arr.shape}")
+    arr = arr[..., :3]
+    if arr.dtype != np.uint8:
+        raise ValueError(f"{where} must have dtype uint8, got {arr.dtype}")
+    return arr
+
+
+def _with_border(img: np.ndarray, color: tuple[int, int, int]) -> np.ndarray:
+    # Border in pixels (not a patch) so its thickness scales with the thumbnail.
+    width = max(2, round(0.08 * min(img.shape[:2])))
+    out = np.empty((img.shape[0] + 2 * width, img.shape[1] + 2 * width, 3), dtype=np.uint8)
+    out[:] = color
+    out[width:-width, width:-width] = img
+    return out
+
+
+def plot_retrieval_grid(
+    query_images: Sequence[Any],
+    result_images: Sequence[Sequence[Any]],
+    correct: Sequence[Sequence[bool]],
+    path: str | Path,
+    *,
+    query_titles: Sequence[str] | None = None,
+    result_scores: Sequence[Sequence[float]] | None = None,
+) -> str:
+    """Grid of retrievals: one row per query, the query first, then its ranked results.
+
+    Images are HxWx3 uint8 arrays or PIL images. ``correct[i][j]`` tells whether result j
+    of query i has the query's label: correct results get a thick green border, wrong ones
+    a thick red border. ``result_scores[i][j]`` (e.g. cosine similarity) is written under
+    each result when given.
+    """
+    n = len(query_images)
+    if n == 0:
+        raise ValueError("query_images is empty")
+    if len(result_images) != n or len(correct) != n:
+        raise ValueError(
+            f"need one row of results and of correctness flags per query: {n} queries, "
+            f"{len(result_images)} result rows, {len(correct)} correct rows"
+        )
+    if query_titles is not None and len(query_titles) != n:
+        raise ValueError(f"query_titles has {len(query_titles)} entries for {n} queries")
+    if result_scores is not None and len(result_scores) != n:
+        raise ValueError(f"result_scores has {len(result_scores)} rows for {n} queries")
+    for i in range(n):
+        if len(correct[i]) != len(result_images[i]):
+            raise ValueError(
+                f"query {i}: {len(result_images[i])} results but {len(correct[i])} correct flags"
+            )
+        if result_scores is not None and len(result_scores[i]) != len(result_images[i]):
+            raise ValueError(
+                f"query {i}: {len(result_images[i])} results but {len(result_scores[i])} scores"
+            )
+    k = max(len(r) for r in result_images)
+    if k == 0:
+        raise ValueError("result_images has no results to show")
+
+    fig = Figure(figsize=(1.7 * (k + 1), 1.9 * n))
+    axes = np.asarray(fig.subplots(n, k + 1, squeeze=False))
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for i in range(n):
+        ax = axes[i, 0]
+        ax.imshow(_to_rgb(query_images[i], f"query_images[{i}]"))
+        ax.set_title(query_titles[i] if query_titles is not None else "Query", fontsize=9,
+                     fontweight="bold")
+        for j, img in enumerate(result_images[i]):
+            ax = axes[i, j + 1]
+            ok = bool(correct[i][j])
+            ax.imshow(_with_border(_to_rgb(img, f"result_images[{i}][{j}]"),
+                                   CORRECT_COLOR if ok else WRONG_COLOR))
+            ax.set_title(f"#{j + 1}", fontsize=8)
+            if result_scores is not None:
+                score = float(result_scores[i][j])
+                ax.text(0.5, -0.04, f"{score:.3f}" if math.isfinite(score) else str(score),
+                        transform=ax.transAxes, ha="center", va="top", fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)

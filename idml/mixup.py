@@ -1,0 +1,61 @@
+"""Mixup, the signal that teaches the uncertainty head (see the reference's 'How uncertainty
+is learned'): a mixed image cannot sit near both class centres, so the cheapest way to lower
+its loss is to raise its uncertainty."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class MixedBatch:
+    images: torch.Tensor
+    labels_a: torch.Tensor
+    labels_b: torch.Tensor
+    lam: float
+
+
+def mix_batch(images: torch.Tensor, labels: torch.Tensor, *, alpha: float = 1.0) -> MixedBatch:
+    """Mix each image with a random partner: lam * x + (1 - lam) * x[perm], lam ~ Beta(alpha, alpha)."""
+    if len(images) != len(labels):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    perm = torch.randperm(len(images)).to(images.device)
+    return MixedBatch(lam * images + (1 - lam) * images[perm], labels, labels[perm], lam)
+
+
+class IntrospectiveObjective(torch.nn.Module):
+    """Model + metric loss (+ mixup) as one module, so a DDP wrapper around it also
+    synchronises the loss's own parameters (class proxies)."""
+
+    def __init__(self, model: torch.nn.Module, criterion: torch.nn.Module, *, mixup: bool = True, mixup_alpha: float = 1.0):
+        super().__init__()
+        self.model = model
+        self.criterion = criterion
+        self.mixup = mixup
+        self.mixup_alpha = mixup_alpha
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """loss = L(clean, y) + lam * L(mixed, y_a) + (1 - lam) * L(mixed, y_b)."""
+        if not self.mixup:
+            mu, sigma = self.model(images)
+            loss = self.criterion(mu, sigma, labels)
+            return loss, {"uncertainty_clean": sigma.detach().pow(2).sum(1).mean()}
+        mixed = mix_batch(images, labels, alpha=self.mixup_alpha)
+        # One forward over clean+mixed: BN statistics are frozen, so batch composition is free.
+        mu, sigma = self.model(torch.cat([images, mixed.images]))
+        n = len(images)
+        mu_c, sigma_c, mu_m, sigma_m = mu[:n], sigma[:n], mu[n:], sigma[n:]
+        loss = (
+            self.criterion(mu_c, sigma_c, labels)
+            + mixed.lam * self.criterion(mu_m, sigma_m, mixed.labels_a)
+            + (1 - mixed.lam) * self.criterion(mu_m, sigma_m, mixed.labels_b)
+        )
+        with torch.no_grad():
+            stats = {
+                "uncertainty_clean": sigma_c.pow(2).sum(1).mean(),
+                "uncertainty_mixed": sigma_m.pow(2).sum(1).mean(),
+            }
+        return loss, stats

@@ -1,0 +1,82 @@
+import pytest
+import torch
+
+from idml.backbones import WeightsMismatchError, create_backbone
+from idml.model import IDMLModel, build_model
+
+
+def test_efficientnet_lite0_loads_packaged_imagenet_weights():
+    bb = create_backbone("efficientnet_lite0", pretrained=True)
+    random = create_backbone("efficientnet_lite0", pretrained=False)
+    assert bb.feature_dim == 1280 and bb.mean == (0.5, 0.5, 0.5)
+    w, r = bb.module.conv_stem.weight, random.module.conv_stem.weight
+    assert not torch.equal(w, r)
+    # trained BN statistics, not the fresh (0, 1) ones
+    assert not torch.allclose(bb.module.bn1.running_var, torch.ones_like(bb.module.bn1.running_var))
+
+
+def test_model_outputs_and_per_image_uncertainty():
+    model = build_model("resnet18", embedding_dim=16, pretrained=False).eval()
+    images = torch.rand(6, 3, 32, 32)
+    mu, sigma = model(images)
+    assert mu.shape == sigma.shape == (6, 16)
+    assert torch.allclose(mu.norm(dim=1), torch.ones(6), atol=1e-5)
+    u = sigma.pow(2).sum(1)
+    # unlike the released code, sigma is not normalised: uncertainty differs between images
+    assert u.std() > 0 and not torch.allclose(u, torch.ones(6))
+    # uint8 input is scaled to [0, 1] first
+    mu8, _ = model((images * 255).round().to(torch.uint8))
+    assert torch.allclose(mu8, mu, atol=1e-2)
+
+
+def test_pooling_is_average_plus_max():
+    backbone = torch.nn.Identity()
+    model = IDMLModel(backbone, 3, embedding_dim=4, mean=(0, 0, 0), std=(1, 1, 1))
+    x = torch.rand(2, 3, 5, 5)
+    assert torch.allclose(model.pooled_features(x), x.mean((2, 3)) + x.amax((2, 3)))
+
+
+def test_batchnorm_statistics_stay_frozen_in_training():
+    model = build_model("resnet18", embedding_dim=8, pretrained=False).train()
+    bn = model.backbone.bn1
+    before = bn.running_mean.clone()
+    assert not bn.training and model.semantic_head.training
+    model(torch.rand(4, 3, 32, 32) * 3)
+    assert torch.equal(bn.running_mean, before)
+
+
+def test_warmup_freezes_only_the_backbone():
+    model = build_model("resnet18", embedding_dim=8, pretrained=False)
+    model.set_backbone_trainable(False)
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    assert all(p.requires_grad for p in model.semantic_head.parameters())
+    model.set_backbone_trainable(True)
+    assert all(p.requires_grad for p in model.backbone.parameters())
+
+
+def test_local_weights_file_round_trip(tmp_path):
+    source = create_backbone("resnet18", pretrained=False)
+    path = tmp_path / "resnet18.pth"
+    # a torchvision-style file, classifier included (it is ignored)
+    torch.save({**source.module.state_dict(), "fc.weight": torch.zeros(1000, 512), "fc.bias": torch.zeros(1000)}, path)
+    loaded = create_backbone("resnet18", weights_path=str(path))
+    assert torch.equal(loaded.module.conv1.weight, source.module.conv1.weight)
+
+
+def test_mismatched_weights_file_names_the_keys(tmp_path):
+    state = create_backbone("resnet18", pretrained=False).module.state_dict()
+    state.pop("layer4.1.bn2.weight")
+    state["extra.weight"] = torch.zeros(1)
+    path = tmp_path / "bad.pth"
+    torch.save(state, path)
+    with pytest.raises(WeightsMismatchError, match=r"missing keys \[layer4.1.bn2.weight\].*unexpected keys \[extra.weight\]"):
+        create_backbone("resnet18", weights_path=str(path))
+    # a resnet50 file into resnet18: shape mismatch reported
+    torch.save(create_backbone("resnet50", pretrained=False).module.state_dict(), path)
+    with pytest.raises(WeightsMismatchError, match="wrong shapes|unexpected keys"):
+        create_backbone("resnet18", weights_path=str(path))
+
+
+def test_unknown_backbone():
+    with pytest.raises(ValueError, match="unknown backbone"):
+        create_backbone("vgg16")

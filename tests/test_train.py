@@ -1,0 +1,70 @@
+import json
+
+import pytest
+import torch
+
+from idml.checkpoint import load_checkpoint, model_from_checkpoint
+from idml.cli import main
+from idml.data import ImageShardDataset
+from idml.train import class_balanced_loader, train_local
+from idml.transforms import train_transform
+
+
+def test_class_balanced_batches(tiny_config):
+    ds = ImageShardDataset(tiny_config.data.dataset, "train", transform=train_transform(32))
+    for images, targets in class_balanced_loader(ds, tiny_config):
+        counts = torch.bincount(targets)
+        assert images.shape == (8, 3, 32, 32) and images.dtype == torch.uint8
+        assert sorted(counts[counts > 0].tolist()) == [2, 2, 2, 2]
+
+
+def test_train_local_end_to_end_and_resume(tiny_config):
+    summary = train_local(tiny_config, progress=False)
+    out = tiny_config.output_dir
+    for name in ("best.pt", "last.pt", "metrics.json", "uncertainty.png", "recall_curves.png"):
+        assert (__import__("pathlib").Path(out) / name).stat().st_size > 0, name
+    history = summary["history"]
+    assert [h["epoch"] for h in history] == [0, 1]
+    assert all("val/recall@1" in h for h in history)
+    test = summary["test"]
+    assert 0 <= test["recall@1"] <= 1 and "xdomain_recall@1" in test and "uncertainty_auroc_mixed" in test
+    # the selected checkpoint is the best on validation, never chosen on test
+    best = max(history, key=lambda h: h["val/recall@1"])
+    assert summary["selected_epoch"] == best["epoch"]
+    # plain dict checkpoint readable with weights_only=True
+    state = torch.load(f"{out}/last.pt", weights_only=True)
+    assert {"model", "optimizer", "scheduler", "epoch", "config"} <= set(state)
+    model, cfg = model_from_checkpoint(f"{out}/best.pt")
+    assert cfg.model.embedding_dim == 32
+
+    # resume: one more epoch continues from epoch 2 and keeps the history
+    tiny_config.train.epochs = 3
+    summary = train_local(tiny_config, progress=False)
+    assert [h["epoch"] for h in summary["history"]] == [0, 1, 2]
+    assert load_checkpoint(f"{out}/last.pt")["epoch"] == 2
+
+
+def test_cli_train_and_eval(tiny_overrides, tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert main(["train", "--set", *tiny_overrides, "train.epochs=1", "--output-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "recall@1" in printed and "cross-domain" in printed and "images/s" in printed
+    assert main(["eval", "--checkpoint", str(out / "best.pt"), "--set", *tiny_overrides,
+                 "--output-dir", str(out), "--json", str(tmp_path / "m.json")]) == 0
+    metrics = json.loads((tmp_path / "m.json").read_text())["metrics"]
+    assert 0 <= metrics["map@r"] <= 1 and (out / "uncertainty_test.png").exists()
+    assert main(["eval", "--frozen-backbone", "--set", *tiny_overrides, "--output-dir", str(out)]) == 0
+    assert "frozen resnet18" in capsys.readouterr().out
+
+
+def test_cli_reports_user_errors_without_traceback(tiny_overrides, capsys):
+    assert main(["train", "--set", *tiny_overrides, "train.epoch=3"]) == 2
+    assert "unknown config key" in capsys.readouterr().err
+    assert main(["train", "--set", "data.dataset=/no/such/dataset"]) == 2
+    assert "no/such/dataset" in capsys.readouterr().err
+
+
+def test_bad_config_fails_before_training(tiny_config):
+    tiny_config.train.batch_size = 7
+    with pytest.raises(ValueError, match="multiple"):
+        train_local(tiny_config, progress=False)
