@@ -1,0 +1,184 @@
+"""The ``idml`` command line: data fetch|convert|inspect, train, eval."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+CONVERTERS = ("image-folder", "cub", "cars196", "sop")
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file (see configs/)")
+    p.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override config values, e.g. --set train.epochs=3 loss.name=triplet")
+    p.add_argument("--output-dir", help="shortcut for --set output_dir=...")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="idml", description="Introspective Deep Metric Learning")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="fetch, convert and inspect datasets").add_subparsers(dest="data_command", required=True)
+    fetch = data.add_parser("fetch", help="fetch and convert a built-in dataset (emoji, fashion-mnist)")
+    fetch.add_argument("name")
+    fetch.add_argument("--cache-dir", help="default: $IDML_CACHE or ~/.cache/idml")
+    fetch.add_argument("--tarball-dir", help="emoji: folder holding the four emoji-datasource-*-16.0.0.tgz files (no npm needed)")
+    convert = data.add_parser("convert", help="convert images on disk into the sharded Parquet format")
+    convert.add_argument("format", choices=CONVERTERS)
+    convert.add_argument("src")
+    convert.add_argument("dst")
+    convert.add_argument("--val-fraction", type=float, default=0.1, help="fraction of training classes held out for model selection (0 disables)")
+    convert.add_argument("--shard-mb", type=float, default=64.0)
+    convert.add_argument("--with-domains", action="store_true", help="image-folder: src/<domain>/<class>/<image>")
+    convert.add_argument("--overwrite", action="store_true")
+    inspect = data.add_parser("inspect", help="summarise a converted dataset")
+    inspect.add_argument("dataset", help="a dataset folder or built-in name")
+    inspect.add_argument("--grid", help="also save a PNG grid of sample images here")
+    inspect.add_argument("--verify", action="store_true", help="check every shard's checksum")
+
+    train = sub.add_parser("train", help="train a model and evaluate it on the test split")
+    _add_config_args(train)
+    train.add_argument("--no-resume", action="store_true", help="start over even if output_dir has last.pt")
+
+    ev = sub.add_parser("eval", help="evaluate a checkpoint (or the frozen pretrained backbone)")
+    _add_config_args(ev)
+    source = ev.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint")
+    source.add_argument("--frozen-backbone", action="store_true", help="evaluate the pretrained backbone's pooled features")
+    ev.add_argument("--split", default=None, help="default: data.test_split")
+    ev.add_argument("--json", help="write the metrics here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # chatty about CPU features
+    try:
+        return {"data": _data, "train": _train, "eval": _eval}[args.command](args)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        # User errors get a message, not a traceback (-v shows the traceback).
+        if args.verbose:
+            raise
+        print(f"idml: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _load(args):
+    from .config import load_config
+
+    overrides = list(args.overrides)
+    if args.output_dir:
+        overrides.append(f"output_dir={args.output_dir}")
+    return load_config(args.config, overrides)
+
+
+def _data(args) -> int:
+    from . import data
+
+    if args.data_command == "fetch":
+        root = data.resolve_dataset(args.name, cache_dir=args.cache_dir, tarball_dir=args.tarball_dir)
+        print(data.summarize(root))
+        print(f"\ndataset ready at {root}")
+    elif args.data_command == "convert":
+        convert = {"image-folder": data.convert_image_folder, "cub": data.convert_cub,
+                   "cars196": data.convert_cars196, "sop": data.convert_sop}[args.format]
+        kwargs = {"with_domains": args.with_domains} if args.format == "image-folder" else {}
+        convert(args.src, args.dst, val_fraction=args.val_fraction, shard_bytes=int(args.shard_mb * (1 << 20)),
+                overwrite=args.overwrite, **kwargs)
+        print(data.summarize(args.dst))
+    else:
+        root = data.resolve_dataset(args.dataset)
+        print(data.summarize(root))
+        if args.verify:
+            problems = data.verify_dataset(root)
+            print("verify: OK" if not problems else "verify: FAILED\n  " + "\n  ".join(problems))
+            if problems:
+                return 1
+        if args.grid:
+            print(f"sample grid: {data.save_sample_grid(root, args.grid)}")
+    return 0
+
+
+def _train(args) -> int:
+    from .evaluation import format_metrics_table
+    from .train import train_local
+
+    cfg = _load(args)
+    summary = train_local(cfg, resume=not args.no_resume)
+    print()
+    print(format_metrics_table({f"test (epoch {summary['selected_epoch']})": summary["test"]}, _table_metrics(cfg, summary["test"])))
+    _print_cross_domain(summary.get("cross_domain"))
+    print(f"\ntrain throughput: {summary['train_images_per_s']:.1f} images/s; "
+          f"eval throughput: {summary['test']['embed_images_per_s']:.1f} images/s")
+    print(f"outputs in {cfg.output_dir}: best.pt, last.pt, metrics.json, uncertainty.png, recall_curves.png")
+    return 0
+
+
+def _eval(args) -> int:
+    from .checkpoint import load_checkpoint, model_from_checkpoint
+    from .config import validate_config
+    from .data import ImageShardDataset, resolve_dataset
+    from .engine import configure_threads
+    from .evaluation import format_metrics_table
+    from .evaluation.protocol import evaluate_model, summary_metrics
+    from .model import build_model
+    from .transforms import eval_transform
+
+    cfg = _load(args)
+    if args.checkpoint:
+        model, trained_cfg = model_from_checkpoint(load_checkpoint(args.checkpoint))
+        # The checkpoint decides the model and preprocessing; the CLI may pick data and eval options.
+        cfg.model, cfg.data.image_size = trained_cfg.model, trained_cfg.data.image_size
+        name = Path(args.checkpoint).name
+    else:
+        validate_config(cfg)
+        model = build_model(cfg.model.backbone, embedding_dim=cfg.model.embedding_dim,
+                            pretrained=cfg.model.pretrained, weights_path=cfg.model.weights_path).eval()
+        name = f"frozen {cfg.model.backbone}"
+    configure_threads(cfg.train.threads)
+    if cfg.train.channels_last:
+        model.to(memory_format=__import__("torch").channels_last)
+    root = resolve_dataset(cfg.data.dataset)
+    split = args.split or cfg.data.test_split
+    dataset = ImageShardDataset(root, split, transform=eval_transform(cfg.data.image_size))
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result = evaluate_model(model, dataset, cfg, pooled_features=args.frozen_backbone,
+                            plot_path=None if args.frozen_backbone else out / f"uncertainty_{split}.png")
+    metrics = summary_metrics(result)
+    print(format_metrics_table({f"{name} / {split}": metrics}, _table_metrics(cfg, metrics)))
+    _print_cross_domain(result["cross_domain"])
+    print(f"\neval throughput: {metrics['embed_images_per_s']:.1f} images/s")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"metrics": metrics, "cross_domain": result["cross_domain"],
+                                               "uncertainty_bins": result["uncertainty_bins"]}, indent=2))
+    return 0
+
+
+def _table_metrics(cfg, metrics: dict) -> list[str]:
+    wanted = [f"recall@{k}" for k in cfg.eval.recall_ks] + ["map@r", "r_precision", "nmi",
+              "xdomain_recall@1", "recall_at_1_lowest_uncertainty", "recall_at_1_highest_uncertainty",
+              "uncertainty_auroc_mixed"]
+    return [m for m in wanted if m in metrics]
+
+
+def _print_cross_domain(cross: dict | None) -> None:
+    if not cross:
+        return
+    from .evaluation import format_metrics_table
+
+    rows = {pair: {k: v for k, v in m.items() if k in ("recall@1", "map@r")} for pair, m in cross["pairs"].items()}
+    rows["average"] = {k: v for k, v in cross["average"].items() if k in ("recall@1", "map@r")}
+    print("\ncross-domain retrieval (query domain -> gallery domain):")
+    print(format_metrics_table(rows))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
