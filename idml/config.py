@@ -57,6 +57,7 @@ class TrainConfig:
     images_per_class: int = 4  # m in class-balanced batches of batch_size / m classes
     lr: float = 3e-4
     proxy_lr_multiplier: float = 10.0  # the paper's 100x collapsed recall on our data; 10x is stable
+    backbone_lr_multiplier: float = 1.0  # < 1 fine-tunes the pretrained backbone more gently
     weight_decay: float = 1e-4
     warmup_epochs: int = 1  # epochs training only heads and proxies
     lr_step: int = 5

@@ -68,7 +68,8 @@ class TrainingState:
 
 def build_training(cfg: Config, num_classes: int, *, device: str | torch.device = "cpu") -> TrainingState:
     """Model, loss, optimizer and scheduler for ``cfg`` (AdamW with per-group learning rates:
-    backbone and heads at ``lr``, class proxies at ``lr * proxy_lr_multiplier``)."""
+    heads at ``lr``, backbone at ``lr * backbone_lr_multiplier``, class proxies at
+    ``lr * proxy_lr_multiplier``)."""
     model = build_model(cfg.model.backbone, embedding_dim=cfg.model.embedding_dim,
                         pretrained=cfg.model.pretrained, weights_path=cfg.model.weights_path)
     criterion = build_loss(cfg.loss.name, num_classes=num_classes, embedding_dim=cfg.model.embedding_dim,
@@ -79,7 +80,7 @@ def build_training(cfg: Config, num_classes: int, *, device: str | torch.device 
         objective.model.to(memory_format=torch.channels_last)
     t = cfg.train
     groups = [
-        {"name": "backbone", "params": list(model.backbone.parameters()), "lr": t.lr},
+        {"name": "backbone", "params": list(model.backbone.parameters()), "lr": t.lr * t.backbone_lr_multiplier},
         {"name": "heads", "params": list(model.semantic_head.parameters()) + list(model.uncertainty_head.parameters()), "lr": t.lr},
     ]
     loss_params = list(criterion.parameters())

@@ -93,11 +93,19 @@ def train_local(cfg: Config, *, progress: bool = True, resume: bool = True) -> d
 
 def finish(cfg: Config, root: str, checkpoint: Path, history: list, *, progress: bool = True) -> dict[str, Any]:
     """Evaluate ``checkpoint`` on the test split; write metrics.json and the plots."""
+    test_ds = ImageShardDataset(root, cfg.data.test_split, transform=eval_transform(cfg.data.image_size))
+    return evaluate_and_summarize(cfg, checkpoint, test_ds, history, progress=progress)[0]
+
+
+def evaluate_and_summarize(cfg: Config, checkpoint: Path, test_ds, history: list, *, progress: bool = True,
+                           device: str | torch.device = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
+    """``finish`` on any test dataset ``evaluate_model`` accepts (the Ray pipeline streams its
+    own); returns the summary and the raw evaluation result (embeddings included)."""
     out = Path(cfg.output_dir)
     ckpt = load_checkpoint(checkpoint)
     model, _ = model_from_checkpoint(ckpt)
-    test_ds = ImageShardDataset(root, cfg.data.test_split, transform=eval_transform(cfg.data.image_size))
-    result = evaluate_model(model, test_ds, cfg, plot_path=out / "uncertainty.png", progress=progress)
+    result = evaluate_model(model.to(device), test_ds, cfg, device=device, plot_path=out / "uncertainty.png",
+                            progress=progress)
     if history:
         plot_recall_curves(history, out / "recall_curves.png", keys=("recall@1", "map@r"))
     summary = {
@@ -110,7 +118,7 @@ def finish(cfg: Config, root: str, checkpoint: Path, history: list, *, progress:
         "history": history,
     }
     (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=float))
-    return summary
+    return summary, result
 
 
 def _mean(values):

@@ -68,3 +68,20 @@ def test_bad_config_fails_before_training(tiny_config):
     tiny_config.train.batch_size = 7
     with pytest.raises(ValueError, match="multiple"):
         train_local(tiny_config, progress=False)
+
+
+def test_cli_data_convert_and_inspect(tmp_path, capsys):
+    from PIL import Image
+
+    src = tmp_path / "folder"
+    for c in range(4):
+        for i in range(3):
+            (src / f"class{c}").mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (16, 16), (60 * c, 10 * i, 90)).save(src / f"class{c}" / f"{i}.png")
+    (src / "class0" / "broken.jpg").write_bytes(b"not an image")
+    dst = tmp_path / "converted"
+    assert main(["data", "convert", "image-folder", str(src), str(dst), "--val-fraction", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "train" in printed and "test" in printed and "not an image" in printed
+    assert main(["data", "inspect", str(dst), "--verify", "--grid", str(tmp_path / "grid.png")]) == 0
+    assert "verify: OK" in capsys.readouterr().out and (tmp_path / "grid.png").stat().st_size > 1000
