@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 from pytorch_metric_learning import distances, losses, miners
+from pytorch_metric_learning.utils import distributed
 
 from .metric import IntrospectiveDistance, IntrospectiveSimilarity, pack
 
@@ -100,6 +101,26 @@ class MetricLoss(torch.nn.Module):
         self.miner = miner
         self.introspective = introspective
         self.mine_on_semantic = mine_on_semantic
+        self.gather = False  # see gather_across_workers
+
+    @property
+    def uses_proxies(self) -> bool:
+        # Proxy losses (ProxyAnchor, ProxyNCA) are the ones with learnable parameters.
+        return any(True for _ in self.loss.parameters())
+
+    def gather_across_workers(self, enabled: bool = True) -> bool:
+        """Under torch.distributed (DDP), let a pair-based loss and its miner see the embeddings
+        of every worker, via pytorch-metric-learning's distributed wrappers: each worker's loss
+        is ``world_size * L(all workers' embeddings)`` with gradients flowing into its own
+        embeddings only, so DDP's gradient averaging yields exactly the gradient of ``L`` on the
+        concatenated batch (the value is ``world_size`` times ``L``).
+
+        Proxy losses are left alone (returns False): their proxies are parameters, kept
+        identical on every worker by DDP's gradient all-reduce, and gathering would multiply
+        their gradient by the world size.
+        """
+        self.gather = bool(enabled) and not self.uses_proxies
+        return self.gather
 
     @property
     def uncertainty_weight(self) -> float:
@@ -107,10 +128,16 @@ class MetricLoss(torch.nn.Module):
 
     def forward(self, mu: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         embeddings = pack(mu, sigma) if self.introspective else mu
+        loss, miner = self.loss, self.miner
+        if self.gather and torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Both wrappers order the gathered batch the same way (own rows first), so the
+            # miner's indices address the loss's gathered embeddings.
+            loss = distributed.DistributedLossWrapper(loss)
+            miner = None if miner is None else distributed.DistributedMinerWrapper(miner)
         indices = None
-        if self.miner is not None:
-            indices = self.miner(mu if self.mine_on_semantic else embeddings, labels)
-        return self.loss(embeddings, labels, indices)
+        if miner is not None:
+            indices = miner(mu if self.mine_on_semantic else embeddings, labels)
+        return loss(embeddings, labels, indices)
 
 
 def build_loss(

@@ -1,0 +1,245 @@
+"""Index at scale: sharded IVF build, query speed and recall vs exact search, and update cost.
+
+Synthetic clustered vectors (``--n`` x ``--d``, default 1,000,000 x 512; L2-normalised; ``--n``
+for more) go through the same library code as ``idml index build`` (``PartitionSink`` ->
+``StagedBuild.finish``: Parquet partitions, one IVF shard per partition, exact-recall sample,
+checksums, manifest, publish), without the embedding step. Then:
+
+* queries: held-out vectors from the same distribution; exact top-10 by brute-force inner
+  product (faiss, BLAS) vs the published sharded index (``IndexSearcher``, nprobe tuned by the
+  build to recall@10 >= 0.95 on its sample). Targets: recall@10 >= 0.95, >= 20x faster.
+* build time vs one unsharded faiss index of the same spec (same nlist, training sample size,
+  k-means iterations), trained and filled in one process.
+* update with ``--update-fraction`` (1%) new vectors through ``StagedBuild`` (kind update):
+  embeds nothing else, reuses every shard, adds one. Target: <= 5% of the full build. (In the
+  pipeline an update also hashes the corpus to find what changed; there is no corpus here.)
+
+    .venv/bin/python benchmarks/index_scale.py [--n 1000000] [--d 512] [--shards 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import faiss  # noqa: E402
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+
+
+def load() -> str:
+    return f"load average {os.getloadavg()[0]:.1f}"
+
+
+def peak_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+class Clusters:
+    """Gaussian blobs around random unit centres; noise norm ``spread`` x the centre's."""
+
+    def __init__(self, d: int, n_clusters: int, spread: float, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self.centers = rng.standard_normal((n_clusters, d)).astype(np.float32)
+        faiss.normalize_L2(self.centers)
+        self.sigma = spread / math.sqrt(d)
+
+    def sample(self, n: int, seed: int) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        x = rng.standard_normal((n, self.centers.shape[1]), dtype=np.float32)
+        x *= self.sigma
+        x += self.centers[rng.integers(0, len(self.centers), n)]
+        faiss.normalize_L2(x)
+        return x
+
+
+def feed(sink, x: np.ndarray, first_id: int, chunk: int = 50_000) -> None:
+    from idml.index.embed import embedded_batch
+
+    rng = np.random.default_rng(first_id)
+    for start in range(0, len(x), chunk):
+        mu = x[start:start + chunk]
+        ids = [f"v{i:09d}" for i in range(first_id + start, first_id + start + len(mu))]
+        sigma = 0.01 * rng.standard_normal(mu.shape, dtype=np.float32)  # small uncertainty embeddings
+        sink.add(embedded_batch(ids, [f"h{i}" for i in ids], mu, sigma))
+    sink.close()
+
+
+def listing(n: int) -> pa.Table:
+    ids = [f"v{i:09d}" for i in range(n)]
+    return pa.table({"id": ids, "content_hash": [f"h{i}" for i in ids]})
+
+
+def staged_run(index_dir: Path, kind: str, d: int, n_total: int, x: np.ndarray, first_id: int, args) -> tuple[dict, float]:
+    from idml.index import BuildRequest, IndexStore, StagedBuild
+
+    checkpoint = {"path": "synthetic", "sha256": "synthetic", "embedding_dim": d, "uncertainty_weight": 0.0}
+    corpus = {"uri": "synthetic", "kind": "synthetic", "splits": [], "num_rows": n_total, "fingerprint": str(n_total)}
+    request = BuildRequest(kind, d, checkpoint, corpus, index_type=args.index_type if kind == "build" else "auto",
+                           nlist=args.nlist if kind == "build" else None,
+                           shards=args.shards if kind == "build" else None, recall_sample=args.recall_sample)
+    start = time.perf_counter()
+    with StagedBuild(IndexStore(index_dir), request, progress=lambda m: print(f"  [{kind}] {m}", flush=True)) as staged:
+        feed(staged.sink(), x, first_id)
+        manifest = staged.finish(listing(n_total))
+    return manifest, time.perf_counter() - start
+
+
+def unsharded_build(x: np.ndarray, spec: dict) -> tuple[faiss.Index, float, float]:
+    index = faiss.index_factory(x.shape[1], spec["factory"], faiss.METRIC_INNER_PRODUCT)
+    ivf = faiss.extract_index_ivf(index)
+    ivf.cp.niter, ivf.cp.seed = spec["niter"], spec["seed"]
+    ivf.cp.max_points_per_centroid = max(1, math.ceil(spec["train_size"] / spec["nlist"]))
+    rng = np.random.default_rng(spec["seed"])
+    sample = x[np.sort(rng.choice(len(x), size=min(len(x), spec["train_size"]), replace=False))]
+    t = time.perf_counter()
+    index.train(sample)
+    train_s = time.perf_counter() - t
+    t = time.perf_counter()
+    index.add(x)
+    return index, train_s, time.perf_counter() - t
+
+
+def recall_at(found: np.ndarray, exact: np.ndarray, k: int = 10) -> float:
+    return float(np.mean([len(set(f[:k]) & set(e[:k])) / k for f, e in zip(found, exact)]))
+
+
+def timed_search(index, queries: np.ndarray, k: int, repeats: int = 3) -> tuple[np.ndarray, float]:
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        _, labels = index.search(queries, k)
+        best = min(best, time.perf_counter() - t)
+    return labels, best
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=1_000_000)
+    p.add_argument("--d", type=int, default=512)
+    p.add_argument("--shards", type=int, default=4)
+    p.add_argument("--index-type", default="auto", choices=("auto", "flat", "ivf"))
+    p.add_argument("--nlist", type=int, help="default: the library's auto rule")
+    p.add_argument("--queries", type=int, default=1000)
+    p.add_argument("--recall-sample", type=int, default=256, help="the build's own recall/nprobe sample")
+    p.add_argument("--clusters", type=int, default=256,
+                   help="clusters (fewer than IVF lists: each spans several lists, so nprobe matters)")
+    p.add_argument("--spread", type=float, default=1.0,
+                   help="cluster noise norm relative to the centre norm (two members of a cluster have cosine ~ 1/(1+spread^2))")
+    p.add_argument("--update-fraction", type=float, default=0.01)
+    p.add_argument("--workdir", help="where the index is written (default: a temporary folder)")
+    args = p.parse_args(argv)
+
+    from idml.index import IndexSearcher
+
+    d, n = args.d, args.n
+    n_new = max(1, int(n * args.update_fraction))
+    print(f"data: {n} x {d} float32 ({n * d * 4 / 2**30:.2f} GiB), {args.clusters} clusters, "
+          f"spread {args.spread} (cosine within a cluster ~{1 / (1 + args.spread**2):.2f}, between clusters ~0); faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads", flush=True)
+    t = time.perf_counter()
+    blobs = Clusters(d, args.clusters, args.spread)
+    x = np.empty((n, d), np.float32)  # filled in chunks: no second copy at peak
+    for s in range(0, n, 100_000):
+        x[s:s + 100_000] = blobs.sample(min(100_000, n - s), seed=1 + s // 100_000)
+    queries = blobs.sample(args.queries, seed=10**6)
+    new = blobs.sample(n_new, seed=10**6 + 1)
+    print(f"generated in {time.perf_counter() - t:.1f}s; peak RSS {peak_gib():.2f} GiB", flush=True)
+
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        index_dir = Path(tmp) / "index"
+        print("sharded build (library, as `idml index build` after embedding) ...", flush=True)
+        built, build_s = staged_run(index_dir, "build", d, n, x, 0, args)
+        m, spec = built["metrics"], built["faiss"]
+        faiss_s = m["train_seconds"] + m["shards_seconds"]
+        peak_build = peak_gib()
+        print(f"  done in {build_s:.1f}s; peak RSS {peak_build:.2f} GiB; {load()}", flush=True)
+
+        print("unsharded faiss build of the same spec ...", flush=True)
+        single, single_train, single_add = unsharded_build(x, spec) if spec["index_type"] == "ivf" else (None, 0.0, 0.0)
+        if spec["index_type"] != "ivf":
+            t = time.perf_counter()
+            single = faiss.IndexFlatIP(d)
+            single.add(x)
+            single_add = time.perf_counter() - t
+        print(f"  train {single_train:.1f}s + add {single_add:.1f}s; peak RSS {peak_gib():.2f} GiB; {load()}", flush=True)
+
+        print(f"queries: {len(queries)} held-out vectors, top-10 ...", flush=True)
+        t = time.perf_counter()
+        _, exact = faiss.knn(queries, x, 10, metric=faiss.METRIC_INNER_PRODUCT)
+        exact_s = time.perf_counter() - t
+        searcher = IndexSearcher(index_dir)
+        rows = {shard: np.char.lstrip(ids, "v").astype(np.int64) for shard, ids in searcher.ids.items()}
+
+        def to_rows(labels):
+            shard, row = labels >> 32, labels & 0xFFFFFFFF
+            out = np.full(labels.shape, -1, np.int64)
+            for s in np.unique(shard[labels >= 0]):
+                mask = (shard == s) & (labels >= 0)
+                out[mask] = rows[int(s)][row[mask]]
+            return out
+
+        searcher.index.search(queries[:10], 10)  # page the memory-mapped lists in
+        found, sharded_s = timed_search(searcher.index, queries, 10)
+        sharded_recall = recall_at(to_rows(found), exact)
+        curve = []
+        if spec["index_type"] == "ivf":
+            for nprobe in (1, 2, 4, 8, 16, 32, 64):
+                if nprobe > spec["nlist"]:
+                    break
+                f, s = timed_search(faiss_index_with(searcher, nprobe), queries, 10, repeats=1)
+                curve.append((nprobe, recall_at(to_rows(f), exact), s))
+            faiss.extract_index_ivf(single).nprobe = spec["nprobe"]
+            faiss_index_with(searcher, spec["nprobe"])
+        single_found, single_s = timed_search(single, queries, 10)
+        single_recall = recall_at(single_found, exact)
+        del searcher
+
+        print(f"update: {n_new} new vectors ({args.update_fraction:.1%}) ...", flush=True)
+        updated, update_s = staged_run(index_dir, "update", d, n + n_new, new, n, args)
+        um = updated["metrics"]
+
+    print(f"\n=== index_scale results ({os.cpu_count()} CPUs; {load()} at the end: other work on the machine inflates times) ===")
+    print(f"vectors {n} x {d}; {built['counts']['shards']} shards of {spec['factory']}; nprobe {spec['nprobe']} "
+          f"(tuned by the build: recall@10 {built['recall']['recall']:.4f} on its {built['recall']['queries']} sampled vectors)")
+    print(f"build (sharded, library): total {build_s:.1f}s = partitions {build_s - m['index_seconds']:.1f}s "
+          f"+ sample {m['sample_seconds']:.1f}s + train {m['train_seconds']:.1f}s + shards {m['shards_seconds']:.1f}s "
+          f"+ exact neighbours of the recall sample {m['exact_seconds']:.1f}s + recall/nprobe tuning {m['recall_seconds']:.1f}s + checksums {m['checksum_seconds']:.1f}s")
+    print(f"build (unsharded faiss, same spec): train {single_train:.1f}s + add {single_add:.1f}s = {single_train + single_add:.1f}s")
+    print(f"  ratio sharded/unsharded: faiss work (train + shards) {faiss_s / (single_train + single_add):.2f}, "
+          f"whole versioned build {build_s / (single_train + single_add):.2f}")
+    print(f"exact search: {exact_s:.2f}s for {len(queries)} queries ({exact_s / len(queries) * 1e3:.2f} ms/query)")
+    print(f"sharded IVF:  {sharded_s:.3f}s ({sharded_s / len(queries) * 1e3:.3f} ms/query), recall@10 {sharded_recall:.4f}, "
+          f"speed-up {exact_s / sharded_s:.1f}x  -> recall {'PASS' if sharded_recall >= 0.95 else 'FAIL'} (>= 0.95), "
+          f"speed {'PASS' if exact_s / sharded_s >= 20 else 'FAIL'} (>= 20x)")
+    print(f"unsharded:    {single_s:.3f}s, recall@10 {single_recall:.4f} (same nprobe)")
+    for nprobe, r, s in curve:
+        print(f"  nprobe {nprobe:>3}: recall@10 {r:.4f}, {s / len(queries) * 1e3:.3f} ms/query, speed-up {exact_s / s:.1f}x")
+    print(f"update (+{n_new}): {update_s:.2f}s = {update_s / build_s:.2%} of the full build "
+          f"({'PASS' if update_s / build_s <= 0.05 else 'FAIL'} <= 5%); shards "
+          f"{[s['source'] for s in updated['shards']].count('reused')} reused + "
+          f"{[s['source'] for s in updated['shards']].count('new')} new; recall@10 after update "
+          f"{updated['recall']['recall']:.4f} on {updated['recall']['queries']} queries (nprobe {updated['faiss']['nprobe']}); "
+          f"update phases: shards {um['shards_seconds']:.2f}s, recall {um['recall_seconds']:.2f}s, checksums {um['checksum_seconds']:.2f}s")
+    print(f"index size on disk: {m['index_bytes'] / 2**30:.2f} GiB faiss (+ Parquet embeddings with mu and sigma)")
+    print(f"peak RSS: {peak_build:.2f} GiB after the sharded build (incl. the {n * d * 4 / 2**30:.2f} GiB of vectors the benchmark holds), "
+          f"{peak_gib():.2f} GiB overall (adds the unsharded index and exact search)")
+    return 0
+
+
+def faiss_index_with(searcher, nprobe: int):
+    from idml.index.faiss_index import set_nprobe
+
+    set_nprobe(searcher.index.index, nprobe)
+    return searcher.index
+
+
+if __name__ == "__main__":
+    sys.exit(main())

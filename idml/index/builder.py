@@ -1,0 +1,524 @@
+"""Staged, resumable builds and updates of an index version (no Ray here).
+
+A run is identified by its *build key* (hash of checkpoint, corpus fingerprint, options and
+parent version) and works in ``staging/<key>/``:
+
+1. embedding: embedder output is routed into partitions (``PartitionSink``); finished partitions
+   survive a crash, and a rerun with the same key skips their images (``known()``);
+2. ``finish()``: decides where every corpus image's vectors come from (an unchanged row of the
+   parent version, or a partition), plans the shards (reuse parent shards untouched, rewrite
+   parent shards that lost rows, one new shard per partition), builds the faiss shards, measures
+   recall against exact search, writes the manifest with checksums, renames the folder into
+   ``versions/`` and publishes it by replacing ``CURRENT``.
+
+A crash at any point leaves ``CURRENT`` at the previous version; a crash after the rename but
+before publishing is finished by the rerun (``finished_version``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from idml.checkpoint import file_sha256
+
+from . import faiss_index as fx
+from .partitions import (
+    KEY_SCHEMA,
+    Partition,
+    PartitionSink,
+    done_partitions,
+    known_rows,
+    read_vectors,
+    write_embeddings,
+)
+from .recall import GT_DEPTH, RecallSample
+from .store import FORMAT_VERSION, INDEX_FORMAT, MANIFEST_NAME, IndexStore, link_or_copy, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SHARD_ROWS = 250_000
+RECALL_K = 10
+
+
+@dataclass
+class BuildRequest:
+    kind: str  # "build" (embed everything) or "update" (embed only new and changed images)
+    dim: int
+    checkpoint: dict[str, Any]  # path, sha256, backbone, image_size, uncertainty_weight
+    corpus: dict[str, Any]  # uri, kind, splits, fingerprint, num_rows
+    index_type: str = "auto"
+    nlist: int | None = None
+    nprobe: int | None = None
+    train_size: int | None = None
+    shards: int | None = None  # build only; default: one per DEFAULT_SHARD_ROWS images
+    recall_sample: int = 256
+    target_recall: float = 0.95
+
+    def __post_init__(self):
+        if self.kind not in ("build", "update"):
+            raise ValueError(f"kind must be build or update, got {self.kind!r}")
+        if self.index_type not in fx.INDEX_TYPES:
+            raise ValueError(f"index type {self.index_type!r} is not one of {', '.join(fx.INDEX_TYPES)}")
+        if self.shards is not None and self.shards < 1:
+            raise ValueError(f"--shards must be >= 1, got {self.shards}")
+        if self.recall_sample < 1:
+            raise ValueError(f"--recall-sample must be >= 1, got {self.recall_sample}")
+
+    def key(self, parent: str | None) -> str:
+        data = {**asdict(self), "parent": parent, "format_version": FORMAT_VERSION}
+        return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def checksum(path: Path) -> dict[str, Any]:
+    return {"sha256": file_sha256(path), "bytes": path.stat().st_size}
+
+
+@dataclass
+class _ShardPlan:
+    shard: int
+    source: str  # "reused" (parent shard, untouched), "rewritten" (parent shard minus rows), "new" (a partition)
+    src_parquet: Path
+    src_index: Path | None = None  # reused only
+    rows: np.ndarray | None = None  # rows of src_parquet to keep; None = all
+    count: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"shard-{self.shard:06d}"
+
+
+@dataclass
+class StagedBuild:
+    """One build/update of ``store``; use as a context manager (it holds the index lock)."""
+
+    store: IndexStore
+    request: BuildRequest
+    progress: Callable[[str], None] = field(default=lambda msg: log.info("%s", msg))
+
+    def __enter__(self) -> "StagedBuild":
+        self._lock = self.store.lock()
+        self._lock.__enter__()
+        try:
+            self.t_start = time.time()
+            self.parent_version = self.store.current_version()
+            self.parent = self.store.read_manifest(self.parent_version) if self.parent_version else None
+            if self.request.kind == "update":
+                self._check_update_parent()
+            self.key = self.request.key(self.parent_version)
+            self.dir = self.store.staging(self.key)
+            self.partitions_dir = self.dir / "work" / "partitions"
+            self.finished_version = self.store.find_version_by_key(self.key)
+            self.resumed = done_partitions(self.partitions_dir)
+        except BaseException:
+            self._lock.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._lock.__exit__(*exc)
+
+    # -- embedding stage ---------------------------------------------------------------------
+    def _check_update_parent(self) -> None:
+        if self.parent is None:
+            raise FileNotFoundError(f"nothing to update in {self.store.root}: no version is published; run `idml index build` first")
+        if self.parent["checkpoint"]["sha256"] != self.request.checkpoint["sha256"]:
+            raise ValueError(
+                f"checkpoint {self.request.checkpoint['path']} differs from the one version {self.parent_version} was built "
+                f"with ({self.parent['checkpoint']['path']}, sha256 {self.parent['checkpoint']['sha256'][:12]}…); "
+                "embeddings of two models cannot share an index: run `idml index build` instead"
+            )
+        spec = self.parent["faiss"]
+        if self.request.index_type not in ("auto", spec["index_type"]) or (self.request.nlist and self.request.nlist != spec["nlist"]):
+            raise ValueError(
+                f"version {self.parent_version} is {spec['factory']}; an update keeps the index spec, "
+                "run `idml index build` to change it"
+            )
+
+    def known(self) -> pa.Table:
+        """(id, content_hash) of images that need no embedding: the parent version's rows (and
+        its known-corrupt images) on update, plus the finished partitions of an interrupted run."""
+        tables = [known_rows(self.resumed)]
+        if self.request.kind == "update":
+            tables.append(self._parent_rows().select(["id", "content_hash"]))
+            corrupt = self.parent.get("corrupt", [])
+            tables.append(pa.table({"id": pa.array([c["id"] for c in corrupt], pa.string()),
+                                    "content_hash": pa.array([c["content_hash"] for c in corrupt], pa.string())}))
+        return pa.concat_tables([t.cast(KEY_SCHEMA) for t in tables]).combine_chunks()
+
+    def target_rows(self) -> int:
+        if self.request.kind == "update":
+            return int(self.parent["target_shard_rows"])
+        n = max(1, int(self.request.corpus.get("num_rows") or 1))
+        shards = self.request.shards or max(1, math.ceil(n / DEFAULT_SHARD_ROWS))
+        return max(1, math.ceil(n / shards))
+
+    def sink(self) -> PartitionSink:
+        first = max((p.index for p in self.resumed), default=-1) + 1
+        return PartitionSink(self.partitions_dir, dim=self.request.dim, target_rows=self.target_rows(), first_index=first)
+
+    # -- finishing -------------------------------------------------------------------------
+    def publish_finished(self) -> dict[str, Any]:
+        """Publish the version an interrupted run renamed into place but did not publish."""
+        version = self.finished_version
+        self.published = True
+        if self.store.current_version() != version:
+            self.store.publish(version)
+            self.progress(f"published {version} (finished by an earlier, interrupted run)")
+        self.store.remove_staging()
+        return self.store.read_manifest(version)
+
+    def finish(self, listing: pa.Table, *, embed_seconds: float = 0.0, embedded_this_run: int = 0) -> dict[str, Any]:
+        """Assemble, index, measure, write the manifest and publish. ``listing``: (id,
+        content_hash) of every image in the corpus, as seen by this run's embedding pass."""
+        t0 = time.time()
+        req = self.request
+        listing = listing.select(["id", "content_hash"]).combine_chunks()
+        _check_unique(listing)
+        partitions = done_partitions(self.partitions_dir)
+        parent_rows = self._parent_rows() if req.kind == "update" else _empty_rows("shard")
+        staged_rows = _partition_rows(partitions)
+
+        from_parent = listing.join(parent_rows, keys=["id", "content_hash"], join_type="inner")
+        rest = listing.join(parent_rows.select(["id", "content_hash"]), keys=["id", "content_hash"], join_type="left anti")
+        from_staging = rest.join(staged_rows, keys=["id", "content_hash"], join_type="inner")
+        rest = rest.join(staged_rows.select(["id", "content_hash"]), keys=["id", "content_hash"], join_type="left anti")
+        corrupt = self._corrupt_of(rest, partitions)
+
+        plan = self._plan(partitions, parent_rows, from_parent, from_staging)
+        n_vectors = sum(p.count for p in plan)
+        counts = self._counts(listing, parent_rows, from_parent, from_staging, corrupt, n_vectors, len(plan))
+        if req.kind == "update" and counts["added"] == counts["changed"] == counts["removed"] == 0:
+            self.store.remove_staging()
+            self.published = False
+            self.progress(f"{self.parent_version} is up to date with the corpus; nothing to publish")
+            return self.parent
+        spec = self._spec(n_vectors)
+        version_dir = self.dir / "version"
+        shutil.rmtree(version_dir, ignore_errors=True)  # a crashed finish() is simply redone
+        (version_dir / "shards").mkdir(parents=True)
+        self.progress(f"indexing {n_vectors} vectors in {len(plan)} shards ({spec.factory})")
+
+        timings: dict[str, float] = {"exact_seconds": 0.0}
+        t = time.time()
+        queries, query_ids, query_labels, train_sample = self._samples(spec, plan)
+        timings["sample_seconds"] = time.time() - t
+        t = time.time()
+        trained = self._trained(spec, train_sample, version_dir)
+        timings["train_seconds"] = time.time() - t
+        del train_sample
+        # Exact neighbours of the recall queries among the new vectors, gathered shard by shard.
+        exact = fx.ExactTopK(queries, GT_DEPTH + 1)
+        files: dict[str, dict[str, Any]] = {}
+        shard_entries, ids_by_shard, indexes = [], {}, []
+        t = time.time()
+        for p in plan:
+            rel_parquet, rel_index = f"shards/{p.name}.parquet", f"shards/{p.name}.faiss"
+            out_parquet, out_index = version_dir / rel_parquet, version_dir / rel_index
+            if p.source == "reused":
+                link_or_copy(p.src_parquet, out_parquet)
+                link_or_copy(p.src_index, out_index)
+                for rel in (rel_parquet, rel_index):
+                    files[rel] = self.parent["files"][rel]
+                table = pq.read_table(out_parquet, columns=["id"])
+            else:
+                if p.rows is None:
+                    link_or_copy(p.src_parquet, out_parquet)
+                else:
+                    write_embeddings(out_parquet, pq.read_table(p.src_parquet).take(pa.array(p.rows)))
+                table = pq.read_table(out_parquet, columns=["id", "mu"])
+                mu = _vectors(table)
+                fx.write_index_atomic(fx.build_shard(mu, p.shard, spec, trained), out_index)
+                if p.source == "new":
+                    t_exact = time.time()
+                    exact.add(mu, fx.labels_for(p.shard, len(mu)))
+                    timings["exact_seconds"] += time.time() - t_exact
+                del mu
+            # IVF shards are memory-mapped: searching touches only the lists it probes, and the
+            # build never holds the whole index in RAM.
+            indexes.append(fx.read_index(out_index, mmap=spec.index_type == "ivf"))
+            ids_by_shard[p.shard] = table.column("id").to_numpy(zero_copy_only=False).astype(str)
+            shard_entries.append({"shard": p.shard, "count": p.count, "source": p.source,
+                                  "embeddings": rel_parquet, "index": rel_index})
+        timings["shards_seconds"] = time.time() - t - timings["exact_seconds"]
+
+        t = time.time()
+        combined = fx.combine(indexes, spec, trained)
+        scores, labels = exact.result()
+        if query_ids is None:  # build: the queries are stored vectors, named once all shards are known
+            query_ids = _labels_to_ids(query_labels, ids_by_shard)
+        sample = self._recall_sample(queries, query_ids, scores, _labels_to_ids(labels, ids_by_shard), from_parent, n_vectors)
+        recall, used = self._tune(combined, spec, sample, ids_by_shard)
+        sample.save(version_dir / "recall_sample.npz")
+        timings["recall_seconds"] = time.time() - t
+        t = time.time()
+        for entry in shard_entries:
+            for rel in (entry["embeddings"], entry["index"]):
+                if rel not in files:
+                    files[rel] = checksum(version_dir / rel)
+        for rel in ("trained.faiss", "recall_sample.npz"):
+            if (version_dir / rel).is_file():
+                files[rel] = checksum(version_dir / rel)
+        timings["checksum_seconds"] = time.time() - t
+        index_seconds = time.time() - t0
+
+        version = self.store.next_version_id()
+        index_bytes = sum(v["bytes"] for k, v in files.items() if k.endswith(".faiss"))
+        embedded_total = sum(p.rows for p in partitions)
+        manifest = {
+            "format": INDEX_FORMAT,
+            "format_version": FORMAT_VERSION,
+            "version": version,
+            "kind": req.kind,
+            "parent": self.parent_version,
+            "build_key": self.key,
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "checkpoint": req.checkpoint,
+            "corpus": req.corpus,
+            "faiss": spec.to_dict(),
+            "target_shard_rows": self.target_rows(),
+            "counts": {**counts, "embedded": embedded_total},
+            "recall": {"k": RECALL_K, "recall": recall, "queries": used, "nprobe": spec.nprobe},
+            "metrics": {
+                f"recall_at_{RECALL_K}": recall,
+                "images_embedded": embedded_this_run,
+                "embed_seconds": embed_seconds,
+                "embed_images_per_s": embedded_this_run / embed_seconds if embed_seconds > 0 else 0.0,
+                "index_seconds": index_seconds,
+                **timings,
+                "build_seconds": time.time() - self.t_start,
+                "index_bytes": index_bytes,
+                "vectors": n_vectors,
+                "corrupt_images": counts["corrupt"],
+            },
+            "shards": shard_entries,
+            "files": dict(sorted(files.items())),
+            "corrupt": corrupt,
+        }
+        write_json_atomic(version_dir / MANIFEST_NAME, manifest)
+        self.store.move_into_versions(version_dir, version)
+        self.store.publish(version)
+        self.published = True
+        self.store.remove_staging()
+        self.progress(f"published {version}: {n_vectors} vectors, recall@{RECALL_K} {recall:.3f} (nprobe {spec.nprobe})")
+        return manifest
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _parent_rows(self) -> pa.Table:
+        if getattr(self, "_parent_rows_cache", None) is None:
+            tables = []
+            vdir = self.store.version_dir(self.parent_version)
+            for entry in self.parent["shards"]:
+                t = pq.read_table(vdir / entry["embeddings"], columns=["id", "content_hash"])
+                tables.append(t.append_column("shard", pa.array(np.full(t.num_rows, entry["shard"], np.int64)))
+                               .append_column("row", pa.array(np.arange(t.num_rows, dtype=np.int64))))
+            self._parent_rows_cache = pa.concat_tables(tables or [_empty_rows("shard")]).combine_chunks()
+        return self._parent_rows_cache
+
+    def _corrupt_of(self, rest: pa.Table, partitions: list[Partition]) -> list[dict[str, str]]:
+        reasons = {(c["id"], c["content_hash"]): c["reason"] for p in partitions for c in p.corrupt}
+        if self.parent is not None and self.request.kind == "update":
+            for c in self.parent.get("corrupt", []):
+                reasons.setdefault((c["id"], c["content_hash"]), c["reason"])
+        out = []
+        for row in rest.to_pylist():
+            key = (row["id"], row["content_hash"])
+            if key not in reasons:
+                raise RuntimeError(f"image {row['id']!r} was neither embedded nor reported corrupt; rerun the build")
+            out.append({"id": row["id"], "content_hash": row["content_hash"], "reason": reasons[key]})
+        return sorted(out, key=lambda c: c["id"])
+
+    def _plan(self, partitions, parent_rows, from_parent, from_staging) -> list[_ShardPlan]:
+        plan: list[_ShardPlan] = []
+        next_shard = 0
+        if self.request.kind == "update":
+            vdir = self.store.version_dir(self.parent_version)
+            kept = _rows_by(from_parent, "shard")
+            next_shard = max((e["shard"] for e in self.parent["shards"]), default=-1) + 1
+            for entry in self.parent["shards"]:
+                rows = kept.get(entry["shard"], np.zeros(0, np.int64))
+                src = vdir / entry["embeddings"]
+                if len(rows) == entry["count"]:
+                    plan.append(_ShardPlan(entry["shard"], "reused", src, vdir / entry["index"], None, entry["count"]))
+                elif len(rows):
+                    plan.append(_ShardPlan(next_shard, "rewritten", src, None, np.sort(rows), len(rows)))
+                    next_shard += 1
+        used = _rows_by(from_staging, "part")
+        for part in partitions:
+            rows = used.get(part.index, np.zeros(0, np.int64))
+            if len(rows):
+                keep = None if len(rows) == part.rows else np.sort(rows)
+                plan.append(_ShardPlan(next_shard, "new", part.path, None, keep, len(rows)))
+                next_shard += 1
+        return plan
+
+    def _spec(self, n_vectors: int) -> fx.IndexSpec:
+        req = self.request
+        if req.kind == "update":
+            spec = fx.IndexSpec.from_dict(self.parent["faiss"])
+            if req.nprobe is not None:
+                spec.nprobe, spec.nprobe_auto = req.nprobe, False
+            if n_vectors < 1:
+                raise ValueError("nothing to index: every image was removed from the corpus or is corrupt")
+            if spec.index_type == "flat" and req.index_type == "auto" and n_vectors > fx.FLAT_MAX_VECTORS:
+                self.progress(f"note: {n_vectors} vectors in a Flat index; `idml index build` would switch to IVF")
+            return spec
+        return fx.resolve_spec(req.index_type, n_vectors, req.dim, nlist=req.nlist, nprobe=req.nprobe,
+                               train_size=req.train_size, target_recall=req.target_recall)
+
+    def _samples(self, spec: fx.IndexSpec, plan: list[_ShardPlan]):
+        """One pass over the new shards: recall queries (build; an update keeps its parent's)
+        and the IVF training sample (build), drawn uniformly."""
+        build, ivf = self.request.kind == "build", spec.index_type == "ivf"
+        n = sum(p.count for p in plan)
+        rng = np.random.default_rng(spec.seed)
+        # A Flat index is exact: its recall is 1 by construction, so it needs no sample.
+        query_rows = (np.sort(rng.choice(n, size=min(n, self.request.recall_sample), replace=False))
+                      if build and ivf else np.zeros(0, int))
+        train_rows = np.sort(rng.choice(n, size=min(n, spec.train_size), replace=False)) if build and ivf else np.zeros(0, int)
+        queries, query_labels, train, start = [], [], [], 0
+        for p in plan:
+            q = query_rows[(query_rows >= start) & (query_rows < start + p.count)] - start
+            tr = train_rows[(train_rows >= start) & (train_rows < start + p.count)] - start
+            if len(q) or len(tr):
+                mu = read_vectors(p.src_parquet)
+                if p.rows is not None:
+                    mu = mu[p.rows]
+                queries.append(mu[q])
+                query_labels.append(fx.labels_for(p.shard, p.count)[q])
+                train.append(mu[tr])
+            start += p.count
+        if not build:
+            parent_sample = RecallSample.load(self.store.version_dir(self.parent_version) / "recall_sample.npz")
+            return parent_sample.queries, parent_sample.query_ids, None, None
+        queries = np.concatenate(queries) if queries else np.zeros((0, spec.dim), np.float32)
+        query_labels = np.concatenate(query_labels) if query_labels else np.zeros(0, np.int64)
+        return queries, None, query_labels, (np.concatenate(train) if train else None)
+
+    def _trained(self, spec: fx.IndexSpec, sample: np.ndarray | None, version_dir: Path) -> faiss.Index | None:
+        if spec.index_type != "ivf":
+            return None
+        path = version_dir / "trained.faiss"
+        if self.request.kind == "update":
+            link_or_copy(self.store.version_dir(self.parent_version) / "trained.faiss", path)
+            return fx.read_index(path)
+        cached = self.dir / "work" / f"trained-{spec.factory}-{spec.train_size}-{spec.niter}-{spec.seed}.faiss"
+        if not cached.is_file():
+            self.progress(f"training {spec.factory} on {len(sample)} vectors")
+            fx.write_index_atomic(fx.train_ivf(sample, spec), cached)
+        link_or_copy(cached, path)
+        return fx.read_index(path)
+
+    def _recall_sample(self, queries, query_ids, scores, ids, from_parent, n_vectors) -> RecallSample:
+        """Build: the exact neighbours just computed. Update: the parent's, minus neighbours that
+        are gone, plus those among the new vectors."""
+        if self.request.kind == "build":
+            return RecallSample.from_exact(query_ids, queries, scores, ids, complete=n_vectors <= GT_DEPTH + 1)
+        sample = RecallSample.load(self.store.version_dir(self.parent_version) / "recall_sample.npz")
+        # Exact neighbours that are not indexed any more (removed, or changed content) go.
+        kept = set(from_parent.column("id").to_pylist())
+        old_ids = set(np.unique(sample.gt_ids).tolist()) - {""}
+        sample = sample.without(old_ids - kept)
+        return sample.merged(scores, ids)
+
+    def _tune(self, combined: fx.CombinedIndex, spec: fx.IndexSpec, sample: RecallSample, ids_by_shard) -> tuple[float, int]:
+        """recall@10 of the index on the sample; with nprobe_auto, the smallest power-of-two
+        nprobe reaching target_recall (an update starts from its parent's nprobe)."""
+        if spec.index_type != "ivf":
+            return 1.0, 0  # exact search
+
+        def measure(nprobe: int) -> tuple[float, int]:
+            _, labels = combined.search(sample.queries, RECALL_K + 1, nprobe=nprobe)
+            return sample.recall(_labels_to_ids(labels, ids_by_shard), RECALL_K)
+
+        if not spec.nprobe_auto:
+            return measure(spec.nprobe)
+        nprobe = spec.nprobe if self.request.kind == "update" and spec.nprobe else 1
+        while True:
+            recall, used = measure(nprobe)
+            if recall >= spec.target_recall or nprobe >= spec.nlist or math.isnan(recall):
+                break
+            nprobe = min(spec.nlist, nprobe * 2)
+        spec.nprobe = nprobe
+        fx.set_nprobe(combined.index, nprobe)
+        return recall, used
+
+    def _counts(self, listing, parent_rows, from_parent, from_staging, corrupt, n_vectors, n_shards) -> dict[str, int]:
+        counts = {"vectors": n_vectors, "shards": n_shards, "corpus_images": listing.num_rows, "corrupt": len(corrupt),
+                  "reused": from_parent.num_rows, "from_partitions": from_staging.num_rows}
+        if self.request.kind == "update":
+            parent_ids = pa.concat_arrays([parent_rows.column("id").combine_chunks(),
+                                           pa.array([c["id"] for c in self.parent.get("corrupt", [])], pa.string())])
+            parent = pa.table({"id": parent_ids, "old_hash": pa.array(
+                parent_rows.column("content_hash").to_pylist() + [c["content_hash"] for c in self.parent.get("corrupt", [])], pa.string())})
+            joined = listing.join(parent, keys="id", join_type="inner")
+            counts["changed"] = int(pc.sum(pc.not_equal(joined.column("content_hash"), joined.column("old_hash"))).as_py() or 0)
+            counts["added"] = listing.num_rows - joined.num_rows
+            counts["removed"] = parent.num_rows - joined.num_rows
+        return counts
+
+
+def _empty_rows(extra: str) -> pa.Table:
+    return pa.table({"id": pa.array([], pa.string()), "content_hash": pa.array([], pa.string()),
+                     extra: pa.array([], pa.int64()), "row": pa.array([], pa.int64())})
+
+
+def _check_unique(listing: pa.Table) -> None:
+    ids = listing.column("id")
+    if pc.count_distinct(ids).as_py() != len(ids):
+        counts = pc.value_counts(ids)
+        dups = [v["values"] for v in counts.to_pylist() if v["counts"] > 1][:5]
+        raise ValueError(f"the corpus has duplicate image ids (e.g. {dups}); every id must be unique")
+
+
+def _partition_rows(partitions: list[Partition]) -> pa.Table:
+    tables = []
+    for p in partitions:
+        if not p.rows:
+            continue
+        t = pq.read_table(p.path, columns=["id", "content_hash"])
+        tables.append(t.append_column("part", pa.array(np.full(t.num_rows, p.index, np.int64)))
+                      .append_column("row", pa.array(np.arange(t.num_rows, dtype=np.int64))))
+    return pa.concat_tables(tables or [_empty_rows("part")]).combine_chunks()
+
+
+def _rows_by(table: pa.Table, key: str) -> dict[int, np.ndarray]:
+    if not table.num_rows:
+        return {}
+    keys = table.column(key).to_numpy()
+    rows = table.column("row").to_numpy()
+    order = np.argsort(keys, kind="stable")
+    keys, rows = keys[order], rows[order]
+    bounds = np.flatnonzero(np.diff(keys)) + 1
+    return {int(k[0]): r for k, r in zip(np.split(keys, bounds), np.split(rows, bounds))}
+
+
+def _vectors(table: pa.Table) -> np.ndarray:
+    from .partitions import vectors
+
+    return vectors(table, "mu")
+
+
+def _labels_to_ids(labels: np.ndarray, ids_by_shard: dict[int, np.ndarray]) -> np.ndarray:
+    labels = np.asarray(labels, np.int64)
+    out = np.full(labels.shape, "", dtype=object)
+    shards, rows = fx.split_labels(labels)
+    valid = labels >= 0
+    for shard in np.unique(shards[valid]):
+        mask = valid & (shards == shard)
+        out[mask] = ids_by_shard[int(shard)][rows[mask]]
+    return out.astype(str)

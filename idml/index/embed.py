@@ -1,0 +1,188 @@
+"""Embedding a batch of encoded images with a trained checkpoint.
+
+``BatchEmbedder`` is a plain callable class (no Ray): Ray Data runs it in ``map_batches`` on an
+actor pool (the model loads once per actor), the benchmark runs the same object in a plain loop,
+and ``query`` uses it in-process for a handful of query images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from idml.checkpoint import checkpoint_config, file_sha256, load_checkpoint, model_from_checkpoint
+from idml.data.images import InvalidImageError, decode_image
+from idml.transforms import eval_transform
+
+log = logging.getLogger(__name__)
+
+STATUS_EMBEDDED = "embedded"
+STATUS_CORRUPT = "corrupt"
+# The row's (id, content hash) is already embedded (a previous version or a finished partition
+# of an interrupted run): it is listed but not decoded again.
+STATUS_KNOWN = "known"
+
+OUTPUT_SCHEMA = pa.schema([
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("content_hash", pa.string(), nullable=False),
+    pa.field("status", pa.string(), nullable=False),
+    pa.field("error", pa.string()),
+    pa.field("mu", pa.list_(pa.float32())),
+    pa.field("sigma", pa.list_(pa.float32())),
+])
+
+
+def content_hash(data: bytes) -> str:
+    """Identity of an image's content: ``update`` re-embeds an id only when this changes."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def describe_checkpoint(path: str | Path) -> dict[str, Any]:
+    """What an index records about its model (the hash pins it; the rest is for people)."""
+    state = load_checkpoint(path)
+    cfg = checkpoint_config(state)
+    return {"path": str(Path(path).resolve()), "sha256": file_sha256(path), "backbone": cfg.model.backbone,
+            "embedding_dim": cfg.model.embedding_dim, "image_size": cfg.data.image_size,
+            "uncertainty_weight": cfg.loss.uncertainty_weight, "epoch": state.get("epoch")}
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class BatchEmbedder:
+    """Maps a batch of encoded images to semantic (``mu``) and uncertainty (``sigma``) embeddings.
+
+    Input batches (a ``pa.Table`` or a dict of columns) hold either ``id`` + ``image`` (the
+    dataset format) or ``path`` + ``bytes`` (``read_binary_files``; the id is the path relative
+    to ``id_prefix``). Output rows follow ``OUTPUT_SCHEMA``: corrupt images come back with status
+    ``corrupt`` and the decoder's reason instead of failing the batch; rows whose (id, content
+    hash) is in ``known`` come back as ``known`` without being decoded.
+    """
+
+    def __init__(self, checkpoint: str | Mapping[str, Any], *, known: pa.Table | None = None,
+                 id_prefix: str | None = None, device: str | None = None, threads: int = 0,
+                 channels_last: bool | None = None, delay_s: float = 0.0):
+        if threads > 0:
+            torch.set_num_threads(threads)
+        state = checkpoint if isinstance(checkpoint, Mapping) else load_checkpoint(checkpoint)
+        self.device = torch.device(device) if device else default_device()
+        model, cfg = model_from_checkpoint(dict(state))
+        # channels_last speeds up convolutions on CPU and is neutral on GPU.
+        self.channels_last = cfg.train.channels_last if channels_last is None else channels_last
+        model = model.to(self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model.eval()
+        self.dim = cfg.model.embedding_dim
+        self.transform = eval_transform(cfg.data.image_size)
+        self.known = dict(zip(known.column("id").to_pylist(), known.column("content_hash").to_pylist())) if known is not None else {}
+        self.id_prefix = id_prefix
+        # Test hook: a slow embedder lets a test kill a build between two partitions.
+        self.delay_s = float(delay_s)
+
+    def __call__(self, batch) -> pa.Table:
+        ids, blobs = batch_ids_and_images(batch, self.id_prefix)
+        n = len(ids)
+        hashes = [content_hash(b) if b is not None else "" for b in blobs]
+        status = [STATUS_KNOWN if self.known.get(i) == h else None for i, h in zip(ids, hashes)]
+        errors: list[str | None] = [None] * n
+        tensors, rows = [], []
+        for r in range(n):
+            if status[r] is not None:
+                continue
+            try:
+                tensors.append(self.transform(decode_image(blobs[r])))
+                rows.append(r)
+                status[r] = STATUS_EMBEDDED
+            except InvalidImageError as e:
+                status[r], errors[r] = STATUS_CORRUPT, str(e)
+        mu = sigma = np.zeros((0, self.dim), np.float32)
+        if tensors:
+            mu, sigma = self.embed_tensors(torch.stack(tensors))
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        mask = np.zeros(n, bool)
+        mask[rows] = True
+        return pa.table({
+            "id": pa.array(ids, pa.string()),
+            "content_hash": pa.array(hashes, pa.string()),
+            "status": pa.array(status, pa.string()),
+            "error": pa.array(errors, pa.string()),
+            "mu": _sparse_list_array(mu, mask),
+            "sigma": _sparse_list_array(sigma, mask),
+        }, schema=OUTPUT_SCHEMA)
+
+    @torch.inference_mode()
+    def embed_tensors(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (or [0, 1] float) NCHW images -> float32 ``(mu, sigma)`` numpy arrays."""
+        images = images.to(self.device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        mu, sigma = self.model(images)
+        return mu.float().cpu().numpy(), sigma.float().cpu().numpy()
+
+    def embed_images(self, blobs: list[bytes], batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+        """Embed encoded images in-process (query images); a corrupt one raises InvalidImageError."""
+        mus, sigmas = [], []
+        for start in range(0, len(blobs), batch_size):
+            chunk = [self.transform(decode_image(b)) for b in blobs[start:start + batch_size]]
+            mu, sigma = self.embed_tensors(torch.stack(chunk))
+            mus.append(mu)
+            sigmas.append(sigma)
+        if not mus:
+            return np.zeros((0, self.dim), np.float32), np.zeros((0, self.dim), np.float32)
+        return np.concatenate(mus), np.concatenate(sigmas)
+
+
+def batch_ids_and_images(batch, id_prefix: str | None = None) -> tuple[list[str], list[bytes]]:
+    """(ids, encoded images) of a batch with ``id`` + ``image`` (the dataset format) or ``path``
+    + ``bytes`` (``read_binary_files``; the id is the path relative to ``id_prefix``)."""
+    columns = batch.column_names if isinstance(batch, pa.Table) else list(batch)
+
+    def col(name):
+        c = batch[name]
+        return c.to_pylist() if isinstance(c, (pa.ChunkedArray, pa.Array)) else list(c)
+
+    if "id" in columns and "image" in columns:
+        return [str(i) for i in col("id")], col("image")
+    if "path" in columns and "bytes" in columns:
+        prefix = id_prefix.rstrip("/") + "/" if id_prefix else ""
+        paths = [str(p) for p in col("path")]
+        return [p[len(prefix):] if prefix and p.startswith(prefix) else p for p in paths], col("bytes")
+    raise ValueError(f"batch has columns {columns}; expected id + image (dataset) or path + bytes (image files)")
+
+
+def hash_batch(batch, id_prefix: str | None = None) -> pa.Table:
+    """(id, content_hash) of every image in a batch, without decoding (``verify --corpus``)."""
+    ids, blobs = batch_ids_and_images(batch, id_prefix)
+    return pa.table({"id": pa.array(ids, pa.string()),
+                     "content_hash": pa.array([content_hash(b) for b in blobs], pa.string())})
+
+
+def embedded_batch(ids, hashes, mu: np.ndarray, sigma: np.ndarray) -> pa.Table:
+    """Embedder-shaped output for vectors computed elsewhere (synthetic benchmarks)."""
+    mask = np.ones(len(mu), bool)
+    return pa.table({
+        "id": pa.array(ids, pa.string()),
+        "content_hash": pa.array(hashes, pa.string()),
+        "status": pa.array([STATUS_EMBEDDED] * len(mu), pa.string()),
+        "error": pa.nulls(len(mu), pa.string()),
+        "mu": _sparse_list_array(mu, mask),
+        "sigma": _sparse_list_array(sigma, mask),
+    }, schema=OUTPUT_SCHEMA)
+
+
+def _sparse_list_array(vectors: np.ndarray, mask: np.ndarray) -> pa.ListArray:
+    """One list<float32> per row: the next vector where ``mask`` is set, null elsewhere."""
+    lengths = np.where(mask, vectors.shape[1], 0)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    values = pa.array(np.ascontiguousarray(vectors, np.float32).ravel())
+    return pa.ListArray.from_arrays(offsets, values, type=pa.list_(pa.float32()), mask=pa.array(~mask))

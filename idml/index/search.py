@@ -1,0 +1,175 @@
+"""Querying a published index version: top-k neighbours with similarities and uncertainties,
+optionally re-ranked by the introspective distance."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from . import faiss_index as fx
+from .partitions import vectors
+from .store import IndexStore
+
+log = logging.getLogger(__name__)
+
+COMBINE_MODES = ("auto", "shards", "ondisk")
+
+
+@dataclass
+class Hit:
+    id: str
+    similarity: float  # cosine, or the introspective similarity 1 - D/2 when re-ranked
+    cosine: float
+    uncertainty: float  # the result's ||sigma||^2
+
+
+@dataclass
+class QueryResult:
+    query: str
+    uncertainty: float  # the query's ||sigma||^2
+    hits: list[Hit]
+
+
+class IndexSearcher:
+    """All shards of one version (the published one by default) searched as one index.
+
+    ``combine``: ``shards`` searches the shard files in memory (IndexShards / IndexShardsIVF);
+    ``ondisk`` (IVF only) merges them once into ``cache/<version>/`` with faiss's on-disk
+    inverted lists and memory-maps that; ``auto`` is ``shards``.
+    """
+
+    def __init__(self, index_dir: str | os.PathLike, version: str | None = None, *, combine: str = "auto",
+                 nprobe: int | None = None):
+        if combine not in COMBINE_MODES:
+            raise ValueError(f"combine must be one of {', '.join(COMBINE_MODES)}, got {combine!r}")
+        self.store = IndexStore(index_dir)
+        self.version = self.store.resolve_version(version)
+        self.dir = self.store.version_dir(self.version)
+        self.manifest = self.store.read_manifest(self.version)
+        self.spec = fx.IndexSpec.from_dict(self.manifest["faiss"])
+        if nprobe is not None:
+            if self.spec.index_type != "ivf":
+                log.info("--nprobe has no effect on a Flat index")
+            elif not 1 <= nprobe <= self.spec.nlist:
+                raise ValueError(f"nprobe={nprobe} must be between 1 and nlist={self.spec.nlist}")
+            else:
+                self.spec.nprobe = nprobe
+        self.ids: dict[int, np.ndarray] = {}
+        self.uncertainty: dict[int, np.ndarray] = {}
+        for entry in self.manifest["shards"]:
+            table = pq.read_table(self.dir / entry["embeddings"], columns=["id", "uncertainty"])
+            self.ids[entry["shard"]] = table.column("id").to_numpy(zero_copy_only=False).astype(str)
+            self.uncertainty[entry["shard"]] = table.column("uncertainty").to_numpy()
+        shard_paths = [self.dir / e["index"] for e in self.manifest["shards"]]
+        if combine == "ondisk":
+            self.index = fx.merge_ondisk(self.dir / "trained.faiss", shard_paths, self.store.cache_dir / self.version, self.spec)
+        else:
+            trained = fx.read_index(self.dir / "trained.faiss") if self.spec.index_type == "ivf" else None
+            # IVF shards are memory-mapped: opening is instant and a query reads only its lists.
+            self.index = fx.combine([fx.read_index(p, mmap=self.spec.index_type == "ivf") for p in shard_paths],
+                                    self.spec, trained)
+        self._where: dict[str, int] | None = None
+
+    @property
+    def uncertainty_weight(self) -> float:
+        """lambda of the checkpoint the index was built with."""
+        return float(self.manifest["checkpoint"].get("uncertainty_weight", 0.0))
+
+    def __len__(self) -> int:
+        return self.index.ntotal
+
+    def lookup(self, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Stored ``(mu, uncertainty)`` of indexed images, by id."""
+        if self._where is None:
+            self._where = {}
+            for shard, shard_ids in self.ids.items():
+                labels = fx.labels_for(shard, len(shard_ids))
+                self._where.update(zip(shard_ids.tolist(), labels.tolist()))
+        missing = [i for i in ids if i not in self._where]
+        if missing:
+            raise ValueError(f"id(s) not in index version {self.version}: {missing[:5]}; check the ids or query by image")
+        shards, rows = fx.split_labels(np.array([self._where[i] for i in ids], np.int64))
+        mu = np.zeros((len(ids), self.spec.dim), np.float32)
+        u = np.zeros(len(ids), np.float32)
+        by_shard = {e["shard"]: e for e in self.manifest["shards"]}
+        for shard in np.unique(shards):
+            mask = shards == shard
+            table = pq.read_table(self.dir / by_shard[int(shard)]["embeddings"], columns=["mu", "uncertainty"])
+            mu[mask] = vectors(table.take(rows[mask]))
+            u[mask] = table.column("uncertainty").to_numpy()[rows[mask]]
+        return mu, u
+
+    def search(self, mu: np.ndarray, uncertainty: np.ndarray, k: int = 10, *, rerank: bool = False,
+               rerank_k: int | None = None, uncertainty_weight: float | None = None,
+               exclude: Sequence[str | None] | None = None, names: Sequence[str] | None = None) -> list[QueryResult]:
+        """Top-``k`` neighbours of each query. ``rerank``: take ``rerank_k`` (default max(10k,
+        100)) candidates by cosine, then order them by the introspective distance
+        D = alpha * exp(-lambda * beta / alpha) (alpha = 2 - 2cos, beta = u_query + u_result)
+        and report s = 1 - D/2. ``exclude``: an id to leave out per query (itself)."""
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        mu = np.ascontiguousarray(mu, np.float32)
+        uncertainty = np.asarray(uncertainty, np.float32)
+        depth = max(k, rerank_k or max(10 * k, 100)) if rerank else k
+        depth += exclude is not None
+        scores, labels = self.index.search(mu, depth)
+        ids, u = self._resolve(labels)
+        lam = self.uncertainty_weight if uncertainty_weight is None else uncertainty_weight
+        results = []
+        for q in range(len(mu)):
+            valid = labels[q] >= 0
+            if exclude is not None and exclude[q] is not None:
+                valid &= ids[q] != exclude[q]
+            cand_ids, cos, cand_u = ids[q][valid], scores[q][valid], u[q][valid]
+            sim = cos
+            if rerank and len(cos):
+                from idml.metric import introspective_distance  # pulls in PML + scipy: only when needed
+
+                alpha = torch.from_numpy(np.clip(2 - 2 * cos, 0, None).astype(np.float32))
+                beta = torch.from_numpy((uncertainty[q] + cand_u).astype(np.float32))
+                sim = (1 - introspective_distance(alpha, beta, lam) / 2).numpy()
+                order = np.argsort(-sim, kind="stable")
+                cand_ids, cos, cand_u, sim = cand_ids[order], cos[order], cand_u[order], sim[order]
+            hits = [Hit(str(cand_ids[j]), float(sim[j]), float(cos[j]), float(cand_u[j])) for j in range(min(k, len(cand_ids)))]
+            results.append(QueryResult(names[q] if names is not None else f"query {q}", float(uncertainty[q]), hits))
+        return results
+
+    def _resolve(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.full(labels.shape, "", dtype=object)
+        u = np.full(labels.shape, np.nan, np.float32)
+        shards, rows = fx.split_labels(labels)
+        valid = labels >= 0
+        for shard in np.unique(shards[valid]):
+            mask = valid & (shards == shard)
+            ids[mask] = self.ids[int(shard)][rows[mask]]
+            u[mask] = self.uncertainty[int(shard)][rows[mask]]
+        return ids.astype(str), u
+
+
+def format_results(results: list[QueryResult], *, reranked: bool = False) -> str:
+    """A plain-text table: one block per query."""
+    lines = []
+    for res in results:
+        lines.append(f"{res.query}  (uncertainty {_num(res.uncertainty)})")
+        if not res.hits:
+            lines.append("  (no results)")
+            continue
+        width = max(len("id"), *(len(h.id) for h in res.hits))
+        head = f"  {'rank':>4}  {'id':<{width}}  " + (f"{'introspective sim':>17}  " if reranked else "")
+        lines.append(head + f"{'cosine':>8}  {'uncertainty':>11}")
+        for rank, h in enumerate(res.hits, 1):
+            row = f"  {rank:>4}  {h.id:<{width}}  " + (f"{h.similarity:>17.4f}  " if reranked else "")
+            lines.append(row + f"{h.cosine:>8.4f}  {_num(h.uncertainty):>11}")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _num(x: float) -> str:
+    return "n/a" if math.isnan(x) else f"{x:.4g}"

@@ -1,0 +1,195 @@
+"""The versioned index folder: immutable versions, one atomically replaced ``CURRENT`` pointer.
+
+Layout::
+
+    <index_dir>/CURRENT                     {"version": "v000003"}; replaced with os.replace
+    <index_dir>/versions/v000003/           manifest.json, shards/, trained.faiss, recall_sample.npz
+    <index_dir>/staging/<build key>/        work/ (resumable embedding partitions) and version/
+    <index_dir>/cache/<version>/            derived files (the merged on-disk IVF), safe to delete
+    <index_dir>/.lock                       held (flock) by the one build/update writing here
+
+A version folder is complete before it is renamed into ``versions/`` and it is published only by
+replacing ``CURRENT`` afterwards, so readers only ever see a finished version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+INDEX_FORMAT = "idml-index"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+CURRENT_NAME = "CURRENT"
+_VERSION_RE = re.compile(r"^v(\d{6,})$")
+
+
+def fsync_dir(path: Path) -> None:
+    # The rename itself is only durable once the folder holding it is flushed.
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def read_json(path: Path) -> Any:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); the file is damaged") from e
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link ``src`` to ``dst`` (versions share unchanged files for free), copying where the
+    filesystem cannot link."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        dst.unlink()
+    try:
+        os.link(src, dst)
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+        shutil.copy2(src, dst)
+
+
+class IndexLockedError(RuntimeError):
+    pass
+
+
+class IndexStore:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).resolve()
+        self.versions_dir = self.root / "versions"
+        self.staging_dir = self.root / "staging"
+        self.cache_dir = self.root / "cache"
+        self.current_path = self.root / CURRENT_NAME
+
+    # -- reading ---------------------------------------------------------------------------
+    def current_version(self) -> str | None:
+        if not self.current_path.is_file():
+            return None
+        pointer = read_json(self.current_path)
+        version = pointer.get("version") if isinstance(pointer, dict) else None
+        if not isinstance(version, str) or not _VERSION_RE.match(version):
+            raise ValueError(f"{self.current_path} does not name a version ({pointer!r}); the index is damaged")
+        return version
+
+    def version_dir(self, version: str) -> Path:
+        if not _VERSION_RE.match(version):
+            raise ValueError(f"{version!r} is not a version name (expected e.g. v000001)")
+        return self.versions_dir / version
+
+    def resolve_version(self, version: str | None = None) -> str:
+        """``version`` or the published one; FileNotFoundError naming what to run when absent."""
+        if version is None:
+            version = self.current_version()
+            if version is None:
+                raise FileNotFoundError(
+                    f"no index version is published in {self.root}; run `idml index build --index-dir {self.root} ...` first"
+                )
+        if not (self.version_dir(version) / MANIFEST_NAME).is_file():
+            raise FileNotFoundError(f"index version {version} does not exist in {self.versions_dir}")
+        return version
+
+    def read_manifest(self, version: str | None = None) -> dict[str, Any]:
+        version = self.resolve_version(version)
+        manifest = read_json(self.version_dir(version) / MANIFEST_NAME)
+        if manifest.get("format") != INDEX_FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{self.version_dir(version) / MANIFEST_NAME} is not an {INDEX_FORMAT} v{FORMAT_VERSION} manifest; "
+                "rebuild the index with this idml version"
+            )
+        return manifest
+
+    def versions(self) -> list[str]:
+        if not self.versions_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.versions_dir.iterdir() if _VERSION_RE.match(p.name))
+
+    def next_version_id(self) -> str:
+        numbers = [int(_VERSION_RE.match(v).group(1)) for v in self.versions()]
+        return f"v{max(numbers, default=0) + 1:06d}"
+
+    def find_version_by_key(self, build_key: str) -> str | None:
+        """A finished version folder for ``build_key`` (one renamed into place by a run that died
+        before publishing it)."""
+        for version in reversed(self.versions()):
+            path = self.version_dir(version) / MANIFEST_NAME
+            if path.is_file() and read_json(path).get("build_key") == build_key:
+                return version
+        return None
+
+    # -- writing ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """One writer per index folder. flock is released by the kernel when the holder dies,
+        so a killed build never leaves a stale lock behind."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise IndexLockedError(
+                    f"another `idml index build/update` is writing to {self.root}; wait for it to finish"
+                ) from None
+            yield
+        finally:
+            os.close(fd)
+
+    def staging(self, build_key: str) -> Path:
+        path = self.staging_dir / build_key
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def move_into_versions(self, folder: Path, version: str) -> Path:
+        """Rename a finished version folder into ``versions/`` (not yet published)."""
+        self.versions_dir.mkdir(parents=True, exist_ok=True)
+        target = self.version_dir(version)
+        if target.exists():
+            raise FileExistsError(f"{target} already exists; refusing to overwrite a version")
+        os.rename(folder, target)
+        fsync_dir(self.versions_dir)
+        return target
+
+    def publish(self, version: str) -> None:
+        if not (self.version_dir(version) / MANIFEST_NAME).is_file():
+            raise FileNotFoundError(f"cannot publish {version}: {self.version_dir(version)} has no manifest")
+        write_json_atomic(self.current_path, {"version": version})
+
+    def remove_staging(self, keep: str | None = None) -> None:
+        """Drop staging folders (called under the lock, after publishing): no other writer can
+        be using them, and a rerun with other options would not reuse them."""
+        if not self.staging_dir.is_dir():
+            return
+        for path in self.staging_dir.iterdir():
+            if path.name != keep:
+                shutil.rmtree(path, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            self.staging_dir.rmdir()  # only when empty

@@ -1,0 +1,102 @@
+"""Queries (top-k, uncertainties, introspective re-ranking) and verification of a version."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from index_testlib import build_in_process, make_dataset
+
+from idml.index import IndexSearcher, IndexStore, format_results, resolve_corpus, verify_against_corpus, verify_index
+from idml.index.corpus import read_ids_and_images
+from idml.index.embed import hash_batch
+from idml.index.partitions import read_vectors
+from idml.metric import introspective_distance
+
+
+@pytest.fixture(scope="module")
+def index(tmp_path_factory, checkpoint):
+    root = tmp_path_factory.mktemp("search")
+    ds = make_dataset(root / "ds", 40, corrupt=(3,))
+    build_in_process(root / "idx", ds, checkpoint, shards=3)
+    return root / "idx", ds
+
+
+def _all_vectors(store):
+    vdir = store.version_dir(store.current_version())
+    ids, mus, us = [], [], []
+    for s in store.read_manifest()["shards"]:
+        t = pa.parquet.read_table(vdir / s["embeddings"], columns=["id", "uncertainty"])
+        ids += t.column("id").to_pylist()
+        us.append(t.column("uncertainty").to_numpy())
+        mus.append(read_vectors(vdir / s["embeddings"]))
+    return np.array(ids), np.concatenate(mus), np.concatenate(us)
+
+
+def test_search_is_exact_and_reports_uncertainties(index):
+    searcher = IndexSearcher(index[0])
+    ids, mu, u = _all_vectors(searcher.store)
+    q_mu, q_u = searcher.lookup(["img-010", "img-020"])
+    res = searcher.search(q_mu, q_u, 5, exclude=["img-010", "img-020"], names=["img-010", "img-020"])
+    for r, qi in zip(res, ["img-010", "img-020"]):
+        cos = mu @ mu[ids == qi][0]
+        cos[ids == qi] = -np.inf
+        assert [h.id for h in r.hits] == ids[np.argsort(-cos)[:5]].tolist()
+        assert r.uncertainty == pytest.approx(u[ids == qi][0])
+        assert [h.uncertainty for h in r.hits] == pytest.approx([u[ids == h.id][0] for h in r.hits])
+    assert "img-010" in format_results(res)
+    with pytest.raises(ValueError, match="not in index"):
+        searcher.lookup(["img-003"])  # corrupt, so not indexed
+
+
+def test_rerank_orders_candidates_by_the_introspective_distance(index):
+    searcher = IndexSearcher(index[0])
+    ids, mu, u = _all_vectors(searcher.store)
+    q_mu, q_u = searcher.lookup(["img-011"])
+    lam = 5.0  # large, so the order visibly differs from cosine
+    res = searcher.search(q_mu, q_u, 8, rerank=True, rerank_k=100, uncertainty_weight=lam, exclude=["img-011"])[0]
+    cos = mu @ q_mu[0]
+    alpha = torch.from_numpy(np.clip(2 - 2 * cos, 0, None).astype(np.float32))
+    s = (1 - introspective_distance(alpha, torch.from_numpy((q_u[0] + u).astype(np.float32)), lam) / 2).numpy()
+    s[ids == "img-011"] = -np.inf
+    assert [h.id for h in res.hits] == ids[np.argsort(-s, kind="stable")[:8]].tolist()
+    assert [h.similarity for h in res.hits] == pytest.approx(np.sort(s)[::-1][:8].tolist(), abs=1e-5)
+    plain = searcher.search(q_mu, q_u, 8, exclude=["img-011"])[0]
+    assert [h.id for h in plain.hits] != [h.id for h in res.hits]
+
+
+def test_verify_finds_damage(index, tmp_path):
+    import shutil
+
+    idx = tmp_path / "idx"
+    shutil.copytree(index[0], idx)
+    assert verify_index(idx) == []
+    store = IndexStore(idx)
+    shard = store.version_dir("v000001") / "shards" / "shard-000001.faiss"
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    problems = verify_index(idx)
+    assert len(problems) == 1 and "checksum mismatch" in problems[0]
+    # Without checksums the deep check still sees the damaged id map.
+    assert ["labels of shard 1" in p for p in verify_index(idx, checksums=False)] == [True]
+    (store.version_dir("v000001") / "stray.bin").write_bytes(b"x")
+    (store.version_dir("v000001") / "shards" / "shard-000000.parquet").unlink()
+    problems = "\n".join(verify_index(idx))
+    assert "missing file" in problems and "not listed" in problems
+
+
+def test_verify_against_the_corpus(index, tmp_path):
+    idx, ds = index
+    manifest = IndexStore(idx).read_manifest()
+    corpus = resolve_corpus(ds)
+
+    def listing():
+        return pa.concat_tables([hash_batch(read_ids_and_images(corpus, f)) for f in corpus.files])
+
+    assert verify_against_corpus(manifest, idx, listing()) == []
+    make_dataset(tmp_path / "ds2", 40, corrupt=(3,), changed={1: 77}, drop=(2,), extra=1)
+    corpus = resolve_corpus(str(tmp_path / "ds2"))
+    problems = "\n".join(verify_against_corpus(manifest, idx, listing()))
+    assert "1 corpus images are not indexed" in problems and "img-040" in problems
+    assert "no longer in the corpus" in problems and "img-002" in problems
+    assert "changed since" in problems and "img-001" in problems
