@@ -23,6 +23,11 @@ from pipelines.index import DELAY_ENV, actor_resources, main  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # MLflow puts artifacts under the working folder
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     import ray
@@ -184,12 +189,7 @@ def test_killed_build_publishes_nothing_and_the_rerun_resumes(ray_local, tiny, t
     finished_rows = sum(m["rows"] for m in markers)
     assert 0 < finished_rows + sum(len(m["corrupt"]) for m in markers) < 40
 
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        assert main(args) == 0
-    finally:
-        os.chdir(cwd)
+    assert main(args) == 0
     m = store.read_manifest()
     assert m["version"] == "v000001" and m["counts"]["vectors"] == 39 and m["counts"]["corrupt"] == 1
     # Only what the killed run had not finished was embedded again.
