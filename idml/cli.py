@@ -44,8 +44,19 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model and evaluate it on the test split")
     _add_config_args(train)
     train.add_argument("--no-resume", action="store_true",
-                       help="start over even if output_dir has last.pt")
-
+                       help="start over even if output_dir has last.pt (with --ray: a new run name with a timestamp)")
+    ray = train.add_argument_group("distributed training on Ray (pipelines.train)")
+    ray.add_argument("--ray", action="store_true", help="train with Ray Data + Ray Train DDP workers, tracked in MLflow")
+    ray.add_argument("--num-workers", type=int, default=1, help="DDP workers (default: 1)")
+    ray.add_argument("--cpus-per-worker", type=float, default=1.0,
+                     help="CPUs each worker reserves; leave some for Ray Data's decoding (default: 1)")
+    ray.add_argument("--gpu", action="store_true", help="one GPU per worker (nccl)")
+    ray.add_argument("--run-name", help="Ray run and MLflow run name; the same name resumes (default: the output folder's name)")
+    ray.add_argument("--storage-path", help="Ray checkpoints; shared storage (NFS, s3://...) on a multi-node cluster "
+                                            "(default: <output_dir>/ray)")
+    ray.add_argument("--max-failures", type=int, default=2, help="worker-group restarts from the last checkpoint (default: 2)")
+    ray.add_argument("--experiment", default="idml", help="MLflow experiment (default: idml)")
+    ray.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a new local instance)")
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint (or the frozen pretrained backbone)")
     _add_config_args(ev)
@@ -125,13 +136,24 @@ def _train(args) -> int:
     from .train import train_local
 
     cfg = _load(args)
-    summary = train_local(cfg, resume=not args.no_resume)
+    if args.ray:
+        from pipelines.train import RayOptions, train_ray
+
+        options = RayOptions(num_workers=args.num_workers, cpus_per_worker=args.cpus_per_worker, use_gpu=args.gpu,
+                             run_name=args.run_name, storage_path=args.storage_path, max_failures=args.max_failures,
+                             experiment=args.experiment, address=args.address)
+        summary = train_ray(cfg, options, resume=not args.no_resume)
+    else:
+        summary = train_local(cfg, resume=not args.no_resume)
     print()
     print(format_metrics_table({f"test (epoch {summary['selected_epoch']})": summary["test"]}, _table_metrics(cfg, summary["test"])))
     _print_cross_domain(summary.get("cross_domain"))
     print(f"\ntrain throughput: {summary['train_images_per_s']:.1f} images/s; "
           f"eval throughput: {summary['test']['embed_images_per_s']:.1f} images/s")
     print(f"outputs in {cfg.output_dir}: best.pt, last.pt, metrics.json, uncertainty.png, recall_curves.png")
+    if args.ray:
+        print(f"Ray run {summary['run_name']!r} (checkpoints in {summary['storage_path']}); "
+              f"MLflow run {summary['mlflow_run_id']}, also retrieval_grid.png")
     return 0
 
 

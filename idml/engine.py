@@ -108,9 +108,17 @@ def train_one_epoch(
     objective.train()
     totals = {"loss": 0.0, "uncertainty_clean": 0.0, "uncertainty_mixed": 0.0}
     steps = images = 0
+    data_wait = 0.0  # time spent waiting for the next batch: the input pipeline's share
     start = time.perf_counter()
     bar = tqdm(batches, total=total, desc=f"epoch {epoch}", disable=not progress, leave=False)
-    for images_batch, targets in bar:
+    iterator = iter(bar)
+    while True:
+        asked = time.perf_counter()
+        try:
+            images_batch, targets = next(iterator)
+        except StopIteration:
+            break
+        data_wait += time.perf_counter() - asked
         images_batch = _to_device(images_batch, device, train_cfg.channels_last)
         targets = targets.to(device, non_blocking=True).long()
         loss, stats = objective(images_batch, targets)
@@ -135,7 +143,7 @@ def train_one_epoch(
     out = {key: value / steps for key, value in totals.items()}
     if not unwrap(objective).mixup:
         out.pop("uncertainty_mixed")
-    out.update(steps=steps, images=images, seconds=seconds, images_per_s=images / seconds)
+    out.update(steps=steps, images=images, seconds=seconds, images_per_s=images / seconds, data_wait_s=data_wait)
     return out
 
 

@@ -19,6 +19,8 @@ import sys
 import time
 from dataclasses import asdict
 
+from ._ray import init_ray
+
 log = logging.getLogger(__name__)
 
 # Seconds each embedding batch sleeps: lets the crash test kill a build between two partitions.
@@ -107,11 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 # -- Ray ------------------------------------------------------------------------------------
 def ensure_ray():
     """Ray, initialised once: connects to $RAY_ADDRESS when set, else starts a local instance."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
-    return ray
+    return init_ray(log_to_driver=False)
 
 
 def _read(corpus):

@@ -1,0 +1,161 @@
+"""End to end on a real local Ray cluster (2 CPUs): distributed training with 2 DDP workers, MLflow
+tracking, resuming by run name, recovery from a SIGKILLed worker, and bad input rejected before
+any worker starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ray_train_helpers import (TINY, artifact_paths, cluster_processes, connected_cluster, make_dataset,  # noqa: E402
+                               mlflow_runs, sqlite_uri)
+
+from idml.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
+from idml.cli import main  # noqa: E402
+from idml.config import ConfigError, load_config  # noqa: E402
+from pipelines.train import RayOptions, train_ray  # noqa: E402
+
+EXPECTED_ARTIFACTS = {"checkpoints/best.pt", "checkpoints/last.pt", "config.yaml", "metrics.json",
+                      "plots/recall_curves.png", "plots/uncertainty.png", "plots/retrieval_grid.png"}
+
+
+cluster = pytest.fixture(scope="module")(connected_cluster)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    # One undecodable training image and one test image: counted skips, not failures.
+    return make_dataset(tmp_path_factory.mktemp("data") / "tiny", corrupt=("3/5", "12/1"))
+
+
+def config(dataset, out, *extra):
+    return load_config(overrides=TINY + [f"data.dataset={dataset}", f"output_dir={out}", *extra])
+
+
+def options(tmp_path, **kwargs):
+    # 2 workers x 0.5 CPU on a 2-CPU cluster: one CPU stays free for Ray Data.
+    return RayOptions(num_workers=2, cpus_per_worker=0.5, tracking_uri=sqlite_uri(tmp_path), **kwargs)
+
+
+def metric_steps(client, run_id, key):
+    return [m.step for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def test_two_workers_train_track_and_resume_by_name(cluster, dataset, tmp_path, monkeypatch, capsys):
+    cfg = config(dataset, tmp_path / "run")
+    summary = train_ray(cfg, options(tmp_path))
+
+    history = summary["history"]
+    assert [h["epoch"] for h in history] == [0, 1]
+    assert history[1]["train/loss"] < history[0]["train/loss"]  # it learns
+    # 8 batches of 2 classes x 4 images per epoch, 4 per worker; the corrupt image's batch
+    # lost its class chunk
+    assert all(h["train/steps"] == 4 and h["train/images"] == 60 for h in history)
+    assert all(h["train/corrupt_images_skipped"] == 1 for h in history)
+    # the checkpoint is selected on the validation split (training classes), never on test
+    assert summary["selected_epoch"] == max(history, key=lambda h: h["val/recall@1"])["epoch"]
+    assert all("test/recall@1" in h for h in history)  # test evaluated every epoch, reported only
+    assert 0 <= summary["test"]["recall@1"] <= 1 and "uncertainty_auroc_mixed" in summary["test"]
+    for name in ("best.pt", "last.pt", "metrics.json", "retrieval_grid.png", "uncertainty.png", "config.yaml"):
+        assert (tmp_path / "run" / name).stat().st_size > 0, name
+    model, trained = model_from_checkpoint(tmp_path / "run" / "best.pt")
+    assert trained.model.embedding_dim == 32
+    assert (Path(summary["storage_path"]) / "run" / "checkpoint_epoch_0001" / "last.pt").exists()
+
+    client, runs = mlflow_runs(sqlite_uri(tmp_path))
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.run_name == "run" and run.info.status == "FINISHED" and run.info.run_id == summary["mlflow_run_id"]
+    params = run.data.params
+    assert params["train.lr"] == "0.001" and params["model.backbone"] == "resnet18"
+    assert params["loss.name"] == "proxy_anchor" and params["ray.num_workers"] == "2"
+    assert metric_steps(client, run.info.run_id, "train/loss") == [0, 1]
+    assert metric_steps(client, run.info.run_id, "val/recall_at_1") == [0, 1]
+    assert metric_steps(client, run.info.run_id, "test/recall_at_1") == [0, 1]
+    assert "final_test/recall_at_1" in run.data.metrics and "final_test/uncertainty_auroc_mixed" in run.data.metrics
+    assert run.data.metrics["corrupt_images_skipped_test"] == 1
+    assert EXPECTED_ARTIFACTS <= artifact_paths(client, run.info.run_id)
+
+    # The same run name again (the CLI's default: the output folder's name), one more epoch:
+    # resumes from the latest checkpoint and appends to the same MLflow run.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", sqlite_uri(tmp_path))
+    assert main(["train", "--ray", "--set", *TINY, f"data.dataset={dataset}", "train.epochs=3", "--output-dir", str(tmp_path / "run"),
+                 "--num-workers", "2", "--cpus-per-worker", "0.5"]) == 0
+    printed = capsys.readouterr().out
+    assert "recall@1" in printed and "Ray run 'run'" in printed
+    assert [h["epoch"] for h in json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]] == [0, 1, 2]
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 2
+    client, runs = mlflow_runs(sqlite_uri(tmp_path))
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert metric_steps(client, runs[0].info.run_id, "train/loss") == [0, 1, 2]
+    assert runs[0].data.metrics["resumed_from_epoch"] == 2
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_from_last_checkpoint(cluster, dataset, tmp_path):
+    import ray
+
+    # 2 epochs, the kill lands in the second. Epoch 0 is a warm-up (frozen backbone), so the
+    # workers rebuild their DDP wrapper for epoch 1 before the kill, and build it for the
+    # trainable phase straight away after the restart.
+    cfg = config(dataset, tmp_path / "ft", "train.warmup_epochs=1")
+    result: dict = {}
+
+    def run():
+        try:
+            result["summary"] = train_ray(cfg, options(tmp_path, max_failures=2))
+        except BaseException as e:  # reported by the assertion below
+            result["error"] = e
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    first = tmp_path / "ft" / "ray" / "ft" / "checkpoint_epoch_0000"
+    deadline = time.monotonic() + 300
+    while not first.exists() and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert first.exists(), result.get("error")
+    time.sleep(1.5)  # well inside epoch 1 (its data stream alone takes longer to start)
+    workers = cluster_processes(cluster, "ray::RayTrainWorker")
+    assert len(workers) == 2
+    os.kill(workers[-1], signal.SIGKILL)
+    thread.join(timeout=600)
+    assert not thread.is_alive()
+    assert "error" not in result, result.get("error")
+
+    summary = result["summary"]
+    assert [h["epoch"] for h in summary["history"]] == [0, 1]
+    client, runs = mlflow_runs(sqlite_uri(tmp_path))
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    run_id = runs[0].info.run_id
+    assert metric_steps(client, run_id, "train/loss") == [0, 1]  # epoch 1 logged once, after its rerun
+    assert [m.value for m in client.get_metric_history(run_id, "resumed_from_epoch")] == [1]
+    assert ray.is_initialized()
+
+
+@pytest.mark.parametrize("overrides, error, match", [
+    (["data.dataset={missing}"], ValueError, "neither a dataset folder nor a built-in"),
+    (["data.dataset=file://{missing}"], FileNotFoundError, "does not exist"),
+    (["train.batch_szie=8"], ConfigError, "unknown config key.*train.batch_szie"),
+    (["train.epochs=two"], ConfigError, "train.epochs must be int"),
+    (["train.batch_size=64"], ValueError, "classes per batch"),
+])
+def test_bad_input_fails_before_workers_start(dataset, tmp_path, overrides, error, match):
+    # No Ray here: each error comes from the driver's checks, before Ray is even needed.
+    overrides = [o.format(missing=tmp_path / "nope") for o in overrides]
+    with pytest.raises(error, match=match):
+        train_ray(config(dataset, tmp_path / "bad", *overrides), options(tmp_path))
+    assert not (tmp_path / "bad").exists()
+
+
+def test_workers_that_leave_ray_data_no_cpu_are_refused(cluster, dataset, tmp_path):
+    with pytest.raises(ValueError, match="Ray Data"):
+        train_ray(config(dataset, tmp_path / "cpu"), RayOptions(num_workers=2, cpus_per_worker=1.0,
+                                                                tracking_uri=sqlite_uri(tmp_path)))
