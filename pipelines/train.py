@@ -147,13 +147,17 @@ def train_ray(cfg: Config, options: RayOptions | None = None, *, resume: bool = 
     from ray.train.torch import TorchTrainer
 
     p = plan(cfg, options or RayOptions(), resume=resume)
-    init_ray(p.options.address)
+    init_ray(p.options.address, dashboard=True)
     _check_cpus(p.options)
     run_id = _mlflow_run(p.tracking_uri, p.options.experiment, p.run_name)
 
+    # Worker output reaches the driver line by line, where Ray Data's progress bars turn into
+    # screens of noise; rank 0 logs progress lines instead.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     # Val and test are decoded once per job and kept in the object store (spilled to disk when
     # large): every evaluation pass is then a read of ready tensors, not a new decoding job.
     names = {"test": p.cfg.data.test_split, **({"val": p.cfg.data.val_split} if p.has_val else {})}
+    log.info("decoding %s once for the whole job", " and ".join(names.values()))
     datasets = dict(zip(names, eval_datasets(p.source, list(names.values()), p.cfg, decode_cpus=p.options.decode_cpus)))
     datasets["train"] = train_dataset(p.source, p.cfg, decode_cpus=p.options.decode_cpus)
     ordered = ray.train.DataConfig.default_ingest_options()
@@ -276,6 +280,9 @@ class _Tracker:
         for start in range(0, len(batch), 500):
             self.client.log_batch(self.run_id, metrics=batch[start:start + 500])
 
+    def logged_steps(self, key: str) -> set[int]:
+        return {m.step for m in self.client.get_metric_history(self.run_id, key)}
+
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         if Path(path).exists():
             self.client.log_artifact(self.run_id, str(path), folder)
@@ -300,6 +307,11 @@ def _train_worker(config: dict[str, Any]) -> None:
     source: DatasetSource = config["source"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    if rank == 0:  # progress lines in the job's output (worker logs reach the driver)
+        logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+        log.setLevel(logging.INFO)
+    for noisy in ("faiss.loader", "ray.train"):  # CPU-feature probing; every report's metrics
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     configure_threads(config["threads"])  # Ray sets OMP_NUM_THREADS=1; use the reserved CPUs
     device = ray.train.torch.get_device()
     seed_everything(cfg.train.seed)  # the same initial weights everywhere (DDP broadcasts rank 0's anyway)
@@ -327,6 +339,12 @@ def _train_worker(config: dict[str, Any]) -> None:
     if tracker is not None:
         tracker.log_params(config["params"])
         if restored is not None:
+            # An epoch is logged after its checkpoint is reported: a failure in between leaves
+            # it in the checkpoint's history but not in MLflow, so log it now (exactly once).
+            logged = tracker.logged_steps("train/loss")
+            for record in history:
+                if record["epoch"] not in logged:
+                    tracker.log_metrics(record, step=record["epoch"])
             tracker.log_metrics({"resumed_from_epoch": start_epoch}, step=start_epoch)
 
     eval_cfg = config_from_dict(cfg.to_dict())
@@ -344,8 +362,11 @@ def _train_worker(config: dict[str, Any]) -> None:
             objective = _wrap_ddp(state.objective, device, world, find_unused=not cfg.loss.introspective)
             backbone_trainable = trainable
         skipped: list[str] = []
-        stats = train_one_epoch(objective, state.optimizer, iter_train_batches(shard, cfg.data.image_size, skipped),
-                                epoch=epoch, train_cfg=cfg.train, device=device, progress=False)
+        batches = iter_train_batches(shard, cfg.data.image_size, skipped)
+        if rank == 0:
+            batches = _progress_lines(batches, epoch, cfg.train.epochs)
+        stats = train_one_epoch(objective, state.optimizer, batches, epoch=epoch, train_cfg=cfg.train, device=device,
+                                progress=False)
         state.scheduler.step()
         stats = _reduce_stats(stats, len(skipped), world=world, gathered=gather, device=device)
         if skipped:
@@ -369,8 +390,9 @@ def _train_worker(config: dict[str, Any]) -> None:
                 record.update({f"test/{k}": v for k, v in metrics.items()})
             history.append(record)
             save_checkpoint(last_path, checkpoint_state(state, cfg, epoch, history, best))
-            log.info("epoch %d: %s", epoch, ", ".join(f"{k}={record[k]:.4g}" for k in
-                                                      ("train/loss", "train/images_per_s", "val/recall@1") if k in record))
+            log.info("epoch %d/%d: %s", epoch + 1, cfg.train.epochs, ", ".join(
+                f"{k}={record[k]:.4g}" for k in ("train/loss", "train/images_per_s", "train/data_wait_s",
+                                                 "val/recall@1", "test/recall@1") if k in record))
         _report(record, epoch, rank, last_path, best_path if best is not None else None)
         if tracker is not None:
             tracker.log_metrics(record, step=epoch)
@@ -390,6 +412,21 @@ def _train_worker(config: dict[str, Any]) -> None:
             if path is not None:
                 tracker.log_artifact(path, folder)
         tracker.finish()
+
+
+def _progress_lines(batches, epoch: int, epochs: int, every_s: float = 30.0):
+    """Pass ``batches`` through, logging a progress line every ``every_s`` seconds: worker
+    output reaches the driver line by line, so a terminal progress bar would not render."""
+    start = last = time.perf_counter()
+    images = 0
+    for step, batch in enumerate(batches, 1):
+        yield batch
+        images += len(batch[1])
+        now = time.perf_counter()
+        if now - last >= every_s:
+            log.info("epoch %d/%d: step %d, %d images, %.1f images/s", epoch + 1, epochs, step, images,
+                     images / (now - start))
+            last = now
 
 
 def _wrap_ddp(objective, device, world: int, *, find_unused: bool):

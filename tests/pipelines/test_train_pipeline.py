@@ -45,6 +45,11 @@ def options(tmp_path, **kwargs):
     return RayOptions(num_workers=2, cpus_per_worker=0.5, tracking_uri=sqlite_uri(tmp_path), **kwargs)
 
 
+def epoch_logged(tmp_path, epoch: int) -> bool:
+    client, runs = mlflow_runs(sqlite_uri(tmp_path))
+    return bool(runs) and epoch in metric_steps(client, runs[0].info.run_id, "train/loss")
+
+
 def metric_steps(client, run_id, key):
     return [m.step for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
 
@@ -100,13 +105,15 @@ def test_two_workers_train_track_and_resume_by_name(cluster, dataset, tmp_path, 
 
 
 @pytest.mark.slow
-def test_killed_worker_resumes_from_last_checkpoint(cluster, dataset, tmp_path):
+def test_killed_worker_resumes_from_last_checkpoint(cluster, tmp_path):
     import ray
 
     # 2 epochs, the kill lands in the second. Epoch 0 is a warm-up (frozen backbone), so the
     # workers rebuild their DDP wrapper for epoch 1 before the kill, and build it for the
-    # trainable phase straight away after the restart.
-    cfg = config(dataset, tmp_path / "ft", "train.warmup_epochs=1")
+    # trainable phase straight away after the restart. 24 images per class make 12 steps per
+    # worker and epoch: seconds, so the kill lands inside the epoch.
+    data = make_dataset(tmp_path / "data", per_class=24)
+    cfg = config(data, tmp_path / "ft", "train.warmup_epochs=1")
     result: dict = {}
 
     def run():
@@ -117,12 +124,12 @@ def test_killed_worker_resumes_from_last_checkpoint(cluster, dataset, tmp_path):
 
     thread = threading.Thread(target=run)
     thread.start()
-    first = tmp_path / "ft" / "ray" / "ft" / "checkpoint_epoch_0000"
     deadline = time.monotonic() + 300
-    while not first.exists() and thread.is_alive() and time.monotonic() < deadline:
+    # Epoch 0 is over once its metrics are in MLflow (logged after its checkpoint is reported).
+    while not epoch_logged(tmp_path, 0) and thread.is_alive() and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert first.exists(), result.get("error")
-    time.sleep(1.5)  # well inside epoch 1 (its data stream alone takes longer to start)
+    assert epoch_logged(tmp_path, 0), result.get("error")
+    time.sleep(1.0)  # epoch 1's data stream starts, its first steps run
     workers = cluster_processes(cluster, "ray::RayTrainWorker")
     assert len(workers) == 2
     os.kill(workers[-1], signal.SIGKILL)
