@@ -299,19 +299,20 @@ def _train_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    for noisy in ("faiss.loader", "ray.train"):  # CPU-feature probing (before faiss loads); every report's metrics
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    if rank == 0:  # progress lines in the job's output (worker logs reach the driver)
+        logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+        log.setLevel(logging.INFO)
+
     from idml.engine import build_training, configure_threads, seed_everything, train_one_epoch
     from idml.evaluation.protocol import evaluate_model, summary_metrics
     from idml.train import checkpoint_state, evaluate_and_summarize
 
     cfg = config_from_dict(config["config"])
     source: DatasetSource = config["source"]
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    if rank == 0:  # progress lines in the job's output (worker logs reach the driver)
-        logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-        log.setLevel(logging.INFO)
-    for noisy in ("faiss.loader", "ray.train"):  # CPU-feature probing; every report's metrics
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     configure_threads(config["threads"])  # Ray sets OMP_NUM_THREADS=1; use the reserved CPUs
     device = ray.train.torch.get_device()
     seed_everything(cfg.train.seed)  # the same initial weights everywhere (DDP broadcasts rank 0's anyway)
