@@ -311,7 +311,7 @@ def train_dataset(source: DatasetSource, cfg, *, decode_cpus: float = 1.0):
 
     split, t = cfg.data.train_split, cfg.train
     # Shard paths come from the manifest, so no listing: ``read_parquet`` lists and inspects the
-    # files on every execution, which cost ~2 s of each epoch's start here (a barrier each epoch).
+    # files on every execution; with it, each epoch's first batch waited ~6 s here, without ~0.9 s.
     paths = source.paths(split)
     ds = ray.data.from_items([{"path": path} for path in paths], override_num_blocks=len(paths))
     ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=t.seed, reseed_after_execution=True))
