@@ -37,6 +37,7 @@ class ModelConfig:
     embedding_dim: int = 512
     pretrained: bool = True
     weights_path: str | None = None  # local backbone state_dict (e.g. ResNet-50 offline)
+    uncertainty_norm: str = "batch"  # batch | unit (released code: constant) | none (unbounded); see idml.model
 
 
 @dataclass
@@ -58,6 +59,7 @@ class TrainConfig:
     lr: float = 3e-4
     proxy_lr_multiplier: float = 10.0  # the paper's 100x collapsed recall on our data; 10x is stable
     backbone_lr_multiplier: float = 1.0  # < 1 fine-tunes the pretrained backbone more gently
+    uncertainty_lr_multiplier: float = 1.0  # the uncertainty head's lr relative to train.lr
     weight_decay: float = 1e-4
     warmup_epochs: int = 1  # epochs training only heads and proxies
     lr_step: int = 5
@@ -128,6 +130,7 @@ def validate_config(cfg: Config) -> None:
     """Value checks beyond types, before any expensive work starts."""
     from .backbones import BACKBONE_NAMES  # imported here: config stays cheap to import
     from .losses import LOSS_NAMES
+    from .model import UNCERTAINTY_NORMS
 
     t = cfg.train
     problems = []
@@ -135,6 +138,8 @@ def validate_config(cfg: Config) -> None:
         problems.append(f"model.backbone {cfg.model.backbone!r} is not one of {', '.join(BACKBONE_NAMES)}")
     if cfg.loss.name not in LOSS_NAMES:
         problems.append(f"loss.name {cfg.loss.name!r} is not one of {', '.join(LOSS_NAMES)}")
+    if cfg.model.uncertainty_norm not in UNCERTAINTY_NORMS:
+        problems.append(f"model.uncertainty_norm {cfg.model.uncertainty_norm!r} is not one of {', '.join(UNCERTAINTY_NORMS)}")
     if cfg.loss.uncertainty_weight < 0:
         problems.append("loss.uncertainty_weight must be >= 0")
     if t.images_per_class < 2 or t.batch_size % t.images_per_class:

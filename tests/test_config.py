@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from idml.config import ConfigError, config_from_dict, load_config, validate_config
@@ -57,3 +59,16 @@ def test_bad_yaml_file(tmp_path):
 def test_value_validation(overrides, message):
     with pytest.raises(ValueError, match=message):
         validate_config(load_config(overrides=overrides))
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_configs_load_and_validate(path):
+    cfg = load_config(path)
+    validate_config(cfg)
+
+
+def test_unknown_uncertainty_norm_is_refused():
+    cfg = load_config(overrides=["model.uncertainty_norm=softplus"])
+    with pytest.raises(ValueError, match="model.uncertainty_norm 'softplus' is not one of batch, unit, none"):
+        validate_config(cfg)

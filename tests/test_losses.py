@@ -33,7 +33,7 @@ def test_gradients_reach_uncertainty_head_when_lambda_positive(name):
     torch.manual_seed(0)
     images = torch.rand(24, 3, 8, 8)
     labels = torch.arange(6).repeat_interleave(4)
-    model = IDMLModel(torch.nn.Conv2d(3, 32, 3), 32, embedding_dim=16, uncertainty_init_std=0.1)
+    model = IDMLModel(torch.nn.Conv2d(3, 32, 3), 32, embedding_dim=16)
     criterion = build_loss(name, num_classes=6, embedding_dim=16, introspective=True, uncertainty_weight=0.5)
     mu, sigma = model(images)
     criterion(mu, sigma, labels).backward()

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from idml.backbones import WeightsMismatchError, create_backbone
-from idml.model import IDMLModel, build_model
+from idml.model import IDMLModel, UncertaintyNorm, build_model
 
 
 def test_efficientnet_lite0_loads_packaged_imagenet_weights():
@@ -22,7 +22,7 @@ def test_model_outputs_and_per_image_uncertainty():
     assert mu.shape == sigma.shape == (6, 16)
     assert torch.allclose(mu.norm(dim=1), torch.ones(6), atol=1e-5)
     u = sigma.pow(2).sum(1)
-    # unlike the released code, sigma is not normalised: uncertainty differs between images
+    # unlike the released code (UncertaintyNorm "unit"), uncertainty differs between images
     assert u.std() > 0 and not torch.allclose(u, torch.ones(6))
     # uint8 input is scaled to [0, 1] first
     mu8, _ = model((images * 255).round().to(torch.uint8))
@@ -80,3 +80,39 @@ def test_mismatched_weights_file_names_the_keys(tmp_path):
 def test_unknown_backbone():
     with pytest.raises(ValueError, match="unknown backbone"):
         create_backbone("vgg16")
+
+
+def test_batch_uncertainty_norm_spends_a_budget_of_one_per_image_on_average():
+    torch.manual_seed(0)
+    norm = UncertaintyNorm("batch", momentum=0.5).train()
+    raw = torch.randn(8, 4, requires_grad=True) * torch.arange(1, 9).float()[:, None]
+    sigma = norm(raw)
+    u = sigma.pow(2).sum(1)
+    assert u.mean().item() == pytest.approx(1.0, rel=1e-5)
+    assert u.std() > 0.1  # per image, not constant
+    # the budget couples the images: raising one image's uncertainty lowers everyone else's
+    grad, = torch.autograd.grad(u[0], raw)
+    assert (grad[1:] * raw[1:]).sum(1).lt(0).all()
+    # evaluation uses the running mean of the training batches, so one image's value does not
+    # depend on the batch it comes in
+    raw_mean = raw.detach().pow(2).sum(1).mean()
+    assert norm.running_uncertainty.item() == pytest.approx(0.5 + 0.5 * raw_mean.item(), rel=1e-5)
+    norm.eval()
+    alone = norm(raw.detach()[:1]).pow(2).sum()
+    assert alone.item() == pytest.approx(raw.detach()[0].pow(2).sum().item() / norm.running_uncertainty.item(), rel=1e-5)
+
+
+def test_unit_and_none_uncertainty_norms():
+    raw = torch.randn(5, 3) * 4
+    assert torch.allclose(UncertaintyNorm("unit")(raw).pow(2).sum(1), torch.ones(5))  # the released code's constant
+    assert torch.equal(UncertaintyNorm("none")(raw), raw)
+    with pytest.raises(ValueError, match="not one of batch, unit, none"):
+        UncertaintyNorm("softplus")
+
+
+def test_batch_uncertainty_norm_state_is_saved_with_the_model():
+    model = build_model("resnet18", embedding_dim=8, pretrained=False).train()
+    model(torch.rand(4, 3, 32, 32))
+    state = model.state_dict()
+    assert "uncertainty_norm.running_uncertainty" in state
+    assert state["uncertainty_norm.running_uncertainty"].item() != 1.0
