@@ -37,8 +37,8 @@ from idml.data.format import (
     write_dataset,
 )
 from idml.data.images import InvalidImageError, decode_image, normalize_image_bytes
-from idml.data.inspect import save_sample_grid, summarize
-from idml.data.report import ConversionReport
+from idml.data.summary import save_sample_grid, summarize
+from idml.data.conversion_report import ConversionReport
 
 __all__ = [
     "BUILTIN_DATASETS",

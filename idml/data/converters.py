@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from idml.data.format import DEFAULT_SHARD_BYTES, ImageRecord, write_dataset
 from idml.data.images import DEFAULT_MAX_PIXELS, InvalidImageError, normalize_image_bytes
-from idml.data.report import ConversionReport
+from idml.data.conversion_report import ConversionReport
 
 logger = logging.getLogger(__name__)
 

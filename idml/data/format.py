@@ -26,7 +26,7 @@ from typing import Any, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from idml.data.report import ConversionReport
+from idml.data.conversion_report import ConversionReport
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"

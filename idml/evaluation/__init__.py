@@ -1,7 +1,7 @@
 """Evaluation: retrieval metrics on mu, uncertainty analyses on sigma, plots, tables."""
 
 from .plots import plot_recall_curves, plot_retrieval_grid, plot_uncertainty_analysis
-from .report import format_metrics_table
+from .tables import format_metrics_table
 from .retrieval import cross_domain_metrics, knn, retrieval_metrics
 from .uncertainty import (
     image_uncertainty,
