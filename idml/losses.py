@@ -16,8 +16,6 @@ from pytorch_metric_learning.utils import distributed
 
 from .metric import IntrospectiveDistance, IntrospectiveSimilarity, pack
 
-LOSS_NAMES = ("proxy_anchor", "proxy_nca", "multi_similarity", "contrastive", "triplet", "margin", "fastap")
-
 
 @dataclass(frozen=True)
 class _LossSpec:
@@ -74,6 +72,7 @@ _SPECS = {
     # FastAP's `scale` is its histogram bin count.
     "fastap": _LossSpec(2, None, 10.0, _fastap),
 }
+LOSS_NAMES = tuple(_SPECS)  # a new loss is one builder above and one entry in _SPECS
 
 
 def loss_defaults(name: str) -> dict:
