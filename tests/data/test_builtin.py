@@ -18,7 +18,7 @@ from idml.data import (
     write_dataset,
 )
 
-from ._fixtures import make_emoji_tarballs, make_fashion_idx, make_records
+from support import make_emoji_tarballs, make_fashion_idx, make_records
 
 VENDORS = ["apple", "facebook", "google", "twitter"]
 

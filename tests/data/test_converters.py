@@ -15,7 +15,7 @@ from idml.data import (
     verify_dataset,
 )
 
-from ._fixtures import image_bytes, make_cars, make_cub, make_sop, write_file
+from support import image_bytes, make_cars, make_cub, make_sop, write_file
 
 
 def _all_rows(root):

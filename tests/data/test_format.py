@@ -15,7 +15,7 @@ from idml.data import (
     write_dataset,
 )
 
-from ._fixtures import make_records, noise_png
+from support import make_records, noise_png
 
 
 def test_round_trip(tmp_path):

@@ -6,7 +6,7 @@ from PIL import Image
 
 from idml.data import InvalidImageError, decode_image, normalize_image_bytes
 
-from ._fixtures import image_bytes
+from support import image_bytes
 
 
 def _decode_reason(data, **kwargs):

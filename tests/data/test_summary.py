@@ -2,7 +2,7 @@ from PIL import Image
 
 from idml.data import resolve_dataset, save_sample_grid, summarize, write_dataset, ConversionReport
 
-from ._fixtures import make_emoji_tarballs, make_records
+from support import make_emoji_tarballs, make_records
 
 
 def test_summarize(tmp_path):

@@ -5,7 +5,7 @@ from torch.utils.data import DataLoader
 
 from idml.data import ImageRecord, ImageShardDataset, InvalidImageError, write_dataset
 
-from ._fixtures import make_records, noise_png
+from support import make_records, noise_png
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from index_testlib import build_in_process, embed_in_process, make_dataset, make_image_folder, shape_image
+from support import build_in_process, embed_in_process, make_image_folder, make_index_dataset, shape_image
 
 from idml.index import BuildRequest, IndexSearcher, IndexStore, StagedBuild, resolve_corpus, verify_index
 from idml.index.embed import describe_checkpoint
@@ -22,13 +22,13 @@ def _embeddings(store, version):
 
 
 def test_build_then_update_adds_changes_and_deletes(tmp_path, checkpoint):
-    ds = make_dataset(tmp_path / "ds", 40, corrupt=(3,))
+    ds = make_index_dataset(tmp_path / "ds", 40, corrupt=(3,))
     store = IndexStore(tmp_path / "idx")
     v1 = build_in_process(store.root, ds, checkpoint, shards=3)
     assert v1["counts"]["vectors"] == 39 and v1["counts"]["shards"] == 3 and v1["counts"]["corrupt"] == 1
     assert verify_index(store.root) == []
 
-    make_dataset(tmp_path / "ds", 40, corrupt=(3,), changed={5: 999}, drop=(7, 8), extra=4)
+    make_index_dataset(tmp_path / "ds", 40, corrupt=(3,), changed={5: 999}, drop=(7, 8), extra=4)
     v2 = build_in_process(store.root, ds, checkpoint, kind="update")
     c = v2["counts"]
     assert (c["added"], c["changed"], c["removed"], c["vectors"], c["corrupt"]) == (4, 1, 2, 41, 1)
@@ -48,10 +48,10 @@ def test_build_then_update_adds_changes_and_deletes(tmp_path, checkpoint):
 
 
 def test_unchanged_shards_are_shared_between_versions(tmp_path, checkpoint):
-    ds = make_dataset(tmp_path / "ds", 40)
+    ds = make_index_dataset(tmp_path / "ds", 40)
     store = IndexStore(tmp_path / "idx")
     build_in_process(store.root, ds, checkpoint, shards=4)
-    make_dataset(tmp_path / "ds", 40, extra=2)
+    make_index_dataset(tmp_path / "ds", 40, extra=2)
     v2 = build_in_process(store.root, ds, checkpoint, kind="update")
     assert [s["source"] for s in v2["shards"]] == ["reused"] * 4 + ["new"]
     a = store.version_dir("v000001") / "shards" / "shard-000000.parquet"
@@ -60,7 +60,7 @@ def test_unchanged_shards_are_shared_between_versions(tmp_path, checkpoint):
 
 
 def test_an_interrupted_build_resumes_from_its_finished_partitions(tmp_path, checkpoint):
-    ds = make_dataset(tmp_path / "ds", 40, corrupt=(3,))
+    ds = make_index_dataset(tmp_path / "ds", 40, corrupt=(3,))
     corpus = resolve_corpus(ds)
     ckpt = describe_checkpoint(checkpoint)
     request = BuildRequest("build", 32, ckpt, corpus.describe(), shards=4)
@@ -94,7 +94,7 @@ def test_an_interrupted_build_resumes_from_its_finished_partitions(tmp_path, che
 
 
 def test_a_version_renamed_but_not_published_is_published_by_the_rerun(tmp_path, checkpoint, monkeypatch):
-    ds = make_dataset(tmp_path / "ds", 20)
+    ds = make_index_dataset(tmp_path / "ds", 20)
     store_cls_publish = IndexStore.publish
 
     def crash(self, version):
@@ -111,12 +111,12 @@ def test_a_version_renamed_but_not_published_is_published_by_the_rerun(tmp_path,
 
 
 def test_ivf_index_tunes_nprobe_and_updates_with_the_same_quantizer(tmp_path, checkpoint):
-    ds = make_dataset(tmp_path / "ds", 40)
+    ds = make_index_dataset(tmp_path / "ds", 40)
     store = IndexStore(tmp_path / "idx")
     m = build_in_process(store.root, ds, checkpoint, index_type="ivf", nlist=4, shards=2)
     assert m["faiss"]["factory"] == "IVF4,Flat" and 1 <= m["faiss"]["nprobe"] <= 4
     assert m["recall"]["recall"] >= 0.95 and "trained.faiss" in m["files"]
-    make_dataset(tmp_path / "ds", 40, drop=(1,), extra=3)
+    make_index_dataset(tmp_path / "ds", 40, drop=(1,), extra=3)
     m2 = build_in_process(store.root, ds, checkpoint, kind="update")
     assert m2["faiss"]["nlist"] == 4 and m2["counts"]["vectors"] == 42
     assert m2["files"]["trained.faiss"] == m["files"]["trained.faiss"]
@@ -142,9 +142,9 @@ def test_raw_image_folder_update(tmp_path, checkpoint):
 
 
 def test_update_refuses_another_checkpoint(tmp_path, checkpoint):
-    from index_testlib import make_checkpoint
+    from support import make_checkpoint
 
-    ds = make_dataset(tmp_path / "ds", 12)
+    ds = make_index_dataset(tmp_path / "ds", 12)
     build_in_process(tmp_path / "idx", ds, checkpoint)
     other = make_checkpoint(tmp_path / "other.pt", embedding_dim=16)
     with pytest.raises(ValueError, match="run `idml index build` instead"):
@@ -156,7 +156,7 @@ def test_update_refuses_another_checkpoint(tmp_path, checkpoint):
 def test_duplicate_ids_are_rejected(tmp_path, checkpoint):
     folder = tmp_path / "imgs"
     folder.mkdir()
-    ds = make_dataset(tmp_path / "ds", 6)
+    ds = make_index_dataset(tmp_path / "ds", 6)
     corpus = resolve_corpus(ds)
     ckpt = describe_checkpoint(checkpoint)
     with StagedBuild(IndexStore(tmp_path / "idx"), BuildRequest("build", 32, ckpt, corpus.describe())) as staged:

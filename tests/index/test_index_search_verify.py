@@ -4,7 +4,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from index_testlib import build_in_process, make_dataset
+from support import build_in_process, make_index_dataset
 
 from idml.index import IndexSearcher, IndexStore, format_results, resolve_corpus, verify_against_corpus, verify_index
 from idml.index.corpus import read_ids_and_images
@@ -16,7 +16,7 @@ from idml.metric import introspective_distance
 @pytest.fixture(scope="module")
 def index(tmp_path_factory, checkpoint):
     root = tmp_path_factory.mktemp("search")
-    ds = make_dataset(root / "ds", 40, corrupt=(3,))
+    ds = make_index_dataset(root / "ds", 40, corrupt=(3,))
     build_in_process(root / "idx", ds, checkpoint, shards=3)
     return root / "idx", ds
 
@@ -94,7 +94,7 @@ def test_verify_against_the_corpus(index, tmp_path):
         return pa.concat_tables([hash_batch(read_ids_and_images(corpus, f)) for f in corpus.files])
 
     assert verify_against_corpus(manifest, idx, listing()) == []
-    make_dataset(tmp_path / "ds2", 40, corrupt=(3,), changed={1: 77}, drop=(2,), extra=1)
+    make_index_dataset(tmp_path / "ds2", 40, corrupt=(3,), changed={1: 77}, drop=(2,), extra=1)
     corpus = resolve_corpus(str(tmp_path / "ds2"))
     problems = "\n".join(verify_against_corpus(manifest, idx, listing()))
     assert "1 corpus images are not indexed" in problems and "img-040" in problems

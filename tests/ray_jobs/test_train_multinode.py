@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ray_train_helpers import REPO, TINY, RayCluster, make_dataset, mlflow_runs  # noqa: E402
+from ray_jobs.ray_helpers import REPO, TINY, RayCluster, mlflow_runs
+from support import make_class_dataset
 
 
 @pytest.mark.slow
 def test_job_submitted_to_a_two_node_cluster_finishes(tmp_path):
-    data = make_dataset(tmp_path / "data")
+    data = make_class_dataset(tmp_path / "data")
     shared = tmp_path / "shared"  # the "network storage" both nodes see
     cluster = RayCluster(tmp_path / "ray", cpus=1, dashboard=True, token=secrets.token_hex(32))
     try:

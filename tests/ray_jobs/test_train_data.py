@@ -4,7 +4,6 @@ images as counted skips, datasets behind URIs, and errors before any worker star
 from __future__ import annotations
 
 import collections
-import sys
 import threading
 from pathlib import Path
 
@@ -12,12 +11,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ray_train_helpers import TINY, connected_cluster, make_dataset  # noqa: E402
+from ray_jobs.ray_helpers import TINY, connected_cluster
+from support import make_class_dataset
 
-from idml.config import load_config  # noqa: E402
-from pipelines._data import ClassBalancedPacker, eval_datasets, max_batches, open_dataset, train_dataset  # noqa: E402
-from pipelines._worker_data import StreamedSplit, iter_train_batches  # noqa: E402
+from idml.config import load_config
+from pipelines._data import ClassBalancedPacker, eval_datasets, max_batches, open_dataset, train_dataset
+from pipelines._worker_data import StreamedSplit, iter_train_batches
 
 
 cluster = pytest.fixture(scope="module")(connected_cluster)
@@ -68,7 +67,7 @@ def test_max_batches():
 
 def test_streamed_batches_are_class_balanced_for_each_worker(cluster, tmp_path):
     # 12 classes x 10 images in several shards: chunks of 4 leave a tail of 2 per class.
-    root = make_dataset(tmp_path / "data", train_classes=12, per_class=10, shard_bytes=8000)
+    root = make_class_dataset(tmp_path / "data", train_classes=12, per_class=10, shard_bytes=8000)
     cfg = load_config(overrides=TINY + [f"data.dataset={root}", "train.batch_size=12", "train.images_per_class=4"])
     source = open_dataset(root)
     assert len(source.paths("train")) > 1
@@ -99,7 +98,7 @@ def test_streamed_batches_are_class_balanced_for_each_worker(cluster, tmp_path):
 
 
 def test_corrupt_images_are_counted_skips(cluster, tmp_path):
-    root = make_dataset(tmp_path / "data", corrupt=("3/5", "12/1"))  # a train and a test image
+    root = make_class_dataset(tmp_path / "data", corrupt=("3/5", "12/1"))  # a train and a test image
     cfg = load_config(overrides=TINY + [f"data.dataset={root}"])
     source = open_dataset(root)
     skipped, batches = [], []
@@ -122,7 +121,7 @@ def test_corrupt_images_are_counted_skips(cluster, tmp_path):
 
 
 def test_dataset_behind_a_uri(cluster, tmp_path):
-    root = make_dataset(tmp_path / "data")
+    root = make_class_dataset(tmp_path / "data")
     source = open_dataset(Path(root).as_uri())  # file:///...: the pyarrow filesystem path
     assert source.num_images("train") == 64 and source.label_to_target("train") == {i: i for i in range(8)}
     cfg = load_config(overrides=TINY + [f"data.dataset={Path(root).as_uri()}"])

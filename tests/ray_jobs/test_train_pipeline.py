@@ -14,14 +14,13 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ray_train_helpers import (TINY, artifact_paths, cluster_processes, connected_cluster, make_dataset,  # noqa: E402
-                               mlflow_runs, sqlite_uri)
+from ray_jobs.ray_helpers import TINY, artifact_paths, cluster_processes, connected_cluster, mlflow_runs, sqlite_uri
+from support import make_class_dataset
 
-from idml.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
-from idml.cli import main  # noqa: E402
-from idml.config import ConfigError, load_config  # noqa: E402
-from pipelines.train import RayOptions, train_ray  # noqa: E402
+from idml.checkpoint import load_checkpoint, model_from_checkpoint
+from idml.cli import main
+from idml.config import ConfigError, load_config
+from pipelines.train import RayOptions, train_ray
 
 EXPECTED_ARTIFACTS = {"checkpoints/best.pt", "checkpoints/last.pt", "config.yaml", "metrics.json",
                       "plots/recall_curves.png", "plots/uncertainty.png", "plots/retrieval_grid.png"}
@@ -33,7 +32,7 @@ cluster = pytest.fixture(scope="module")(connected_cluster)
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     # One undecodable training image and one test image: counted skips, not failures.
-    return make_dataset(tmp_path_factory.mktemp("data") / "tiny", corrupt=("3/5", "12/1"))
+    return make_class_dataset(tmp_path_factory.mktemp("data") / "tiny", corrupt=("3/5", "12/1"))
 
 
 def config(dataset, out, *extra):
@@ -112,7 +111,7 @@ def test_killed_worker_resumes_from_last_checkpoint(cluster, tmp_path):
     # workers rebuild their DDP wrapper for epoch 1 before the kill, and build it for the
     # trainable phase straight away after the restart. 24 images per class make 12 steps per
     # worker and epoch: seconds, so the kill lands inside the epoch.
-    data = make_dataset(tmp_path / "data", per_class=24)
+    data = make_class_dataset(tmp_path / "data", per_class=24)
     cfg = config(data, tmp_path / "ft", "train.warmup_epochs=1")
     result: dict = {}
 

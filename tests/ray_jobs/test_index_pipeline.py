@@ -14,11 +14,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "index"))
-from index_testlib import make_checkpoint, make_dataset, make_image_folder, shape_image  # noqa: E402
+from support import make_checkpoint, make_image_folder, make_index_dataset, shape_image
 
-from idml.index import IndexStore  # noqa: E402
-from pipelines.index import DELAY_ENV, actor_resources, main  # noqa: E402
+from idml.index import IndexStore
+from pipelines.index import DELAY_ENV, actor_resources, main
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -43,7 +42,7 @@ def tiny(tmp_path_factory):
     return {
         "root": root,
         "checkpoint": make_checkpoint(root / "ckpt.pt"),
-        "dataset": make_dataset(root / "ds", 40, corrupt=(3,)),
+        "dataset": make_index_dataset(root / "ds", 40, corrupt=(3,)),
         "uri": f"sqlite:///{root / 'mlflow.db'}",
     }
 
@@ -128,7 +127,7 @@ def test_update_embeds_only_new_and_changed_and_drops_removed(built, tiny, tmp_p
 
     index_dir = tmp_path_factory.mktemp("upd") / "index"
     shutil.copytree(built, index_dir)
-    make_dataset(Path(tiny["dataset"]), 40, corrupt=(3,), changed={5: 999}, drop=(7, 8), extra=4)
+    make_index_dataset(Path(tiny["dataset"]), 40, corrupt=(3,), changed={5: 999}, drop=(7, 8), extra=4)
     try:
         assert main(["update", "--index-dir", str(index_dir), "--threads", "1", "--tracking-uri", tiny["uri"], "--experiment", "index-upd"]) == 0
         store = IndexStore(index_dir)
@@ -160,7 +159,7 @@ def test_update_embeds_only_new_and_changed_and_drops_removed(built, tiny, tmp_p
         _, runs = _runs(tiny["uri"], "index-upd")
         assert len(runs) == 1 and runs[0].data.metrics["images_embedded"] == 5
     finally:
-        make_dataset(Path(tiny["dataset"]), 40, corrupt=(3,))
+        make_index_dataset(Path(tiny["dataset"]), 40, corrupt=(3,))
 
 
 def test_killed_build_publishes_nothing_and_the_rerun_resumes(ray_local, tiny, tmp_path):

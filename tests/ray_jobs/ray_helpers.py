@@ -1,20 +1,12 @@
-"""Shared by the Ray training tests: a tiny learnable dataset, configs, Ray and MLflow helpers.
-
-(No conftest.py/__init__.py here: tests/pipelines is shared with other pipelines' tests, and an
-``__init__.py`` would make this folder a package named ``pipelines``, shadowing the real one.)
-"""
+"""Shared by the Ray tests: configs, a throwaway multi-node Ray cluster, MLflow helpers (the
+synthetic data comes from ``support``). Imported as ``ray_jobs.ray_helpers`` (``tests`` is on
+``pythonpath``)."""
 
 from __future__ import annotations
 
-import io
 import os
 import socket
 from pathlib import Path
-
-import numpy as np
-from PIL import Image
-
-from idml.data import ImageRecord, write_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -24,36 +16,6 @@ TINY = [
     "train.batch_size=8", "train.images_per_class=4", "train.epochs=2", "train.warmup_epochs=0",
     "train.lr=1e-3", "train.threads=1", "eval.batch_size=32", "eval.recall_ks=[1,2]", "eval.nmi=false",
 ]
-
-
-def class_image(label: int, variant: int, size: int = 32) -> bytes:
-    """A class-coloured square at a class-dependent place on noise: learnable in a few steps."""
-    rng = np.random.default_rng(label * 1000 + variant)
-    base = np.random.default_rng(label).integers(40, 216, 3)
-    img = rng.integers(0, 40, (size, size, 3)).astype(np.int16)
-    x0, y0 = (label * 7) % (size // 2), (label * 3) % (size // 2)
-    img[y0:y0 + size // 2, x0:x0 + size // 2] += base.astype(np.int16)
-    out = io.BytesIO()
-    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(out, format="PNG")
-    return out.getvalue()
-
-
-def make_dataset(root, *, train_classes: int = 8, per_class: int = 8, val_classes: int = 2, test_classes: int = 4,
-                 corrupt: tuple[str, ...] = (), shard_bytes: int | None = None) -> str:
-    """Train classes first, then val (carved from training classes), then test; two domains.
-    Images whose id is in ``corrupt`` get bytes that do not decode."""
-    records = []
-    total = train_classes + val_classes + test_classes
-    for label in range(total):
-        split = "train" if label < train_classes else "val" if label < train_classes + val_classes else "test"
-        for i in range(per_class):
-            id_ = f"{label}/{i}"
-            image = b"\x89PNG\r\n\x1a\n not really a png" if id_ in corrupt else class_image(label, i)
-            records.append(ImageRecord(id=id_, image=image, label=label, class_name=f"class{label}",
-                                       domain="ab"[i % 2], split=split))
-    kwargs = {"shard_bytes": shard_bytes} if shard_bytes else {}
-    write_dataset(records, root, name="tiny-ray", **kwargs)
-    return str(root)
 
 
 def free_port() -> int:

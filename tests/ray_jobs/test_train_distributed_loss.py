@@ -11,11 +11,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import distributed_loss_worker as worker  # noqa: E402
-from ray_train_helpers import free_port  # noqa: E402
+import ray_jobs.distributed_loss_worker as worker
+from ray_jobs.ray_helpers import free_port
 
-from idml.losses import build_loss  # noqa: E402
+from idml.losses import build_loss
 
 PAIR_LOSSES = ["multi_similarity", "contrastive", "triplet", "fastap"]
 WORLD = 2
