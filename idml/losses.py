@@ -125,6 +125,12 @@ class MetricLoss(torch.nn.Module):
     def uncertainty_weight(self) -> float:
         return self.loss.distance.uncertainty_weight if self.introspective else 0.0
 
+    @property
+    def uses_uncertainty(self) -> bool:
+        """Whether sigma reaches the loss: not for the plain loss, nor at lambda = 0 (then the
+        uncertainty head gets no gradient, which DDP must be told about)."""
+        return self.uncertainty_weight > 0
+
     def forward(self, mu: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         embeddings = pack(mu, sigma) if self.introspective else mu
         loss, miner = self.loss, self.miner

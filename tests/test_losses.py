@@ -67,3 +67,9 @@ def test_proxy_anchor_uses_margin_and_scale():
     loss = build_loss("proxy_anchor", num_classes=5, embedding_dim=8, margin=0.2, scale=16)
     assert loss.loss.margin == 0.2 and loss.loss.alpha == 16
     assert loss.uncertainty_weight == pytest.approx(0.1)
+
+
+def test_uses_uncertainty_only_when_sigma_reaches_the_loss():
+    assert build_loss("proxy_anchor", num_classes=3, embedding_dim=4, uncertainty_weight=0.1).uses_uncertainty
+    assert not build_loss("proxy_anchor", num_classes=3, embedding_dim=4, uncertainty_weight=0.0).uses_uncertainty
+    assert not build_loss("proxy_anchor", num_classes=3, embedding_dim=4, introspective=False).uses_uncertainty
