@@ -3,7 +3,6 @@ of tensors and builtins, so ``torch.load(weights_only=True)`` reads them without
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -47,12 +46,4 @@ def model_from_checkpoint(path_or_state: str | Path | dict[str, Any]) -> tuple[I
     model = build_model(cfg.model.backbone, embedding_dim=cfg.model.embedding_dim, pretrained=False)
     model.load_state_dict(state["model"])
     return model.eval(), cfg
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 

@@ -8,8 +8,6 @@ import logging
 import sys
 from pathlib import Path
 
-CONVERTERS = ("image-folder", "cub", "cars196", "sop")
-
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file (see configs/)")
@@ -19,6 +17,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .data.converters import CONVERTERS
+
     parser = argparse.ArgumentParser(prog="idml", description="Introspective Deep Metric Learning")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--cache-dir", help="default: $IDML_CACHE or ~/.cache/idml")
     fetch.add_argument("--tarball-dir", help="emoji: folder holding the four emoji-datasource-*-16.0.0.tgz files (no npm needed)")
     convert = data.add_parser("convert", help="convert images on disk into the sharded Parquet format")
-    convert.add_argument("format", choices=CONVERTERS)
+    convert.add_argument("format", choices=list(CONVERTERS))
     convert.add_argument("src")
     convert.add_argument("dst")
     convert.add_argument("--val-fraction", type=float, default=0.1, help="fraction of training classes held out for model selection (0 disables)")
@@ -112,11 +112,9 @@ def _data(args) -> int:
         print(data.summarize(root))
         print(f"\ndataset ready at {root}")
     elif args.data_command == "convert":
-        convert = {"image-folder": data.convert_image_folder, "cub": data.convert_cub,
-                   "cars196": data.convert_cars196, "sop": data.convert_sop}[args.format]
-        kwargs = {"with_domains": args.with_domains} if args.format == "image-folder" else {}
-        convert(args.src, args.dst, val_fraction=args.val_fraction, shard_bytes=int(args.shard_mb * (1 << 20)),
-                overwrite=args.overwrite, **kwargs)
+        options = {"with_domains": True} if args.with_domains else {}
+        data.convert(args.format, args.src, args.dst, val_fraction=args.val_fraction,
+                     shard_bytes=int(args.shard_mb * (1 << 20)), overwrite=args.overwrite, **options)
         print(data.summarize(args.dst))
     else:
         root = data.resolve_dataset(args.dataset)

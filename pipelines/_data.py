@@ -1,6 +1,6 @@
-"""Ray Data side of distributed training: where a dataset lives (a local folder, a built-in
-name, or any pyarrow/fsspec URI such as ``s3://bucket/cub``) and the operators that turn its
-Parquet shards into decoded, augmented, class-balanced batches.
+"""Ray Data side of distributed training: the operators that turn a dataset's Parquet shards
+(opened by ``idml.data.open_dataset``: a local folder, a built-in name, or any pyarrow/fsspec URI
+such as ``s3://bucket/cub``) into decoded, augmented, class-balanced batches.
 
 Class balance while streaming
 -----------------------------
@@ -40,20 +40,16 @@ batch whose every chunk had a bad image is dropped, with a warning only).
 from __future__ import annotations
 
 import functools
-import json
 import logging
-import os
 from collections import defaultdict
-from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from idml.data import contiguous_targets, read_manifest, resolve_dataset
-from idml.data.format import FORMAT_VERSION, MANIFEST_NAME
 from idml.data.images import InvalidImageError, decode_image
+from idml.data.source import DatasetSource
 
 log = logging.getLogger(__name__)
 
@@ -70,70 +66,6 @@ BATCH_SCHEMA = pa.schema([
     ("targets", pa.list_(pa.int64())),
     ("skipped_ids", pa.list_(pa.string())),
 ])
-
-
-@dataclass(frozen=True)
-class DatasetSource:
-    """A dataset in the project's format, wherever it is stored."""
-
-    uri: str  # as the user gave it
-    root: str  # the folder inside ``filesystem``
-    filesystem: pafs.FileSystem
-    manifest: dict
-
-    def split_info(self, split: str) -> dict[str, Any]:
-        splits = self.manifest.get("splits", {})
-        if split not in splits:
-            raise ValueError(f"split {split!r} not found in {self.uri}; available splits: {', '.join(splits) or 'none'}")
-        return splits[split]
-
-    def has_split(self, split: str) -> bool:
-        return self.manifest.get("splits", {}).get(split, {}).get("num_images", 0) > 0
-
-    def paths(self, split: str) -> list[str]:
-        return [f"{self.root}/{shard['path']}" for shard in self.split_info(split)["shards"]]
-
-    def label_to_target(self, split: str) -> dict[int, int]:
-        return contiguous_targets(self.manifest, split)
-
-    def num_images(self, split: str) -> int:
-        return int(self.split_info(split)["num_images"])
-
-
-def open_dataset(name_or_uri: str) -> DatasetSource:
-    """Find the dataset and read its manifest: a clear error here, before any worker starts,
-    when it does not exist or is not a dataset."""
-    name_or_uri = str(name_or_uri)
-    if "://" not in name_or_uri:
-        root = os.path.abspath(resolve_dataset(name_or_uri))  # a built-in name or a local folder
-        return DatasetSource(name_or_uri, root, pafs.LocalFileSystem(), read_manifest(root))
-    filesystem, root = _filesystem(name_or_uri)
-    root = root.rstrip("/")
-    path = f"{root}/{MANIFEST_NAME}"
-    info = filesystem.get_file_info(path)
-    if info.type != pafs.FileType.File:
-        what = "does not exist" if filesystem.get_file_info(root).type == pafs.FileType.NotFound else f"has no {MANIFEST_NAME}"
-        raise FileNotFoundError(f"dataset {name_or_uri} {what}; create it with `idml data convert` and upload the folder")
-    with filesystem.open_input_stream(path) as f:
-        try:
-            manifest = json.loads(f.read())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{name_or_uri}/{MANIFEST_NAME} is not valid JSON ({e}); re-create the dataset") from e
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{name_or_uri}/{MANIFEST_NAME} has format_version {manifest.get('format_version')!r}; "
-                         f"this idml reads version {FORMAT_VERSION}")
-    return DatasetSource(name_or_uri, root, filesystem, manifest)
-
-
-def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    try:
-        return pafs.FileSystem.from_uri(uri)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        # A scheme pyarrow lacks (az://, memory://, ...): wrap the fsspec implementation.
-        import fsspec
-
-        fs, path = fsspec.core.url_to_fs(uri)
-        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 
 def class_chunk_counts(source: DatasetSource, split: str, images_per_class: int) -> list[int]:
@@ -311,7 +243,7 @@ def train_dataset(source: DatasetSource, cfg, *, decode_cpus: float = 1.0):
 
     split, t = cfg.data.train_split, cfg.train
     # Shard paths come from the manifest, so no listing: ``read_parquet`` lists and inspects the
-    # files on every execution; with it, each epoch's first batch waited ~6 s here, without ~0.9 s.
+    # files on every execution, which delays each epoch's first batch (README, "Measured").
     paths = source.paths(split)
     ds = ray.data.from_items([{"path": path} for path in paths], override_num_blocks=len(paths))
     ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=t.seed, reseed_after_execution=True))

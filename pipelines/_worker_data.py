@@ -11,8 +11,7 @@ import torch
 import torch.utils.data
 
 from idml.data.images import decode_image
-
-from ._data import DatasetSource
+from idml.data.source import DatasetSource
 
 
 def iter_train_batches(shard, image_size: int, skipped: list[str]) -> Iterator[tuple[Any, Any]]:

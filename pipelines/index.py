@@ -305,7 +305,7 @@ def _embed_query_images(manifest: dict, images: list[str], checkpoint: str | Non
     import numpy as np
     import pyarrow.fs as pafs
 
-    from idml.checkpoint import file_sha256
+    from idml.data.source import file_sha256
     from idml.data.images import InvalidImageError
     from idml.index.embed import BatchEmbedder
 

@@ -43,9 +43,10 @@ import yaml
 
 from idml.checkpoint import load_checkpoint, save_checkpoint
 from idml.config import Config, config_from_dict, validate_config
+from idml.data.source import DatasetSource, open_dataset
 from idml.tracking import clean_metrics, clean_params, get_or_create_run, tracking_uri
 
-from ._data import DatasetSource, class_chunk_counts, eval_datasets, max_batches, open_dataset, train_dataset
+from ._data import class_chunk_counts, eval_datasets, max_batches, train_dataset
 from ._ray import init_ray
 from ._worker_data import StreamedSplit, iter_train_batches
 

@@ -16,13 +16,13 @@ from idml.data.builtin import (
     resolve_dataset,
 )
 from idml.data.converters import (
+    CONVERTERS,
     IMAGE_SUFFIXES,
-    convert_cars196,
-    convert_cub,
-    convert_image_folder,
+    Converter,
+    Listing,
     SourceImage,
+    convert,
     convert_items,
-    convert_sop,
     select_val_classes,
 )
 from idml.data.format import (
@@ -36,35 +36,40 @@ from idml.data.format import (
     verify_dataset,
     write_dataset,
 )
+from idml.data.source import DatasetSource, file_sha256, filesystem_for, open_dataset
 from idml.data.images import InvalidImageError, decode_image, normalize_image_bytes
 from idml.data.summary import save_sample_grid, summarize
 from idml.data.conversion_report import ConversionReport
 
 __all__ = [
     "BUILTIN_DATASETS",
+    "CONVERTERS",
+    "Converter",
     "DATASET_SCHEMA",
     "SPLITS",
     "ConversionReport",
     "DatasetFetchError",
+    "DatasetSource",
     "ImageRecord",
     "ImageShardDataset",
     "IMAGE_SUFFIXES",
     "InvalidImageError",
+    "Listing",
     "MissingToolError",
     "SourceImage",
     "builtin_root",
     "contiguous_targets",
-    "convert_cars196",
-    "convert_cub",
+    "convert",
     "convert_emoji",
     "convert_fashion_mnist",
-    "convert_image_folder",
     "convert_items",
-    "convert_sop",
     "decode_image",
     "default_cache_dir",
     "fetch_dataset",
+    "file_sha256",
+    "filesystem_for",
     "normalize_image_bytes",
+    "open_dataset",
     "read_manifest",
     "read_split",
     "resolve_dataset",

@@ -1,6 +1,8 @@
 """Converters from common image-dataset layouts to the idml format (see ``format.py``).
 
-All converters share one pipeline (``convert_items``):
+A layout is a *lister* (``list_cub``, ...: which images, which classes, which split) in the
+``CONVERTERS`` registry; ``convert(layout, src, dst)`` writes any of them through one pipeline
+(``convert_items``, also used by the built-in datasets):
 
 1. Every image is read and validated by fully decoding it (``normalize_image_bytes``)
    in a small thread pool; invalid ones are counted in a ``ConversionReport`` by reason.
@@ -16,11 +18,12 @@ Classes are disjoint across splits, as deep metric learning evaluates on unseen 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -37,6 +40,24 @@ DEFAULT_VAL_FRACTION = 0.1
 # Re-encoded images are kept in memory between validation and writing up to this
 # many bytes; beyond it they are re-encoded again while writing.
 _CACHE_BUDGET_BYTES = 1 << 30
+
+
+@dataclass
+class Listing:
+    """What a layout lister finds: the images, every class in label order, a default dataset
+    name, a description for the manifest, and the files it already skipped."""
+
+    items: list[SourceImage]
+    class_order: list[str]
+    name: str
+    source: dict[str, Any]
+    report: ConversionReport = field(default_factory=ConversionReport)
+
+
+@dataclass(frozen=True)
+class Converter:
+    list_images: Callable[..., Listing]  # (src: Path, **layout options) -> Listing
+    help: str
 
 
 @dataclass
@@ -242,22 +263,14 @@ def _read_test_classes(test_classes: Iterable[str] | str | os.PathLike) -> list[
     return [str(c) for c in test_classes]
 
 
-def convert_image_folder(
-    src: str | os.PathLike,
-    dst: str | os.PathLike,
+def list_image_folder(
+    src: Path,
     *,
     test_classes: Iterable[str] | str | os.PathLike | None = None,
     test_fraction: float = 0.5,
     with_domains: bool = False,
-    name: str | None = None,
-    val_fraction: float = DEFAULT_VAL_FRACTION,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    max_side: int | None = None,
-    shard_bytes: int = DEFAULT_SHARD_BYTES,
-    overwrite: bool = False,
-    num_workers: int | None = None,
-) -> dict[str, Any]:
-    """Convert ``src/<class>/<image>`` (or ``src/<domain>/<class>/<image>``).
+) -> Listing:
+    """``src/<class>/<image>`` (or ``src/<domain>/<class>/<image>``).
 
     Images may sit in sub-folders of a class folder. With domains, a class is the
     same folder name across domain folders.
@@ -268,7 +281,6 @@ def convert_image_folder(
     0 < test_fraction and C > 1) go to test, so the default puts the first half in
     train. ``test_fraction=0`` puts every class in train.
     """
-    src = Path(src)
     if not src.is_dir():
         raise FileNotFoundError(f"source folder {src} does not exist")
     if not 0.0 <= test_fraction < 1.0:
@@ -337,26 +349,9 @@ def convert_image_folder(
         )
         for cls, domain, path in found
     ]
-    return convert_items(
-        items,
-        dst,
-        name=name or src.resolve().name,
-        class_order=classes,
-        source={
-            "converter": "image_folder",
-            "src": str(src),
-            "with_domains": with_domains,
-            "test_classes": None if test_classes is None else sorted(test),
-            "test_fraction": test_fraction,
-        },
-        report=report,
-        val_fraction=val_fraction,
-        max_pixels=max_pixels,
-        max_side=max_side,
-        shard_bytes=shard_bytes,
-        overwrite=overwrite,
-        num_workers=num_workers,
-    )
+    source = {"converter": "image_folder", "src": str(src), "with_domains": with_domains,
+              "test_classes": None if test_classes is None else sorted(test), "test_fraction": test_fraction}
+    return Listing(items, classes, src.resolve().name, source, report)
 
 
 def _read_table(path: Path, columns: int, skip_header: bool = False) -> list[list[str]]:
@@ -372,31 +367,19 @@ def _read_table(path: Path, columns: int, skip_header: bool = False) -> list[lis
     return rows
 
 
-def convert_cub(
-    src: str | os.PathLike,
-    dst: str | os.PathLike,
-    *,
-    name: str = "cub200",
-    val_fraction: float = DEFAULT_VAL_FRACTION,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    max_side: int | None = None,
-    shard_bytes: int = DEFAULT_SHARD_BYTES,
-    overwrite: bool = False,
-    num_workers: int | None = None,
-) -> dict[str, Any]:
-    """Convert CUB-200-2011: classes 1-100 train, 101-200 test.
+def list_cub(src: Path) -> Listing:
+    """CUB-200-2011: classes 1-100 train, 101-200 test.
 
     Reads ``images.txt`` and ``image_class_labels.txt``; class names are the image
     folder names (e.g. "001.Black_footed_Albatross"). ``src`` may also be the folder
     that contains ``CUB_200_2011/``.
     """
-    root = _find_root(Path(src), "images.txt", ["CUB_200_2011"])
+    root = _find_root(src, "images.txt", ["CUB_200_2011"])
     labels_file = root / "image_class_labels.txt"
     if not labels_file.is_file():
         raise FileNotFoundError(f"{labels_file} not found; it must sit next to {root / 'images.txt'}")
     paths = {image_id: rel for image_id, rel in _read_table(root / "images.txt", 2)}
     class_of = {image_id: int(cls) for image_id, cls in _read_table(labels_file, 2)}
-    report = ConversionReport()
     class_names: dict[int, str] = {}
     found = []
     for image_id, rel in paths.items():
@@ -422,20 +405,7 @@ def convert_cub(
         )
         for class_id, rel in found
     ]
-    return convert_items(
-        items,
-        dst,
-        name=name,
-        class_order=[class_names[c] for c in sorted(class_names)],
-        source={"converter": "cub", "src": str(src)},
-        report=report,
-        val_fraction=val_fraction,
-        max_pixels=max_pixels,
-        max_side=max_side,
-        shard_bytes=shard_bytes,
-        overwrite=overwrite,
-        num_workers=num_workers,
-    )
+    return Listing(items, [class_names[c] for c in sorted(class_names)], "cub200", {"converter": "cub", "src": str(src)})
 
 
 def _mat_field(struct: Any, field: str) -> Any:
@@ -443,25 +413,14 @@ def _mat_field(struct: Any, field: str) -> Any:
     return value.item() if hasattr(value, "item") and getattr(value, "size", 1) == 1 else value
 
 
-def convert_cars196(
-    src: str | os.PathLike,
-    dst: str | os.PathLike,
-    *,
-    name: str = "cars196",
-    val_fraction: float = DEFAULT_VAL_FRACTION,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    max_side: int | None = None,
-    shard_bytes: int = DEFAULT_SHARD_BYTES,
-    overwrite: bool = False,
-    num_workers: int | None = None,
-) -> dict[str, Any]:
-    """Convert Cars196 (``car_ims/`` + ``cars_annos.mat``): classes 1-98 train, 99-196 test.
+def list_cars196(src: Path) -> Listing:
+    """Cars196 (``car_ims/`` + ``cars_annos.mat``): classes 1-98 train, 99-196 test.
 
     Whole images are stored; the bounding boxes in the annotations are not applied.
     """
     import scipy.io  # only this converter needs scipy
 
-    root = _find_root(Path(src), "cars_annos.mat", ["cars196", "CARS196"])
+    root = _find_root(src, "cars_annos.mat", ["cars196", "CARS196"])
     mat_path = root / "cars_annos.mat"
     try:
         mat = scipy.io.loadmat(mat_path, squeeze_me=True, struct_as_record=False)
@@ -496,39 +455,16 @@ def convert_cars196(
         )
         for class_id, rel in found
     ]
-    return convert_items(
-        items,
-        dst,
-        name=name,
-        class_order=[class_name(c) for c in sorted({c for c, _ in found})],
-        source={"converter": "cars196", "src": str(src)},
-        report=ConversionReport(),
-        val_fraction=val_fraction,
-        max_pixels=max_pixels,
-        max_side=max_side,
-        shard_bytes=shard_bytes,
-        overwrite=overwrite,
-        num_workers=num_workers,
-    )
+    return Listing(items, [class_name(c) for c in sorted({c for c, _ in found})], "cars196",
+                   {"converter": "cars196", "src": str(src)})
 
 
-def convert_sop(
-    src: str | os.PathLike,
-    dst: str | os.PathLike,
-    *,
-    name: str = "sop",
-    val_fraction: float = DEFAULT_VAL_FRACTION,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    max_side: int | None = None,
-    shard_bytes: int = DEFAULT_SHARD_BYTES,
-    overwrite: bool = False,
-    num_workers: int | None = None,
-) -> dict[str, Any]:
-    """Convert Stanford Online Products: Ebay_train.txt classes -> train, Ebay_test.txt -> test.
+def list_sop(src: Path) -> Listing:
+    """Stanford Online Products: Ebay_train.txt classes -> train, Ebay_test.txt -> test.
 
     class_name is the product class id as a string; domain is "default".
     """
-    root = _find_root(Path(src), "Ebay_train.txt", ["Stanford_Online_Products"])
+    root = _find_root(src, "Ebay_train.txt", ["Stanford_Online_Products"])
     found = []
     for split, filename in (("train", "Ebay_train.txt"), ("test", "Ebay_test.txt")):
         path = root / filename
@@ -548,17 +484,29 @@ def convert_sop(
         )
         for class_id, split, rel in found
     ]
-    return convert_items(
-        items,
-        dst,
-        name=name,
-        class_order=[str(c) for c in sorted({c for c, _, _ in found})],
-        source={"converter": "sop", "src": str(src)},
-        report=ConversionReport(),
-        val_fraction=val_fraction,
-        max_pixels=max_pixels,
-        max_side=max_side,
-        shard_bytes=shard_bytes,
-        overwrite=overwrite,
-        num_workers=num_workers,
-    )
+    return Listing(items, [str(c) for c in sorted({c for c, _, _ in found})], "sop", {"converter": "sop", "src": str(src)})
+
+
+# The registry: the CLI's `idml data convert` choices and dispatch. A new layout is a lister
+# above plus one line here.
+CONVERTERS: dict[str, Converter] = {
+    "image-folder": Converter(list_image_folder, "src/<class>/<image>, or src/<domain>/<class>/<image> with --with-domains"),
+    "cub": Converter(list_cub, "CUB-200-2011 (images.txt, image_class_labels.txt)"),
+    "cars196": Converter(list_cars196, "Cars196 (car_ims/, cars_annos.mat)"),
+    "sop": Converter(list_sop, "Stanford Online Products (Ebay_train.txt, Ebay_test.txt)"),
+}
+
+
+def convert(layout: str, src: str | os.PathLike, dst: str | os.PathLike, *, name: str | None = None,
+            **options: Any) -> dict[str, Any]:
+    """Convert the dataset at ``src`` in ``layout`` (a key of ``CONVERTERS``) into the idml
+    format at ``dst``. ``options`` are the layout's own (e.g. image-folder's ``with_domains``)
+    and ``convert_items``'s (``val_fraction``, ``shard_bytes``, ``overwrite``, ...)."""
+    if layout not in CONVERTERS:
+        raise ValueError(f"unknown dataset layout {layout!r}; choose one of {', '.join(CONVERTERS)}")
+    lister = CONVERTERS[layout].list_images
+    own = set(inspect.signature(lister).parameters) - {"src"}
+    listing = lister(Path(src), **{k: v for k, v in options.items() if k in own})
+    return convert_items(listing.items, dst, name=name or listing.name, class_order=listing.class_order,
+                         source=listing.source, report=listing.report,
+                         **{k: v for k, v in options.items() if k not in own})

@@ -12,7 +12,6 @@ targets 0..C-1 for one split use ``contiguous_targets``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import numbers
 import os
@@ -27,9 +26,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from idml.data.conversion_report import ConversionReport
-
-FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
+from idml.data.source import (  # noqa: F401  (re-exported: the format's constants and readers live there)
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    contiguous_targets,
+    file_sha256,
+    open_dataset,
+    read_manifest,
+    split_info,
+)
 SPLITS = ("train", "val", "test")
 DEFAULT_SHARD_BYTES = 64 << 20
 # Small row groups let streaming readers fetch a piece of a shard at a time.
@@ -46,12 +51,6 @@ DATASET_SCHEMA = pa.schema(
     ]
 )
 COLUMNS = tuple(DATASET_SCHEMA.names)
-
-_HOW_TO_CREATE = (
-    "create it with `idml data convert <format> <src> <root>` "
-    "or fetch a built-in dataset with `idml data fetch <name>`"
-)
-
 
 @dataclass
 class ImageRecord:
@@ -131,17 +130,9 @@ class _ShardWriter:
                 "path": f"{self.split}/{self._path.name}",
                 "num_rows": self._rows,
                 "bytes": self._path.stat().st_size,
-                "sha256": _sha256(self._path),
+                "sha256": file_sha256(self._path),
             }
         )
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _check_record(record: ImageRecord) -> None:
@@ -300,44 +291,9 @@ def _write_into(
     }
 
 
-def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"dataset folder {root} does not exist; {_HOW_TO_CREATE}")
-    path = root / MANIFEST_NAME
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} is missing, so {root} is not an idml dataset; {_HOW_TO_CREATE}"
-        )
-    with open(path) as f:
-        try:
-            manifest = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON ({e}); re-create the dataset") from e
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ValueError(
-            f"{path} has format_version {version!r}; this idml reads version {FORMAT_VERSION}. "
-            "Re-create the dataset with this idml version"
-        )
-    return manifest
-
-
-def _split_info(manifest: dict[str, Any], split: str, root: Any = None) -> dict[str, Any]:
-    splits = manifest.get("splits", {})
-    if split not in splits:
-        where = f" in {root}" if root is not None else ""
-        raise ValueError(
-            f"split {split!r} not found{where}; available splits: {', '.join(splits) or 'none'}"
-        )
-    return splits[split]
-
-
 def split_files(root: str | os.PathLike, split: str) -> list[str]:
-    """Absolute paths of the shards of ``split``, in order."""
-    root = Path(root).resolve()
-    info = _split_info(read_manifest(root), split, root)
-    return [str(root / shard["path"]) for shard in info["shards"]]
+    """Absolute paths of the shards of ``split`` of the local dataset at ``root``, in order."""
+    return open_dataset(Path(root).resolve(), builtin=False).paths(split)
 
 
 def read_split(
@@ -369,7 +325,7 @@ def verify_dataset(root: str | os.PathLike) -> list[str]:
             size = path.stat().st_size
             if size != shard["bytes"]:
                 problems.append(f"{split}: {path} has {size} bytes, manifest says {shard['bytes']}")
-            digest = _sha256(path)
+            digest = file_sha256(path)
             if digest != shard["sha256"]:
                 problems.append(f"{split}: checksum mismatch for {path} (sha256 {digest[:12]}…, manifest {shard['sha256'][:12]}…)")
             try:
@@ -385,12 +341,3 @@ def verify_dataset(root: str | os.PathLike) -> list[str]:
         if total != info.get("num_images") and not any(p.startswith(f"{split}:") for p in problems):
             problems.append(f"{split}: shards hold {total} rows, manifest says {info.get('num_images')} images")
     return problems
-
-
-def contiguous_targets(manifest: dict[str, Any], split: str) -> dict[int, int]:
-    """Map the dataset labels of ``split`` to 0..C-1 in sorted-label order.
-
-    Proxy losses need contiguous targets; every consumer uses this one mapping.
-    """
-    labels = _split_info(manifest, split)["labels"]
-    return {int(label): i for i, label in enumerate(sorted(labels))}

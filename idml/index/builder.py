@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from idml.checkpoint import file_sha256
+from idml.data.source import file_sha256
 
 from . import faiss_index as fx
 from .partitions import (

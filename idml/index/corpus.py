@@ -12,7 +12,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from idml.data.converters import IMAGE_SUFFIXES
-from idml.data.format import MANIFEST_NAME
+from idml.data.source import MANIFEST_NAME, filesystem_for, open_dataset
 
 _SUFFIXES = {s.lower() for s in IMAGE_SUFFIXES}
 
@@ -38,43 +38,31 @@ def resolve_corpus(uri: str, splits: list[str] | None = None) -> Corpus:
     """A dataset folder (``manifest.json`` present; ``splits`` default to all of them) or a
     folder of images (any depth; files with image suffixes; the id is the relative path). Local
     paths and pyarrow filesystem URIs (``file://``, ``s3://``, ``gs://``, ...) both work."""
-    fs, root = _filesystem(uri)
+    fs, root = filesystem_for(uri)
     uri = uri if "://" in uri else root  # absolute, so `update` finds it from any folder
     info = fs.get_file_info(root)
     if info.type != pafs.FileType.Directory:
         raise FileNotFoundError(f"corpus {uri} is not a folder; pass a dataset folder or a folder of images")
     manifest_info = fs.get_file_info(f"{root}/{MANIFEST_NAME}")
     if manifest_info.type == pafs.FileType.File:
-        return _dataset(uri, fs, root, splits)
+        return _dataset(uri, splits)
     if splits:
         raise ValueError(f"--split applies to datasets; {uri} is a folder of images (it has no {MANIFEST_NAME})")
     return _images(uri, fs, root)
 
 
-def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in uri:
-        fs, path = pafs.FileSystem.from_uri(uri)
-        return fs, path.rstrip("/")
-    return pafs.LocalFileSystem(), os.path.abspath(uri).rstrip("/")
-
-
-def _dataset(uri: str, fs: pafs.FileSystem, root: str, splits: list[str] | None) -> Corpus:
-    with fs.open_input_stream(f"{root}/{MANIFEST_NAME}") as f:
-        raw = f.read()
-    try:
-        manifest = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{uri}/{MANIFEST_NAME} is not valid JSON ({e}); re-create the dataset") from e
-    available = list(manifest.get("splits", {}))
+def _dataset(uri: str, splits: list[str] | None) -> Corpus:
+    source = open_dataset(uri, builtin=False)
+    available = list(source.manifest.get("splits", {}))
     splits = list(splits or available)
     unknown = [s for s in splits if s not in available]
     if unknown:
         raise ValueError(f"split(s) {unknown} not in {uri}; available splits: {', '.join(available) or 'none'}")
-    files = [f"{root}/{shard['path']}" for s in splits for shard in manifest["splits"][s]["shards"]]
-    num_rows = sum(int(manifest["splits"][s]["num_images"]) for s in splits)
-    num_bytes = sum(int(shard.get("bytes", 0)) for s in splits for shard in manifest["splits"][s]["shards"])
-    fingerprint = hashlib.sha256(raw + json.dumps(splits).encode()).hexdigest()
-    return Corpus("dataset", uri, root, fs, files, num_rows, fingerprint, num_bytes, splits)
+    files = [path for s in splits for path in source.paths(s)]
+    num_rows = sum(source.num_images(s) for s in splits)
+    num_bytes = sum(int(shard.get("bytes", 0)) for s in splits for shard in source.shards(s))
+    fingerprint = hashlib.sha256(source.manifest_bytes + json.dumps(splits).encode()).hexdigest()
+    return Corpus("dataset", uri, source.root, source.filesystem, files, num_rows, fingerprint, num_bytes, splits)
 
 
 def _images(uri: str, fs: pafs.FileSystem, root: str) -> Corpus:

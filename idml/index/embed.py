@@ -17,7 +17,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from idml.checkpoint import checkpoint_config, file_sha256, load_checkpoint, model_from_checkpoint
+from idml.checkpoint import checkpoint_config, load_checkpoint, model_from_checkpoint
+from idml.data.source import file_sha256
 from idml.data.images import InvalidImageError, decode_image
 from idml.transforms import eval_transform
 

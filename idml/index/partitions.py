@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from idml.checkpoint import file_sha256
+from idml.data.source import file_sha256
 
 from .embed import STATUS_CORRUPT, STATUS_EMBEDDED
 from .store import read_json, write_json_atomic

@@ -5,10 +5,7 @@ import pytest
 from PIL import Image
 
 from idml.data import (
-    convert_cars196,
-    convert_cub,
-    convert_image_folder,
-    convert_sop,
+    convert,
     decode_image,
     read_split,
     select_val_classes,
@@ -84,7 +81,7 @@ def test_image_folder(tmp_path, caplog):
     _make_folder(tmp_path / "src")
     write_file(tmp_path / "src" / "README.md", b"hi")
     with caplog.at_level(logging.WARNING):
-        manifest = convert_image_folder(tmp_path / "src", tmp_path / "ds", val_fraction=0.0)
+        manifest = convert("image-folder", tmp_path / "src", tmp_path / "ds", val_fraction=0.0)
     assert manifest["name"] == "src"
     # Sorted classes ant..fox: first half train, last half test; fox is empty and left out.
     assert {c["class_name"]: c["split"] for c in manifest["classes"]} == {
@@ -115,7 +112,7 @@ def test_image_folder(tmp_path, caplog):
 def test_image_folder_domains_and_explicit_split(tmp_path):
     _make_folder(tmp_path / "src", with_domains=True)
     (tmp_path / "test_classes.txt").write_text("ant\ncat\n")
-    manifest = convert_image_folder(
+    manifest = convert("image-folder", 
         tmp_path / "src", tmp_path / "ds", with_domains=True,
         test_classes=tmp_path / "test_classes.txt", val_fraction=0.3, name="domains",
     )
@@ -129,15 +126,15 @@ def test_image_folder_domains_and_explicit_split(tmp_path):
     # Same class across domains shares one label.
     assert rows["sketch/ant/ant0.png"]["label"] == rows["photo/ant/ant0.png"]["label"]
     with pytest.raises(ValueError, match="unknown class"):
-        convert_image_folder(tmp_path / "src", tmp_path / "ds2", with_domains=True, test_classes=["zebra"])
+        convert("image-folder", tmp_path / "src", tmp_path / "ds2", with_domains=True, test_classes=["zebra"])
 
 
 def test_val_carving_deterministic_and_disjoint(tmp_path):
     src = tmp_path / "src"
     for i in range(20):
         write_file(src / f"class{i:02d}" / "a.png", image_bytes("PNG", color=(i, i, i)))
-    m1 = convert_image_folder(src, tmp_path / "a", val_fraction=0.2)
-    m2 = convert_image_folder(src, tmp_path / "b", val_fraction=0.2)
+    m1 = convert("image-folder", src, tmp_path / "a", val_fraction=0.2)
+    m2 = convert("image-folder", src, tmp_path / "b", val_fraction=0.2)
     val1 = {c["class_name"] for c in m1["classes"] if c["split"] == "val"}
     assert val1 == {c["class_name"] for c in m2["classes"] if c["split"] == "val"}
     assert len(val1) == 2  # round(0.2 * 10 train classes)
@@ -153,7 +150,7 @@ def test_val_carving_deterministic_and_disjoint(tmp_path):
 def test_image_folder_max_side(tmp_path):
     write_file(tmp_path / "src" / "a" / "big.jpg", image_bytes("JPEG", size=(64, 32)))
     write_file(tmp_path / "src" / "b" / "small.jpg", image_bytes("JPEG", size=(16, 8)))
-    convert_image_folder(tmp_path / "src", tmp_path / "ds", max_side=16, val_fraction=0)
+    convert("image-folder", tmp_path / "src", tmp_path / "ds", max_side=16, val_fraction=0)
     rows = _all_rows(tmp_path / "ds")
     assert Image.open(io.BytesIO(rows["a/big.jpg"]["image"])).size == (16, 8)
     assert Image.open(io.BytesIO(rows["b/small.jpg"]["image"])).format == "JPEG"
@@ -161,14 +158,14 @@ def test_image_folder_max_side(tmp_path):
 
 def test_image_folder_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
-        convert_image_folder(tmp_path / "missing", tmp_path / "ds")
+        convert("image-folder", tmp_path / "missing", tmp_path / "ds")
     (tmp_path / "flat").mkdir()
     write_file(tmp_path / "flat" / "x.png", image_bytes())
     with pytest.raises(ValueError, match="no class folders"):
-        convert_image_folder(tmp_path / "flat", tmp_path / "ds")
+        convert("image-folder", tmp_path / "flat", tmp_path / "ds")
     write_file(tmp_path / "bad" / "c" / "x.png", b"junk")
     with pytest.raises(ValueError, match="no valid images"):
-        convert_image_folder(tmp_path / "bad", tmp_path / "ds")
+        convert("image-folder", tmp_path / "bad", tmp_path / "ds")
     assert not (tmp_path / "ds").exists()
 
 
@@ -178,7 +175,7 @@ def test_image_folder_errors(tmp_path):
 def test_cub(tmp_path):
     make_cub(tmp_path / "CUB_200_2011")
     # src may be the folder containing CUB_200_2011/.
-    manifest = convert_cub(tmp_path, tmp_path / "ds", val_fraction=0.0, num_workers=1)
+    manifest = convert("cub", tmp_path, tmp_path / "ds", val_fraction=0.0, num_workers=1)
     assert manifest["name"] == "cub200"
     assert manifest["classes"] == [
         {"label": 0, "class_name": "001.Black_footed_Albatross", "split": "train"},
@@ -198,7 +195,7 @@ def test_cub(tmp_path):
 
 def test_cub_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="images.txt"):
-        convert_cub(tmp_path, tmp_path / "ds")
+        convert("cub", tmp_path, tmp_path / "ds")
 
 
 # ---------------------------------------------------------------------- Cars196
@@ -206,7 +203,7 @@ def test_cub_missing_files(tmp_path):
 
 def test_cars196(tmp_path):
     make_cars(tmp_path / "cars")
-    manifest = convert_cars196(tmp_path / "cars", tmp_path / "ds", val_fraction=0.5)
+    manifest = convert("cars196", tmp_path / "cars", tmp_path / "ds", val_fraction=0.5)
     split_of = {c["class_name"]: c["split"] for c in manifest["classes"]}
     assert split_of["Car Model 99 2012"] == "test" and split_of["Car Model 100 2012"] == "test"
     assert sorted(split_of[n] for n in ("Car Model 1 2012", "Car Model 2 2012")) == ["train", "val"]
@@ -226,7 +223,7 @@ def test_cars196(tmp_path):
 def test_sop(tmp_path):
     make_sop(tmp_path / "Stanford_Online_Products")
     write_file(tmp_path / "Stanford_Online_Products" / "chair_final" / "111085122873_1.JPG", b"\xff\xd8\xff")
-    manifest = convert_sop(tmp_path, tmp_path / "ds", val_fraction=0.1)
+    manifest = convert("sop", tmp_path, tmp_path / "ds", val_fraction=0.1)
     classes = {c["class_name"]: c for c in manifest["classes"]}
     assert list(classes) == ["1", "2", "3", "4", "5"]
     assert [classes[c]["split"] for c in ("4", "5")] == ["test", "test"]

@@ -4,6 +4,7 @@ images as counted skips, datasets behind URIs, and errors before any worker star
 from __future__ import annotations
 
 import collections
+import sys
 import threading
 from pathlib import Path
 
@@ -15,7 +16,8 @@ from ray_jobs.ray_helpers import TINY, connected_cluster
 from support import make_class_dataset
 
 from idml.config import load_config
-from pipelines._data import ClassBalancedPacker, eval_datasets, max_batches, open_dataset, train_dataset
+from idml.data import open_dataset
+from pipelines._data import ClassBalancedPacker, eval_datasets, max_batches, train_dataset
 from pipelines._worker_data import StreamedSplit, iter_train_batches
 
 
@@ -126,13 +128,3 @@ def test_dataset_behind_a_uri(cluster, tmp_path):
     assert source.num_images("train") == 64 and source.label_to_target("train") == {i: i for i in range(8)}
     cfg = load_config(overrides=TINY + [f"data.dataset={Path(root).as_uri()}"])
     assert sum(len(t) for _, t in iter_train_batches(train_dataset(source, cfg).iterator(), 32, [])) == 64
-
-
-def test_missing_datasets_fail_clearly(tmp_path):
-    with pytest.raises(ValueError, match="neither a dataset folder nor a built-in"):
-        open_dataset(str(tmp_path / "nope"))
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        open_dataset((tmp_path / "nope").as_uri())
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="has no manifest.json"):
-        open_dataset((tmp_path / "empty").as_uri())
