@@ -66,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default=None, help="default: data.test_split")
     ev.add_argument("--json", help="write the metrics here")
 
-    # Everything after `index` goes to pipelines.index (Ray is imported only when it runs).
-    # prefix_chars="+": this parser claims no options, so --help and -v reach pipelines.index too.
+    # Everything after `index` goes to pipelines.index_cli (Ray is imported only when it runs).
+    # prefix_chars="+": this parser claims no options, so --help and -v reach pipelines.index_cli too.
     index = sub.add_parser("index", help="build|update|query|verify versioned faiss indexes (Ray)", add_help=False,
                            prefix_chars="+")
     index.add_argument("index_args", nargs=argparse.REMAINDER)
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _index(args) -> int:
-    from pipelines.index import main as index_main
+    from pipelines.index_cli import main as index_main
 
     return index_main((["-v"] if args.verbose else []) + args.index_args)
 

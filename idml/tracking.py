@@ -1,12 +1,18 @@
-"""MLflow helpers: one tracking URI rule, metric-name sanitising, find-or-create runs by name."""
+"""MLflow, the same way for every job (training on Ray, index builds): one tracking URI rule,
+metric-name sanitising, runs found or created by name (so a resumed job appends to its run), and
+batched, idempotent logging (``MlflowRun``). mlflow is imported only when a run is opened."""
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any, Mapping
+
+log = logging.getLogger(__name__)
 
 DEFAULT_DB = "mlflow.db"
 _BAD_CHARS = re.compile(r"[^\w\-. /:]")
@@ -47,10 +53,77 @@ def get_or_create_run(client, experiment_name: str, run_name: str, *, tags: Mapp
     """The id of the run called ``run_name`` in ``experiment_name``, created if absent, so a
     resumed job appends to its run instead of making a duplicate."""
     experiment = client.get_experiment_by_name(experiment_name)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(experiment_name)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(
+        experiment_name, artifact_location=_artifact_location(client.tracking_uri))
     found = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.runName` = '{run_name}'", max_results=2)
     if len(found) > 1:
         raise RuntimeError(f"several MLflow runs are named {run_name!r} in {experiment_name!r}; refusing to guess")
     if found:
         return found[0].info.run_id
     return client.create_run(experiment_id, run_name=run_name, tags=dict(tags or {})).info.run_id
+
+
+def _artifact_location(uri: str) -> str | None:
+    """With the default SQLite store, artifacts go next to the database (else the server decides)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlruns").resolve().as_uri()
+    return None
+
+
+class MlflowRun:
+    """Logging into one MLflow run: params once (MLflow params are immutable), metrics and
+    artifacts in batches under MLflow's per-call limits."""
+
+    def __init__(self, uri: str, run_id: str):
+        from mlflow.tracking import MlflowClient  # slow to import: only when a run is used
+
+        self.client = MlflowClient(uri)
+        self.uri, self.run_id = uri, run_id
+
+    @classmethod
+    def open(cls, uri: str, experiment: str, run_name: str, *, tags: Mapping[str, str] | None = None) -> "MlflowRun":
+        """The run called ``run_name`` in ``experiment`` (both created on first use), marked running."""
+        from mlflow.tracking import MlflowClient
+
+        run_id = get_or_create_run(MlflowClient(uri), experiment, run_name, tags=tags)
+        run = cls(uri, run_id)
+        if run.client.get_run(run_id).info.status != "RUNNING":
+            run.client.update_run(run_id, status="RUNNING")
+        return run
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(self.run_id).data.params
+        params = clean_params(params)
+        changed = sorted(k for k, v in params.items() if k in existing and existing[k] != v)
+        if changed:  # a resume with another config keeps the first values
+            log.warning("resumed with changed params %s; MLflow keeps the original values", changed)
+        new = [Param(k, v) for k, v in params.items() if k not in existing]
+        for start in range(0, len(new), 100):
+            self.client.log_batch(self.run_id, params=new[start:start + 100])
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, v, now, step) for k, v in clean_metrics(metrics).items()]
+        for start in range(0, len(batch), 500):
+            self.client.log_batch(self.run_id, metrics=batch[start:start + 500])
+
+    def logged_steps(self, key: str) -> set[int]:
+        return {m.step for m in self.client.get_metric_history(self.run_id, metric_name(key))}
+
+    def log_artifact(self, path: str | Path | None, folder: str | None = None) -> None:
+        if path is not None and Path(path).exists():
+            self.client.log_artifact(self.run_id, str(path), folder)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status)
+
+    def fail(self) -> None:
+        """Mark the run failed, never raising: the error that failed it matters more."""
+        try:
+            self.finish("FAILED")
+        except Exception:
+            log.exception("could not mark MLflow run %s as FAILED", self.run_id)

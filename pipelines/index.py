@@ -1,4 +1,4 @@
-"""``idml index build|update|query|verify``: batch indexing of image corpora on Ray.
+"""Batch indexing of image corpora on Ray (the commands are ``pipelines.index_cli``: ``idml index``).
 
 Ray Data reads the corpus (the sharded Parquet dataset format, or a folder / URI of raw images
 via ``read_binary_files``), embeds it with ``idml.index.BatchEmbedder`` in ``map_batches`` on an
@@ -10,14 +10,10 @@ and MLflow.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import logging
-import os
 import sys
 import time
-from dataclasses import asdict
 
 from ._ray import init_ray
 
@@ -25,88 +21,8 @@ log = logging.getLogger(__name__)
 
 # Seconds each embedding batch sleeps: lets the crash test kill a build between two partitions.
 DELAY_ENV = "IDML_INDEX_EMBED_DELAY_S"
-DEFAULT_EXPERIMENT = "idml-index"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="idml index", description="Embed image corpora and build versioned, sharded faiss indexes")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    def add_writer_args(p: argparse.ArgumentParser, *, update: bool) -> None:
-        default = " (default: the one the published version used)" if update else ""
-        p.add_argument("--index-dir", required=True, help="folder holding the index versions")
-        p.add_argument("--checkpoint", required=not update, help="trained idml checkpoint" + default)
-        p.add_argument("--corpus", required=not update,
-                       help="dataset folder (sharded Parquet format) or folder/URI of raw images" + default)
-        p.add_argument("--split", nargs="*", default=None, help="dataset splits to index (default: all)" + default)
-        p.add_argument("--nprobe", type=int, help="IVF lists probed per query (default: tuned to --target-recall)")
-        p.add_argument("--recall-sample", type=int, default=256, help="stored vectors used to measure recall@10 against exact search")
-        p.add_argument("--target-recall", type=float, default=0.95, help="recall@10 the nprobe tuning aims for")
-        p.add_argument("--batch-size", type=int, default=64, help="images per embedding batch")
-        p.add_argument("--actors", type=int, default=0, help="embedding actors (default: one per GPU, or CPUs / threads)")
-        p.add_argument("--threads", type=int, default=0, help="torch threads per CPU actor (default: min(4, CPUs))")
-        p.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment")
-        p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///./mlflow.db)")
-        p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
-
-    build = sub.add_parser("build", help="embed the whole corpus and publish a new index version")
-    add_writer_args(build, update=False)
-    build.add_argument("--index-type", choices=("auto", "flat", "ivf"), default="auto",
-                       help="auto: exact Flat up to 200k vectors, IVF above")
-    build.add_argument("--nlist", type=int, help="IVF lists (default: ~sqrt(n), a power of two)")
-    build.add_argument("--train-size", type=int, help="vectors sampled to train the IVF quantizer (default: 64 * nlist)")
-    build.add_argument("--shards", type=int, help="index shards = embedding partitions (default: one per 250k images)")
-
-    update = sub.add_parser("update", help="embed only new and changed images, drop removed ones, publish a new version")
-    add_writer_args(update, update=True)
-
-    query = sub.add_parser("query", help="top-k neighbours of query images or indexed ids")
-    query.add_argument("--index-dir", required=True)
-    query.add_argument("--version", help="index version (default: the published one)")
-    what = query.add_mutually_exclusive_group(required=True)
-    what.add_argument("--ids", nargs="+", help="ids of indexed images (each is left out of its own results)")
-    what.add_argument("--images", nargs="+", help="image files or URIs, embedded with the index's checkpoint")
-    query.add_argument("--checkpoint", help="checkpoint for --images (default: the index's; its hash must match)")
-    query.add_argument("--k", type=int, default=10)
-    query.add_argument("--rerank", action="store_true", help="re-rank candidates by the introspective distance")
-    query.add_argument("--rerank-k", type=int, help="candidates re-ranked (default: max(10k, 100))")
-    query.add_argument("--lambda", dest="uncertainty_weight", type=float,
-                       help="uncertainty weight for --rerank (default: the checkpoint's loss.uncertainty_weight)")
-    query.add_argument("--nprobe", type=int, help="override the version's tuned nprobe (IVF)")
-    query.add_argument("--combine", choices=("auto", "shards", "ondisk"), default="auto",
-                       help="search shards in memory, or merge IVF shards on disk once (cached) and mmap them")
-    query.add_argument("--json", help="also write the results here")
-
-    verify = sub.add_parser("verify", help="check a version's files, checksums, counts and ids")
-    verify.add_argument("--index-dir", required=True)
-    verify.add_argument("--version", help="default: the published one")
-    verify.add_argument("--corpus", nargs="?", const="", default=None, metavar="URI",
-                        help="also check that every corpus image is indexed with its current content "
-                             "(no value: the corpus the version was built from)")
-    verify.add_argument("--no-checksums", action="store_true", help="skip hashing the files (faster)")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    if not args.verbose:
-        for noisy in ("ray", "ray.data", "faiss.loader"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
-    handlers = {"build": _build_or_update, "update": _build_or_update, "query": _query, "verify": _verify}
-    try:
-        return handlers[args.command](args)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        if args.verbose:
-            raise
-        print(f"idml index: error: {err}", file=sys.stderr)
-        return 2
-
-
-# -- Ray ------------------------------------------------------------------------------------
 def ensure_ray():
     """Ray, initialised once: connects to $RAY_ADDRESS when set, else starts a local instance."""
     return init_ray(log_to_driver=False)
@@ -198,158 +114,3 @@ def listing_with_ray(corpus):
     tables = list(hashed.iter_batches(batch_size=None, batch_format="pyarrow"))
     schema = pa.schema([("id", pa.string()), ("content_hash", pa.string())])
     return pa.concat_tables([t.cast(schema) for t in tables] or [schema.empty_table()])
-
-
-# -- commands -------------------------------------------------------------------------------
-def _build_or_update(args) -> int:
-    from idml.index import BuildRequest, IndexStore, StagedBuild, resolve_corpus
-    from idml.index.embed import describe_checkpoint
-    from idml.index.mlflow_log import IndexRun, index_params
-
-    store = IndexStore(args.index_dir)
-    kind = args.command
-    if kind == "update":
-        published = store.read_manifest()
-        args.checkpoint = args.checkpoint or published["checkpoint"]["path"]
-        args.corpus = args.corpus or published["corpus"]["uri"]
-        if args.split is None and published["corpus"].get("splits") and args.corpus == published["corpus"]["uri"]:
-            args.split = published["corpus"]["splits"]
-    corpus = resolve_corpus(args.corpus, args.split)
-    checkpoint = describe_checkpoint(args.checkpoint)
-    request = BuildRequest(
-        kind, checkpoint["embedding_dim"], checkpoint, corpus.describe(),
-        index_type=getattr(args, "index_type", "auto"), nlist=getattr(args, "nlist", None), nprobe=args.nprobe,
-        train_size=getattr(args, "train_size", None), shards=getattr(args, "shards", None),
-        recall_sample=args.recall_sample, target_recall=args.target_recall)
-    delay_s = float(os.environ.get(DELAY_ENV, "0") or 0)
-
-    with StagedBuild(store, request, progress=_say) as staged:
-        run = None
-        if not args.no_mlflow:
-            run = IndexRun(args.experiment, f"index-{kind}-{staged.key}", index_params(asdict(request)), uri=args.tracking_uri)
-        try:
-            embedded = 0
-            if staged.finished_version:
-                manifest = staged.publish_finished()
-            else:
-                if staged.resumed:
-                    rows = sum(p.rows + len(p.corrupt) for p in staged.resumed)
-                    _say(f"resuming an interrupted {kind}: {len(staged.resumed)} finished partition(s), {rows} images, reused")
-                sink = staged.sink()
-                seconds = embed_with_ray(corpus, checkpoint["path"], sink, staged.known(), batch_size=args.batch_size,
-                                         actors=args.actors, threads=args.threads, delay_s=delay_s)
-                embedded = sink.counts["embedded"]
-                _say(f"embedded {embedded} images in {seconds:.1f}s ({embedded / max(seconds, 1e-9):.1f} images/s); "
-                     f"{sink.counts['corrupt']} corrupt, {sink.counts['known']} already embedded")
-                manifest = staged.finish(sink.listing(), embed_seconds=seconds, embedded_this_run=embedded)
-        except BaseException:
-            if run is not None:
-                run.fail()
-            raise
-        if run is not None:
-            if staged.published:
-                run.finish(manifest["metrics"], store.version_dir(manifest["version"]) / "manifest.json")
-            else:
-                run.finish({"images_embedded": embedded, "build_seconds": time.time() - staged.t_start})
-    _print_summary(manifest, staged.published, embedded)
-    return 0
-
-
-def _print_summary(manifest: dict, published: bool, embedded: int) -> None:
-    c, spec = manifest["counts"], manifest["faiss"]
-    state = "published" if published else "unchanged (up to date)"
-    print(f"\nindex {manifest['version']} {state}")
-    print(f"  vectors {c['vectors']} in {c['shards']} shard(s), {spec['factory']}"
-          + (f", nprobe {spec['nprobe']}" if spec["index_type"] == "ivf" else ""))
-    if published:
-        m = manifest["metrics"]
-        changes = "".join(f", {k} {c[k]}" for k in ("added", "changed", "removed") if k in c)
-        print(f"  images embedded {embedded} (this run){changes}; reused {c.get('reused', 0)}; corrupt {c['corrupt']}")
-        recall = (f"recall@10 vs exact {manifest['recall']['recall']:.4f} on {manifest['recall']['queries']} sampled vectors"
-                  if spec["index_type"] == "ivf" else "exact search (recall 1)")
-        print(f"  {recall}; index {m['index_bytes'] / 2**20:.1f} MiB; {m['build_seconds']:.1f}s")
-        for bad in manifest.get("corrupt", [])[:10]:
-            print(f"  corrupt: {bad['id']}: {bad['reason']}")
-
-
-def _say(message: str) -> None:
-    print(message, flush=True)
-
-
-def _query(args) -> int:
-    import numpy as np
-
-    from idml.index import IndexSearcher, format_results
-
-    searcher = IndexSearcher(args.index_dir, args.version, combine=args.combine, nprobe=args.nprobe)
-    if args.ids:
-        mu, u = searcher.lookup(args.ids)
-        names, exclude = list(args.ids), list(args.ids)
-    else:
-        mu, u = _embed_query_images(searcher.manifest, args.images, args.checkpoint)
-        names, exclude = list(args.images), None
-    results = searcher.search(mu, u, args.k, rerank=args.rerank, rerank_k=args.rerank_k,
-                              uncertainty_weight=args.uncertainty_weight, exclude=exclude, names=names)
-    print(f"index {searcher.version}: {len(searcher)} vectors" + (
-        f"; re-ranked by the introspective distance (lambda {args.uncertainty_weight if args.uncertainty_weight is not None else searcher.uncertainty_weight:g})"
-        if args.rerank else ""))
-    print(format_results(results, reranked=args.rerank))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"version": searcher.version, "results": [asdict(r) for r in results]}, f, indent=2,
-                      default=lambda x: float(x) if isinstance(x, np.floating) else str(x))
-    return 0
-
-
-def _embed_query_images(manifest: dict, images: list[str], checkpoint: str | None):
-    import numpy as np
-    import pyarrow.fs as pafs
-
-    from idml.data.source import file_sha256
-    from idml.data.images import InvalidImageError
-    from idml.index.embed import BatchEmbedder
-
-    path = checkpoint or manifest["checkpoint"]["path"]
-    if file_sha256(path) != manifest["checkpoint"]["sha256"]:
-        raise ValueError(f"checkpoint {path} is not the one index {manifest['version']} was built with "
-                         f"(sha256 {manifest['checkpoint']['sha256'][:12]}…); pass that checkpoint with --checkpoint")
-    blobs = []
-    for image in images:
-        if "://" in image:
-            fs, inner = pafs.FileSystem.from_uri(image)
-            with fs.open_input_stream(inner) as f:
-                blobs.append(f.read())
-        else:
-            with open(image, "rb") as f:
-                blobs.append(f.read())
-    embedder = BatchEmbedder(path)
-    try:
-        mu, sigma = embedder.embed_images(blobs)
-    except InvalidImageError as e:
-        raise ValueError(f"a query image cannot be decoded ({e})") from e
-    return mu, np.square(sigma).sum(axis=1)
-
-
-def _verify(args) -> int:
-    from idml.index import IndexStore, resolve_corpus, verify_against_corpus, verify_index
-
-    store = IndexStore(args.index_dir)
-    problems = verify_index(args.index_dir, args.version, checksums=not args.no_checksums)
-    version = args.version or store.current_version() or f"({store.root}: nothing published)"
-    if args.corpus is not None and not problems:
-        manifest = store.read_manifest(version)
-        uri = args.corpus or manifest["corpus"]["uri"]
-        splits = manifest["corpus"].get("splits") if uri == manifest["corpus"]["uri"] else None
-        corpus = resolve_corpus(uri, splits or None)
-        problems += verify_against_corpus(manifest, args.index_dir, listing_with_ray(corpus))
-    if problems:
-        print(f"verify {version}: FAILED")
-        for p in problems:
-            print(f"  {p}")
-        return 1
-    print(f"verify {version}: OK")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

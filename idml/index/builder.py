@@ -79,6 +79,21 @@ class BuildRequest:
         if self.recall_sample < 1:
             raise ValueError(f"--recall-sample must be >= 1, got {self.recall_sample}")
 
+    @staticmethod
+    def inputs(kind: str, store: IndexStore, *, checkpoint: str | None, corpus: str | None,
+               splits: list[str] | None) -> tuple[str, str, list[str] | None]:
+        """``(checkpoint, corpus, splits)`` to embed: as given; an update fills what is not given
+        from the published version (its splits only when the corpus is the same)."""
+        if kind == "update":
+            published = store.read_manifest()
+            checkpoint = checkpoint or published["checkpoint"]["path"]
+            corpus = corpus or published["corpus"]["uri"]
+            if splits is None and published["corpus"].get("splits") and corpus == published["corpus"]["uri"]:
+                splits = published["corpus"]["splits"]
+        if not checkpoint or not corpus:
+            raise ValueError("a build needs --checkpoint and --corpus")
+        return checkpoint, corpus, splits
+
     def key(self, parent: str | None) -> str:
         data = {**asdict(self), "parent": parent, "format_version": FORMAT_VERSION}
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:24]
@@ -100,6 +115,24 @@ class _ShardPlan:
     @property
     def name(self) -> str:
         return f"shard-{self.shard:06d}"
+
+
+@dataclass
+class _Sources:
+    partitions: list[Partition]
+    parent_rows: pa.Table  # id, content_hash, shard, row of the parent version (update)
+    from_parent: pa.Table  # listed images unchanged since the parent
+    from_staging: pa.Table  # listed images embedded by this run
+    corrupt: list[dict[str, str]]
+
+
+@dataclass
+class _Shards:
+    exact: Any  # fx.ExactTopK of the recall queries
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    entries: list[dict[str, Any]] = field(default_factory=list)
+    ids_by_shard: dict[int, np.ndarray] = field(default_factory=dict)
+    indexes: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -186,23 +219,11 @@ class StagedBuild:
         """Assemble, index, measure, write the manifest and publish. ``listing``: (id,
         content_hash) of every image in the corpus, as seen by this run's embedding pass."""
         t0 = time.time()
-        req = self.request
-        listing = listing.select(["id", "content_hash"]).combine_chunks()
-        _check_unique(listing)
-        partitions = done_partitions(self.partitions_dir)
-        parent_rows = self._parent_rows() if req.kind == "update" else _empty_rows("shard")
-        staged_rows = _partition_rows(partitions)
-
-        from_parent = listing.join(parent_rows, keys=["id", "content_hash"], join_type="inner")
-        rest = listing.join(parent_rows.select(["id", "content_hash"]), keys=["id", "content_hash"], join_type="left anti")
-        from_staging = rest.join(staged_rows, keys=["id", "content_hash"], join_type="inner")
-        rest = rest.join(staged_rows.select(["id", "content_hash"]), keys=["id", "content_hash"], join_type="left anti")
-        corrupt = self._corrupt_of(rest, partitions)
-
-        plan = self._plan(partitions, parent_rows, from_parent, from_staging)
+        src = self._sources(listing)
+        plan = self._plan(src.partitions, src.parent_rows, src.from_parent, src.from_staging)
         n_vectors = sum(p.count for p in plan)
-        counts = self._counts(listing, parent_rows, from_parent, from_staging, corrupt, n_vectors, len(plan))
-        if req.kind == "update" and counts["added"] == counts["changed"] == counts["removed"] == 0:
+        counts = self._counts(listing, src.parent_rows, src.from_parent, src.from_staging, src.corrupt, n_vectors, len(plan))
+        if self.request.kind == "update" and counts["added"] == counts["changed"] == counts["removed"] == 0:
             self.store.remove_staging()
             self.published = False
             self.progress(f"{self.parent_version} is up to date with the corpus; nothing to publish")
@@ -213,7 +234,7 @@ class StagedBuild:
         (version_dir / "shards").mkdir(parents=True)
         self.progress(f"indexing {n_vectors} vectors in {len(plan)} shards ({spec.factory})")
 
-        timings: dict[str, float] = {"exact_seconds": 0.0}
+        timings: dict[str, float] = {}
         t = time.time()
         queries, query_ids, query_labels, train_sample = self._samples(spec, plan)
         timings["sample_seconds"] = time.time() - t
@@ -221,10 +242,44 @@ class StagedBuild:
         trained = self._trained(spec, train_sample, version_dir)
         timings["train_seconds"] = time.time() - t
         del train_sample
-        # Exact neighbours of the recall queries among the new vectors, gathered shard by shard.
-        exact = fx.ExactTopK(queries, GT_DEPTH + 1)
-        files: dict[str, dict[str, Any]] = {}
-        shard_entries, ids_by_shard, indexes = [], {}, []
+        shards = self._write_shards(plan, spec, trained, version_dir, queries, timings)
+        t = time.time()
+        recall, used = self._measure_recall(shards, spec, trained, queries, query_ids, query_labels, src.from_parent,
+                                            n_vectors, version_dir)
+        timings["recall_seconds"] = time.time() - t
+        t = time.time()
+        files = self._checksums(shards, version_dir)
+        timings["checksum_seconds"] = time.time() - t
+        manifest = self._manifest(spec, counts, src, shards, files, recall, used, n_vectors, timings,
+                                  index_seconds=time.time() - t0, embed_seconds=embed_seconds,
+                                  embedded_this_run=embedded_this_run)
+        self._publish(version_dir, manifest)
+        self.progress(f"published {manifest['version']}: {n_vectors} vectors, recall@{RECALL_K} {recall:.3f} "
+                      f"(nprobe {spec.nprobe})")
+        return manifest
+
+    # -- finishing steps ---------------------------------------------------------------------
+    def _sources(self, listing: pa.Table) -> "_Sources":
+        """Where every listed image's vectors come from: an unchanged row of the parent version,
+        a finished partition of this run, or nowhere (a corrupt image)."""
+        listing = listing.select(["id", "content_hash"]).combine_chunks()
+        _check_unique(listing)
+        partitions = done_partitions(self.partitions_dir)
+        parent_rows = self._parent_rows() if self.request.kind == "update" else _empty_rows("shard")
+        staged_rows = _partition_rows(partitions)
+        keys = ["id", "content_hash"]
+        from_parent = listing.join(parent_rows, keys=keys, join_type="inner")
+        rest = listing.join(parent_rows.select(keys), keys=keys, join_type="left anti")
+        from_staging = rest.join(staged_rows, keys=keys, join_type="inner")
+        rest = rest.join(staged_rows.select(keys), keys=keys, join_type="left anti")
+        return _Sources(partitions, parent_rows, from_parent, from_staging, self._corrupt_of(rest, partitions))
+
+    def _write_shards(self, plan: list[_ShardPlan], spec: fx.IndexSpec, trained, version_dir: Path, queries,
+                      timings: dict[str, float]) -> "_Shards":
+        """Each planned shard's embeddings and faiss index in ``version_dir``; exact neighbours
+        of the recall queries among the new vectors are gathered on the way."""
+        out = _Shards(exact=fx.ExactTopK(queries, GT_DEPTH + 1))
+        timings["exact_seconds"] = 0.0
         t = time.time()
         for p in plan:
             rel_parquet, rel_index = f"shards/{p.name}.parquet", f"shards/{p.name}.faiss"
@@ -233,7 +288,7 @@ class StagedBuild:
                 link_or_copy(p.src_parquet, out_parquet)
                 link_or_copy(p.src_index, out_index)
                 for rel in (rel_parquet, rel_index):
-                    files[rel] = self.parent["files"][rel]
+                    out.files[rel] = self.parent["files"][rel]
                 table = pq.read_table(out_parquet, columns=["id"])
             else:
                 if p.rows is None:
@@ -245,44 +300,52 @@ class StagedBuild:
                 fx.write_index_atomic(fx.build_shard(mu, p.shard, spec, trained), out_index)
                 if p.source == "new":
                     t_exact = time.time()
-                    exact.add(mu, fx.labels_for(p.shard, len(mu)))
+                    out.exact.add(mu, fx.labels_for(p.shard, len(mu)))
                     timings["exact_seconds"] += time.time() - t_exact
                 del mu
             # IVF shards are memory-mapped: searching touches only the lists it probes, and the
             # build never holds the whole index in RAM.
-            indexes.append(fx.read_index(out_index, mmap=spec.index_type == "ivf"))
-            ids_by_shard[p.shard] = table.column("id").to_numpy(zero_copy_only=False).astype(str)
-            shard_entries.append({"shard": p.shard, "count": p.count, "source": p.source,
-                                  "embeddings": rel_parquet, "index": rel_index})
+            out.indexes.append(fx.read_index(out_index, mmap=spec.index_type == "ivf"))
+            out.ids_by_shard[p.shard] = table.column("id").to_numpy(zero_copy_only=False).astype(str)
+            out.entries.append({"shard": p.shard, "count": p.count, "source": p.source,
+                                "embeddings": rel_parquet, "index": rel_index})
         timings["shards_seconds"] = time.time() - t - timings["exact_seconds"]
+        return out
 
-        t = time.time()
-        combined = fx.combine(indexes, spec, trained)
-        scores, labels = exact.result()
+    def _measure_recall(self, shards: "_Shards", spec: fx.IndexSpec, trained, queries, query_ids, query_labels,
+                        from_parent: pa.Table, n_vectors: int, version_dir: Path) -> tuple[float, int]:
+        """recall@10 of the combined index against exact search, nprobe tuned; the sample is
+        saved with the version (``verify`` measures it again)."""
+        combined = fx.combine(shards.indexes, spec, trained)
+        scores, labels = shards.exact.result()
         if query_ids is None:  # build: the queries are stored vectors, named once all shards are known
-            query_ids = _labels_to_ids(query_labels, ids_by_shard)
-        sample = self._recall_sample(queries, query_ids, scores, _labels_to_ids(labels, ids_by_shard), from_parent, n_vectors)
-        recall, used = self._tune(combined, spec, sample, ids_by_shard)
+            query_ids = _labels_to_ids(query_labels, shards.ids_by_shard)
+        sample = self._recall_sample(queries, query_ids, scores, _labels_to_ids(labels, shards.ids_by_shard),
+                                     from_parent, n_vectors)
+        recall, used = self._tune(combined, spec, sample, shards.ids_by_shard)
         sample.save(version_dir / "recall_sample.npz")
-        timings["recall_seconds"] = time.time() - t
-        t = time.time()
-        for entry in shard_entries:
+        return recall, used
+
+    def _checksums(self, shards: "_Shards", version_dir: Path) -> dict[str, dict[str, Any]]:
+        """Size and sha256 of every file of the version (reused shards keep the parent's)."""
+        files = dict(shards.files)
+        for entry in shards.entries:
             for rel in (entry["embeddings"], entry["index"]):
                 if rel not in files:
                     files[rel] = checksum(version_dir / rel)
         for rel in ("trained.faiss", "recall_sample.npz"):
             if (version_dir / rel).is_file():
                 files[rel] = checksum(version_dir / rel)
-        timings["checksum_seconds"] = time.time() - t
-        index_seconds = time.time() - t0
+        return dict(sorted(files.items()))
 
-        version = self.store.next_version_id()
-        index_bytes = sum(v["bytes"] for k, v in files.items() if k.endswith(".faiss"))
-        embedded_total = sum(p.rows for p in partitions)
-        manifest = {
+    def _manifest(self, spec: fx.IndexSpec, counts: dict[str, int], src: "_Sources", shards: "_Shards",
+                  files: dict[str, Any], recall: float, used: int, n_vectors: int, timings: dict[str, float], *,
+                  index_seconds: float, embed_seconds: float, embedded_this_run: int) -> dict[str, Any]:
+        req = self.request
+        return {
             "format": INDEX_FORMAT,
             "format_version": FORMAT_VERSION,
-            "version": version,
+            "version": self.store.next_version_id(),
             "kind": req.kind,
             "parent": self.parent_version,
             "build_key": self.key,
@@ -291,7 +354,7 @@ class StagedBuild:
             "corpus": req.corpus,
             "faiss": spec.to_dict(),
             "target_shard_rows": self.target_rows(),
-            "counts": {**counts, "embedded": embedded_total},
+            "counts": {**counts, "embedded": sum(p.rows for p in src.partitions)},
             "recall": {"k": RECALL_K, "recall": recall, "queries": used, "nprobe": spec.nprobe},
             "metrics": {
                 f"recall_at_{RECALL_K}": recall,
@@ -301,21 +364,21 @@ class StagedBuild:
                 "index_seconds": index_seconds,
                 **timings,
                 "build_seconds": time.time() - self.t_start,
-                "index_bytes": index_bytes,
+                "index_bytes": sum(v["bytes"] for k, v in files.items() if k.endswith(".faiss")),
                 "vectors": n_vectors,
                 "corrupt_images": counts["corrupt"],
             },
-            "shards": shard_entries,
-            "files": dict(sorted(files.items())),
-            "corrupt": corrupt,
+            "shards": shards.entries,
+            "files": files,
+            "corrupt": src.corrupt,
         }
+
+    def _publish(self, version_dir: Path, manifest: dict[str, Any]) -> None:
         write_json_atomic(version_dir / MANIFEST_NAME, manifest)
-        self.store.move_into_versions(version_dir, version)
-        self.store.publish(version)
+        self.store.move_into_versions(version_dir, manifest["version"])
+        self.store.publish(manifest["version"])
         self.published = True
         self.store.remove_staging()
-        self.progress(f"published {version}: {n_vectors} vectors, recall@{RECALL_K} {recall:.3f} (nprobe {spec.nprobe})")
-        return manifest
 
     # -- helpers -----------------------------------------------------------------------------
     def _parent_rows(self) -> pa.Table:

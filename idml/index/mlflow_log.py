@@ -6,40 +6,24 @@ the interrupted one started instead of adding a second one.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from idml.tracking import clean_metrics, clean_params, get_or_create_run, tracking_uri
+from idml.tracking import MlflowRun, tracking_uri
 
 
-class IndexRun:
-    def __init__(self, experiment: str, run_name: str, params: Mapping[str, Any], *, uri: str | None = None):
-        from mlflow import MlflowClient  # imported here: mlflow is slow to import
+class IndexRun(MlflowRun):
+    @classmethod
+    def start(cls, experiment: str, run_name: str, params: Mapping[str, Any], *, uri: str | None = None) -> "IndexRun":
+        run = cls.open(uri or tracking_uri(), experiment, run_name, tags={"idml.job": "index"})
+        run.log_params(params)  # a rerun logs the same params again: only new ones are sent
+        return run
 
-        self.client = MlflowClient(uri or tracking_uri())
-        self.run_id = get_or_create_run(self.client, experiment, run_name, tags={"idml.job": "index"})
-        self.client.update_run(self.run_id, status="RUNNING")
-        logged = self.client.get_run(self.run_id).data.params
-        # A rerun logs the same params; MLflow rejects re-logging a param with another value.
-        new = {k: v for k, v in clean_params(params).items() if k not in logged}
-        self._log(params=new)
-
-    def _log(self, params: Mapping[str, str] | None = None, metrics: Mapping[str, float] | None = None) -> None:
-        from mlflow.entities import Metric, Param
-
-        ts = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, v, ts, 0) for k, v in (metrics or {}).items()],
-                              params=[Param(k, v) for k, v in (params or {}).items()])
-
-    def finish(self, metrics: Mapping[str, Any], manifest_path: Path | None = None) -> None:
-        self._log(metrics=clean_metrics(metrics))
-        if manifest_path is not None:
-            self.client.log_artifact(self.run_id, str(manifest_path), artifact_path="index")
-        self.client.set_terminated(self.run_id, "FINISHED")
-
-    def fail(self) -> None:
-        self.client.set_terminated(self.run_id, "FAILED")
+    def finish(self, metrics: Mapping[str, Any] | None = None, manifest_path: Path | None = None,  # type: ignore[override]
+               status: str = "FINISHED") -> None:
+        self.log_metrics(metrics or {})
+        self.log_artifact(manifest_path, "index")
+        super().finish(status)
 
 
 def index_params(manifest_or_request: Mapping[str, Any]) -> dict[str, Any]:

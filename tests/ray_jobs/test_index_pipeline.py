@@ -17,7 +17,8 @@ import pytest
 from support import make_checkpoint, make_image_folder, make_index_dataset, shape_image
 
 from idml.index import IndexStore
-from pipelines.index import DELAY_ENV, actor_resources, main
+from pipelines.index import DELAY_ENV, actor_resources
+from pipelines.index_cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -169,7 +170,7 @@ def test_killed_build_publishes_nothing_and_the_rerun_resumes(ray_local, tiny, t
     # The child joins this test's Ray instance (no second start-up) and embeds slowly.
     env = {**os.environ, DELAY_ENV: "0.5", "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,
            "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.index", *args], cwd=tmp_path, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.index_cli", *args], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
