@@ -1,15 +1,14 @@
-"""Training and evaluation loops shared by the local CLI and the Ray Train workers.
+"""What a training run is made of (``build_training``: model, loss, optimizer, scheduler) and
+the embedding pass evaluation uses. The epoch loop itself is ``idml.fit``.
 
-The loops consume any iterable of ``(images, targets)`` batches (images NCHW float in [0, 1] or
-uint8; targets contiguous class indices), so a torch DataLoader and a Ray Data iterator drive
-the same code.
+Batches are any iterable of image tensors, or tuples whose first item is one (NCHW float in
+[0, 1] or uint8), so a torch DataLoader and a Ray Data iterator drive the same code.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-import time
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .config import Config, TrainConfig
+from .config import Config
 from .losses import build_loss
 from .mixup import IntrospectiveObjective
 from .model import IDMLModel, build_model
@@ -89,62 +88,6 @@ def build_training(cfg: Config, num_classes: int, *, device: str | torch.device 
     optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=t.lr_step, gamma=t.lr_gamma)
     return TrainingState(objective, optimizer, scheduler)
-
-
-def train_one_epoch(
-    objective: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    *,
-    epoch: int,
-    train_cfg: TrainConfig,
-    device: str | torch.device = "cpu",
-    progress: bool = True,
-    total: int | None = None,
-) -> dict[str, float]:
-    """One pass over ``batches``. During warm-up epochs only heads and proxies train."""
-    model = unwrap(objective).model
-    model.set_backbone_trainable(epoch >= train_cfg.warmup_epochs)
-    objective.train()
-    totals = {"loss": 0.0, "uncertainty_clean": 0.0, "uncertainty_mixed": 0.0}
-    steps = images = 0
-    data_wait = 0.0  # time spent waiting for the next batch: the input pipeline's share
-    start = time.perf_counter()
-    bar = tqdm(batches, total=total, desc=f"epoch {epoch}", disable=not progress, leave=False)
-    iterator = iter(bar)
-    while True:
-        asked = time.perf_counter()
-        try:
-            images_batch, targets = next(iterator)
-        except StopIteration:
-            break
-        data_wait += time.perf_counter() - asked
-        images_batch = _to_device(images_batch, device, train_cfg.channels_last)
-        targets = targets.to(device, non_blocking=True).long()
-        loss, stats = objective(images_batch, targets)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch}, step {steps}; lower train.lr or loss.uncertainty_weight")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if train_cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_value_(objective.parameters(), train_cfg.grad_clip)
-        optimizer.step()
-        steps += 1
-        images += len(targets)
-        totals["loss"] += loss.item()
-        for key, value in stats.items():
-            totals[key] += float(value)
-        bar.set_postfix(loss=f"{totals['loss'] / steps:.3f}")
-        if train_cfg.max_steps_per_epoch and steps >= train_cfg.max_steps_per_epoch:
-            break
-    seconds = time.perf_counter() - start
-    if steps == 0:
-        raise ValueError(f"epoch {epoch} received no batches: is the training split empty or smaller than one batch?")
-    out = {key: value / steps for key, value in totals.items()}
-    if not unwrap(objective).mixup:
-        out.pop("uncertainty_mixed")
-    out.update(steps=steps, images=images, seconds=seconds, images_per_s=images / seconds, data_wait_s=data_wait)
-    return out
 
 
 def _to_device(images: torch.Tensor, device, channels_last: bool) -> torch.Tensor:

@@ -1,28 +1,21 @@
-"""A plain single-process training run: the same loop the Ray Train workers use, driven by a
-torch DataLoader with class-balanced batches."""
+"""The local runner: one process, a torch DataLoader of class-balanced batches, and ``fit``."""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
-import torch
 from pytorch_metric_learning.samplers import MPerClassSampler
 from torch.utils.data import DataLoader
 
-from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from .config import Config, validate_config
-from .data import ImageShardDataset, read_manifest, resolve_dataset
-from .engine import build_training, configure_threads, seed_everything, train_one_epoch
-from .evaluation.plots import plot_recall_curves
-from .evaluation.protocol import evaluate_model, summary_metrics
+from .data import ImageShardDataset, open_dataset
+from .engine import build_training, configure_threads, seed_everything
+from .fit import Progress, evaluate_and_summarize, fit
 from .transforms import eval_transform, train_transform
 
 log = logging.getLogger(__name__)
-
-SELECTION_METRIC = "recall@1"
 
 
 def class_balanced_loader(dataset: ImageShardDataset, cfg: Config) -> DataLoader:
@@ -38,10 +31,6 @@ def class_balanced_loader(dataset: ImageShardDataset, cfg: Config) -> DataLoader
                       num_workers=cfg.data.workers, persistent_workers=cfg.data.workers > 0)
 
 
-def checkpoint_state(state, cfg: Config, epoch: int, history: list, best: dict | None) -> dict[str, Any]:
-    return {**state.state_dict(), "epoch": epoch, "config": cfg.to_dict(), "history": history, "best": best}
-
-
 def train_local(cfg: Config, *, progress: bool = True, resume: bool = True) -> dict[str, Any]:
     """Train with ``cfg`` and evaluate the best checkpoint (chosen on the validation split,
     which holds classes unseen in training) on the test split. Writes ``last.pt``, ``best.pt``,
@@ -51,81 +40,24 @@ def train_local(cfg: Config, *, progress: bool = True, resume: bool = True) -> d
     configure_threads(cfg.train.threads)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    root = resolve_dataset(cfg.data.dataset)
-    splits = read_manifest(root)["splits"]
+    source = open_dataset(cfg.data.dataset)
+    source.check_local()
     size = cfg.data.image_size
-    train_ds = ImageShardDataset(root, cfg.data.train_split, transform=train_transform(size))
-    has_val = cfg.data.val_split in splits and splits[cfg.data.val_split]["num_images"] > 0
-    val_ds = ImageShardDataset(root, cfg.data.val_split, transform=eval_transform(size)) if has_val else None
-    if not has_val:
+    train_ds = ImageShardDataset(source.root, cfg.data.train_split, transform=train_transform(size))
+    val_ds = None
+    if source.has_split(cfg.data.val_split):
+        val_ds = ImageShardDataset(source.root, cfg.data.val_split, transform=eval_transform(size))
+    else:
         log.warning("no %r split: the last epoch's model is kept (convert with val_fraction > 0 to select on held-out classes)",
                     cfg.data.val_split)
 
     state = build_training(cfg, train_ds.num_classes)
-    start_epoch, history, best = 0, [], None
-    last_path, best_path = out / "last.pt", out / "best.pt"
-    if resume and last_path.exists():
-        ckpt = load_checkpoint(last_path)
-        state.load_state_dict(ckpt)
-        start_epoch, history, best = ckpt["epoch"] + 1, ckpt["history"], ckpt["best"]
-        log.info("resumed from %s at epoch %d", last_path, start_epoch)
-
+    start = Progress()
+    if resume and (out / "last.pt").exists():
+        start = Progress.resume(state, out / "last.pt")
+        log.info("resumed from %s at epoch %d", out / "last.pt", start.start_epoch)
     loader = class_balanced_loader(train_ds, cfg)
-    for epoch in range(start_epoch, cfg.train.epochs):
-        stats = train_one_epoch(state.objective, state.optimizer, loader, epoch=epoch, train_cfg=cfg.train,
-                                progress=progress, total=len(loader))
-        state.scheduler.step()
-        record: dict[str, Any] = {"epoch": epoch, **{f"train/{k}": v for k, v in stats.items()}}
-        last_epoch = epoch == cfg.train.epochs - 1
-        if val_ds is not None and ((epoch + 1) % cfg.train.eval_every == 0 or last_epoch):
-            val = evaluate_model(state.model, val_ds, cfg, uncertainty=False, progress=progress)
-            record.update({f"val/{k}": v for k, v in summary_metrics(val).items()})
-            score = val["metrics"][SELECTION_METRIC]
-            if best is None or score > best["score"]:
-                best = {"epoch": epoch, "metric": SELECTION_METRIC, "score": score}
-                save_checkpoint(best_path, checkpoint_state(state, cfg, epoch, history + [record], best))
-        history.append(record)
-        log.info("epoch %d: %s", epoch, _short(record))
-        save_checkpoint(last_path, checkpoint_state(state, cfg, epoch, history, best))
-
-    return finish(cfg, root, best_path if best is not None else last_path, history, progress=progress)
-
-
-def finish(cfg: Config, root: str, checkpoint: Path, history: list, *, progress: bool = True) -> dict[str, Any]:
-    """Evaluate ``checkpoint`` on the test split; write metrics.json and the plots."""
-    test_ds = ImageShardDataset(root, cfg.data.test_split, transform=eval_transform(cfg.data.image_size))
-    return evaluate_and_summarize(cfg, checkpoint, test_ds, history, progress=progress)[0]
-
-
-def evaluate_and_summarize(cfg: Config, checkpoint: Path, test_ds, history: list, *, progress: bool = True,
-                           device: str | torch.device = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
-    """``finish`` on any test dataset ``evaluate_model`` accepts (the Ray pipeline streams its
-    own); returns the summary and the raw evaluation result (embeddings included)."""
-    out = Path(cfg.output_dir)
-    ckpt = load_checkpoint(checkpoint)
-    model, _ = model_from_checkpoint(ckpt)
-    result = evaluate_model(model.to(device), test_ds, cfg, device=device, plot_path=out / "uncertainty.png",
-                            progress=progress)
-    if history:
-        plot_recall_curves(history, out / "recall_curves.png", keys=("recall@1", "map@r"))
-    summary = {
-        "checkpoint": str(checkpoint),
-        "selected_epoch": ckpt["epoch"],
-        "test": summary_metrics(result),
-        "cross_domain": result["cross_domain"],
-        "uncertainty_bins": result["uncertainty_bins"],
-        "train_images_per_s": _mean([h.get("train/images_per_s") for h in history]),
-        "history": history,
-    }
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=float))
-    return summary, result
-
-
-def _mean(values):
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
-
-
-def _short(record: dict) -> str:
-    keys = ("train/loss", "train/images_per_s", "val/recall@1", "val/map@r")
-    return ", ".join(f"{k}={record[k]:.4g}" for k in keys if k in record)
+    done = fit(state, cfg, lambda epoch: loader, out_dir=out, val=val_ds, progress=start, show_progress=progress,
+               steps_per_epoch=len(loader))
+    test_ds = ImageShardDataset(source.root, cfg.data.test_split, transform=eval_transform(size))
+    return evaluate_and_summarize(cfg, done.selected(out), test_ds, done.history, progress=progress)[0]

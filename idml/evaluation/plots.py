@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -225,3 +225,35 @@ def plot_retrieval_grid(
                         transform=ax.transAxes, ha="center", va="top", fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def save_retrieval_grid(mu: np.ndarray, labels: Sequence[int], load_images: Callable[[list[int]], dict[int, Any]],
+                        path: str | Path, *, num_queries: int = 8, k: int = 5, seed: int = 0) -> Path | None:
+    """``plot_retrieval_grid`` of an evaluated split: one random query from each of up to
+    ``num_queries`` random classes with its top-``k`` neighbours in ``mu`` (wrong ones outlined).
+    ``load_images(indices)`` returns ``{row: PIL image}`` (one call, so a streamed split reads
+    its shards once). None when the split is too small for a neighbour."""
+    from .retrieval import knn
+
+    labels = np.asarray(labels)
+    k = min(k, len(mu) - 1)
+    if k < 1:
+        return None
+    rng = np.random.default_rng(seed)
+    classes = rng.permutation(np.unique(labels))[:num_queries]
+    queries = np.array([rng.choice(np.flatnonzero(labels == c)) for c in classes])
+    sims, idx = knn(mu[queries], mu, k + 1)
+    rows, scores = [], []
+    for q, s_row, i_row in zip(queries, sims, idx):
+        keep = [(s, j) for s, j in zip(s_row.tolist(), i_row.tolist()) if j != q][:k]
+        rows.append([j for _, j in keep])
+        scores.append([s for s, _ in keep])
+    pictures = load_images(sorted({int(q) for q in queries} | {j for row in rows for j in row}))
+
+    def thumb(i: int) -> np.ndarray:
+        return np.asarray(pictures[i].convert("RGB").resize((96, 96)))
+
+    plot_retrieval_grid([thumb(q) for q in queries], [[thumb(j) for j in row] for row in rows],
+                        [[labels[j] == labels[q] for j in row] for q, row in zip(queries, rows)], path,
+                        query_titles=[f"query (label {labels[q]})" for q in queries], result_scores=scores)
+    return Path(path)

@@ -193,7 +193,12 @@ def leave_one_out_per_query(
 def kmeans_nmi(embeddings: np.ndarray, codes: np.ndarray, seed: int) -> float:
     """NMI between labels and faiss k-means clusters (k = number of distinct labels)."""
     num_clusters = int(codes.max()) + 1
-    kmeans = faiss.Kmeans(embeddings.shape[1], num_clusters, niter=KMEANS_NITER, seed=seed)
+    # faiss prints a warning to stderr when there are fewer than 39 points per cluster (always
+    # so with one cluster per class); min_points_per_centroid only gates that warning, so the
+    # clustering is the same. It is a debug-log line here, shown with -v.
+    logger.debug("NMI k-means: %d points in %d clusters (faiss suggests >= 39 per cluster)", len(embeddings), num_clusters)
+    kmeans = faiss.Kmeans(embeddings.shape[1], num_clusters, niter=KMEANS_NITER, seed=seed,
+                          min_points_per_centroid=39 if logger.isEnabledFor(logging.DEBUG) else 1)
     kmeans.train(embeddings)
     _, assignment = kmeans.index.search(embeddings, 1)
     return float(normalized_mutual_info_score(codes, assignment[:, 0]))

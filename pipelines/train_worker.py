@@ -1,0 +1,221 @@
+"""The training function of every Ray Train worker: the Ray context around the library's one
+epoch loop (``idml.fit.fit``).
+
+- Class proxies (ProxyAnchor/ProxyNCA) are parameters of ``IntrospectiveObjective``, the one
+  module DDP wraps: DDP broadcasts rank 0's initial values and all-reduces their gradients, so
+  every worker holds identical proxies. Pair-based losses gather every worker's embeddings
+  (``MetricLoss.gather_across_workers``, PML's distributed wrappers).
+- ``fit`` calls the ``wrap`` hook whenever the warm-up phase changes: DDP records which
+  parameters need gradients when it is built, so the wrapper is rebuilt then (not
+  ``find_unused_parameters``, which would cost a graph walk every step; that is only on when
+  ``loss.introspective`` is false, as the uncertainty head then gets no gradient).
+- Rank 0 evaluates (val picks ``best.pt``; test is reported only), writes the checkpoints and
+  reports them through ``ray.train.report`` every epoch (``FailureConfig`` restarts from them);
+  it alone logs to the MLflow run the driver opened.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from idml.config import config_from_dict
+from idml.tracking import MlflowRun, clean_metrics
+
+from ._worker_data import StreamedSplit, iter_train_batches
+
+log = logging.getLogger(__name__)
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Train on this worker's shard of the ``train`` dataset (see ``pipelines.train.build_trainer``)."""
+    import ray.train
+    import ray.train.torch
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    _configure_logging(rank, verbose=config.get("verbose", False))
+
+    from idml.engine import build_training, configure_threads, seed_everything
+    from idml.fit import Hooks, fit
+
+    cfg = config_from_dict(config["config"])
+    configure_threads(config["threads"])  # Ray sets OMP_NUM_THREADS=1; use the reserved CPUs
+    device = ray.train.torch.get_device()
+    seed_everything(cfg.train.seed)  # the same initial weights everywhere (DDP broadcasts rank 0's anyway)
+    state = build_training(cfg, config["num_classes"], device=device)
+    gather = world > 1 and state.objective.criterion.gather_across_workers()
+    seed_everything(cfg.train.seed + 7919 * rank)  # but different mixup draws per worker
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    progress, restored = _restore(state, out, rank)
+    run = MlflowRun(config["tracking_uri"], config["run_id"]) if rank == 0 and config["run_id"] else None
+    if run is not None:
+        run.log_params(config["params"])
+        if restored:
+            _backfill(run, progress)
+
+    eval_cfg = config_from_dict(cfg.to_dict())
+    eval_cfg.data.workers = 0  # the split is a stream; Ray Data already decodes in parallel
+    source = config["source"]
+    test = StreamedSplit(ray.train.get_dataset_shard("test"), source, cfg.data.test_split, cfg.eval.batch_size)
+    val = (StreamedSplit(ray.train.get_dataset_shard("val"), source, cfg.data.val_split, cfg.eval.batch_size)
+           if config["has_val"] else None)
+    shard = ray.train.get_dataset_shard("train")
+    skipped: list[str] = []
+
+    def batches(epoch: int) -> Iterable:
+        skipped.clear()
+        stream = iter_train_batches(shard, cfg.data.image_size, skipped)
+        return _progress_lines(stream, epoch, cfg.train.epochs) if rank == 0 else stream
+
+    def epoch_stats(stats: dict[str, float]) -> dict[str, float]:
+        if skipped:
+            log.warning("rank %d skipped %d undecodable images: %s", rank, len(skipped), skipped[:10])
+        return _reduce_stats(stats, len(skipped), world=world, gathered=gather, device=device)
+
+    def epoch_end(epoch: int, record: dict[str, Any]) -> None:
+        _report(record, epoch, rank, out / "last.pt", out / "best.pt" if progress.best is not None else None)
+        if run is not None:
+            run.log_metrics(record, step=epoch)
+
+    hooks = Hooks(wrap=lambda objective: _wrap_ddp(objective, device, world, find_unused=not cfg.loss.introspective),
+                  epoch_stats=epoch_stats, epoch_end=epoch_end)
+    fit(state, cfg, batches, out_dir=out, val=val, reported={"test": test}, progress=progress, hooks=hooks,
+        main_process=rank == 0, eval_cfg=eval_cfg, device=device, show_progress=False)
+    if rank == 0:
+        _finish(run, eval_cfg, progress, test, device)
+
+
+def _configure_logging(rank: int, *, verbose: bool) -> None:
+    """Rank 0's progress lines and epoch summaries reach the job's output (worker logs go to the
+    driver); the rest only with ``-v``."""
+    for noisy in ("faiss.loader", "ray.train"):  # CPU-feature probing (before faiss loads); every report's metrics
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
+    if rank == 0:
+        logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+        for name in (__name__, "idml.fit"):
+            logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def _restore(state, out: Path, rank: int):
+    """The progress in Ray's latest checkpoint (after a worker failure or for a resumed run),
+    loaded into ``state``; rank 0 copies its files into the output folder."""
+    import ray.train
+
+    from idml.fit import Progress
+
+    restored = ray.train.get_checkpoint()
+    if restored is None:
+        return Progress(), False
+    with restored.as_directory() as folder:
+        progress = Progress.resume(state, Path(folder) / "last.pt")
+        if rank == 0:
+            for name in ("last.pt", "best.pt"):
+                if (Path(folder) / name).exists():
+                    shutil.copyfile(Path(folder) / name, out / name)
+    log.info("rank %d resumed from %s at epoch %d", rank, restored.path, progress.start_epoch)
+    return progress, True
+
+
+def _backfill(run: MlflowRun, progress) -> None:
+    """An epoch is logged after its checkpoint is reported: a failure in between leaves it in
+    the checkpoint's history but not in MLflow, so log it now (exactly once)."""
+    logged = run.logged_steps("train/loss")
+    for record in progress.history:
+        if record["epoch"] not in logged:
+            run.log_metrics(record, step=record["epoch"])
+    run.log_metrics({"resumed_from_epoch": progress.start_epoch}, step=progress.start_epoch)
+
+
+def _finish(run: MlflowRun | None, cfg, progress, test: StreamedSplit, device) -> None:
+    """Rank 0, after the last epoch: the selected checkpoint on test, plots, MLflow artifacts."""
+    from idml.evaluation.plots import save_retrieval_grid
+    from idml.fit import evaluate_and_summarize
+
+    out = Path(cfg.output_dir)
+    summary, result = evaluate_and_summarize(cfg, progress.selected(out), test, progress.history, progress=False,
+                                             device=device)
+    grid = save_retrieval_grid(result["mu"], test.labels, test.images, out / "retrieval_grid.png", seed=cfg.train.seed)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if run is None:
+        return
+    run.log_metrics({f"final_test/{k}": v for k, v in summary["test"].items()}
+                    | {"selected_epoch": summary["selected_epoch"], "corrupt_images_skipped_test": len(test.skipped)},
+                    step=cfg.train.epochs)
+    for path, folder in ((out / "best.pt" if progress.best is not None else None, "checkpoints"),
+                         (out / "last.pt", "checkpoints"), (out / "config.yaml", None), (out / "metrics.json", None),
+                         (out / "recall_curves.png", "plots"), (out / "uncertainty.png", "plots"), (grid, "plots")):
+        run.log_artifact(path, folder)
+    run.finish()
+
+
+def _progress_lines(batches, epoch: int, epochs: int, every_s: float = 30.0):
+    """Pass ``batches`` through, logging a progress line every ``every_s`` seconds: worker
+    output reaches the driver line by line, so a terminal progress bar would not render."""
+    start = last = time.perf_counter()
+    images = 0
+    for step, batch in enumerate(batches, 1):
+        yield batch
+        images += len(batch[1])
+        now = time.perf_counter()
+        if now - last >= every_s:
+            log.info("epoch %d/%d: step %d, %d images, %.1f images/s", epoch, epochs - 1, step, images,
+                     images / (now - start))
+            last = now
+
+
+def _wrap_ddp(objective, device, world: int, *, find_unused: bool):
+    if world == 1:
+        return objective
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(
+        objective, device_ids=[device.index] if device.type == "cuda" else None,
+        broadcast_buffers=False,  # BN statistics are frozen: nothing to broadcast each step
+        find_unused_parameters=find_unused,
+    )
+
+
+def _reduce_stats(stats: dict[str, float], skipped: int, *, world: int, gathered: bool, device) -> dict[str, float]:
+    """Epoch statistics over all workers: mean loss, total images and images/s."""
+    import torch
+
+    keys = [k for k in stats if k not in ("steps", "images", "seconds", "images_per_s")]
+    values = [stats[k] for k in keys] + [stats["images"], stats["seconds"], skipped, stats["steps"]]
+    if world > 1:
+        tensor = torch.tensor(values, dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(tensor)
+        values = tensor.tolist()
+        values[:len(keys)] = [v / world for v in values[:len(keys)]]
+        values[len(keys) + 1] /= world  # mean seconds
+    out = dict(zip(keys, values[:len(keys)]))
+    if gathered:
+        out["loss"] /= world  # a gathering loss is world_size x the loss of the whole batch
+    images, seconds, skipped_total, steps = values[len(keys):]
+    out.update(images=images, seconds=seconds, images_per_s=images / seconds if seconds else 0.0,
+               steps=stats["steps"], corrupt_images_skipped=skipped_total)
+    return out
+
+
+def _report(record: dict[str, Any], epoch: int, rank: int, last_path: Path, best_path: Path | None) -> None:
+    """Rank 0 reports the checkpoint (others report metrics only: ``report`` is a barrier)."""
+    import ray.train
+
+    metrics = clean_metrics(record)
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        shutil.copyfile(last_path, Path(folder) / "last.pt")
+        if best_path is not None:
+            shutil.copyfile(best_path, Path(folder) / "best.pt")
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                         checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}")

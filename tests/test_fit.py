@@ -1,0 +1,79 @@
+"""The one epoch loop (``idml.fit``): warm-up, evaluation cadence, best selection, checkpoints,
+history, hooks."""
+
+import pytest
+import torch
+from support import TRAIN_OVERRIDES, random_batches
+
+from idml.checkpoint import load_checkpoint
+from idml.config import load_config
+from idml.data import ImageShardDataset
+from idml.engine import build_training
+from idml.fit import SELECTION_METRIC, Hooks, Progress, fit, train_one_epoch
+from idml.transforms import eval_transform
+
+OVERRIDES = TRAIN_OVERRIDES
+
+
+def test_warmup_trains_heads_and_proxies_only_then_everything(tmp_path):
+    cfg = load_config(overrides=OVERRIDES + ["train.epochs=1"])
+    state = build_training(cfg, num_classes=4)
+    snapshot = {k: v.clone() for k, v in state.objective.state_dict().items()}
+    wrapped = []
+    hooks = Hooks(wrap=lambda objective: wrapped.append(objective) or objective)
+    fit(state, cfg, lambda epoch: random_batches(), out_dir=tmp_path, hooks=hooks, show_progress=False)
+    after = state.objective.state_dict()
+    assert torch.equal(after["model.backbone.conv1.weight"], snapshot["model.backbone.conv1.weight"])
+    assert not torch.equal(after["model.semantic_head.weight"], snapshot["model.semantic_head.weight"])
+    assert not torch.equal(after["criterion.loss.proxies"], snapshot["criterion.loss.proxies"])
+    cfg.train.epochs = 3  # two more epochs after the warm-up: one phase change, one re-wrap
+    done = fit(state, cfg, lambda epoch: random_batches(), out_dir=tmp_path, hooks=hooks, show_progress=False,
+               progress=Progress.resume(state, tmp_path / "last.pt"))
+    assert not torch.equal(state.objective.state_dict()["model.backbone.conv1.weight"], snapshot["model.backbone.conv1.weight"])
+    assert len(wrapped) == 2 and [h["epoch"] for h in done.history] == [0, 1, 2]
+    stats = done.history[0]
+    assert stats["train/steps"] == 3 and stats["train/images"] == 24 and stats["train/images_per_s"] > 0
+    assert stats["train/uncertainty_mixed"] >= 0
+
+
+def test_best_selected_on_validation_at_the_eval_cadence(tiny_config, tmp_path):
+    cfg = tiny_config
+    cfg.train.epochs, cfg.train.eval_every = 3, 2
+    state = build_training(cfg, num_classes=4)
+    val = ImageShardDataset(cfg.data.dataset, "val", transform=eval_transform(32))
+    ended = []
+    done = fit(state, cfg, lambda epoch: random_batches(2), out_dir=tmp_path, val=val, reported={"test": val},
+               hooks=Hooks(epoch_end=lambda epoch, record: ended.append(epoch)), show_progress=False)
+    assert ended == [0, 1, 2]
+    evaluated = [h["epoch"] for h in done.history if f"val/{SELECTION_METRIC}" in h]
+    assert evaluated == [1, 2]  # every 2nd epoch, and the last
+    assert all("test/recall@1" in h for h in done.history if h["epoch"] in evaluated)
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert best["epoch"] == done.best["epoch"] and "optimizer" not in best  # best.pt is for evaluation
+    assert "optimizer" in load_checkpoint(tmp_path / "last.pt")
+    assert done.selected(tmp_path) == tmp_path / "best.pt"
+
+
+def test_other_processes_only_train(tmp_path):
+    cfg = load_config(overrides=OVERRIDES + ["train.epochs=1"])
+    state = build_training(cfg, num_classes=4)
+    done = fit(state, cfg, lambda epoch: random_batches(1), out_dir=tmp_path, main_process=False, show_progress=False,
+               hooks=Hooks(epoch_stats=lambda stats: {**stats, "reduced": 1.0}))
+    assert done.history == [] and not (tmp_path / "last.pt").exists()
+
+
+def test_non_finite_loss_and_empty_input_are_clear_errors():
+    cfg = load_config(overrides=OVERRIDES + ["train.lr=1e30"])
+    state = build_training(cfg, num_classes=4)
+    with pytest.raises(ValueError, match="no batches"):
+        train_one_epoch(state.objective, state.optimizer, [], epoch=0, train_cfg=cfg.train, progress=False)
+    state.model.set_backbone_trainable(True)
+    with pytest.raises(FloatingPointError, match="lower train.lr"):
+        for epoch in range(3):
+            train_one_epoch(state.objective, state.optimizer, random_batches(), epoch=epoch, train_cfg=cfg.train, progress=False)
+
+
+def test_max_steps_per_epoch():
+    cfg = load_config(overrides=OVERRIDES + ["train.max_steps_per_epoch=2"])
+    state = build_training(cfg, num_classes=4)
+    assert train_one_epoch(state.objective, state.optimizer, random_batches(5), epoch=0, train_cfg=cfg.train, progress=False)["steps"] == 2
