@@ -232,15 +232,8 @@ def _check_cpus(options: RayOptions) -> None:
             "the data pipeline would stall; lower --cpus-per-worker or --num-workers (fractions such as 0.5 are fine)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m pipelines.train [idml train options]``, e.g. as the entrypoint of
-    ``ray job submit``: the same as ``idml train --ray``."""
-    from idml.cli import main as cli_main
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    verbose = [a for a in args if a in ("-v", "--verbose")]  # a top-level option of the idml CLI
-    return cli_main([*verbose, "train", "--ray", *[a for a in args if a not in verbose]])
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    # The script entry only: the command line sits above this module (pipelines.cli).
+    from pipelines.cli import train_main
+
+    sys.exit(train_main(prog="python -m pipelines.train"))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from idml.checkpoint import load_checkpoint, model_from_checkpoint
-from idml.cli import main
+from pipelines.cli import main
 from idml.data import ImageShardDataset
 from idml.train import class_balanced_loader, train_local
 from idml.transforms import train_transform

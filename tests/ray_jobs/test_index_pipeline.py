@@ -211,7 +211,7 @@ def test_raw_image_folder_counts_corrupt_files(ray_local, tmp_path, tiny):
 
 
 def test_cli_forwards_to_the_pipeline(tmp_path, capsys):
-    from idml.cli import main as idml_main
+    from pipelines.cli import main as idml_main
 
     assert idml_main(["index", "verify", "--index-dir", str(tmp_path / "none")]) == 1
     assert "nothing published" in capsys.readouterr().out

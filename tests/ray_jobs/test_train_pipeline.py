@@ -18,8 +18,8 @@ from ray_jobs.ray_helpers import TINY, artifact_paths, cluster_processes, connec
 from support import make_class_dataset
 
 from idml.checkpoint import load_checkpoint, model_from_checkpoint
-from idml.cli import main
 from idml.config import ConfigError, load_config
+from pipelines.cli import main
 from pipelines.train import RayOptions, train_ray
 
 EXPECTED_ARTIFACTS = {"checkpoints/best.pt", "checkpoints/last.pt", "config.yaml", "metrics.json",

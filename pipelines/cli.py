@@ -1,0 +1,276 @@
+"""The ``idml`` command line: data fetch|convert|inspect, train (local or ``--ray``), eval, index.
+
+It sits above the library (``idml``) and the Ray entrypoints (``pipelines``) and imports from
+both; neither imports it. ``python -m pipelines.train`` is ``train_main`` (``idml train --ray``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+
+def _version() -> str:
+    try:
+        return version("idml")
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        return "unknown (not installed)"
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="also show debug logs, Ray Data's execution lines, library warnings, and tracebacks on errors")
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file (default: the embedded configs/emoji.yaml; see configs/)")
+    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override config values, e.g. --set train.epochs=3 loss.name=triplet (may be repeated)")
+    p.add_argument("--output-dir", help="where checkpoints, metrics and plots go (shortcut for --set output_dir=...)")
+
+
+def _add_train_args(p: argparse.ArgumentParser, *, ray_flag: bool = True) -> None:
+    _add_config_args(p)
+    p.add_argument("--no-resume", action="store_true",
+                   help="start over even if output_dir has last.pt (with --ray: a new run name with a timestamp)")
+    ray = p.add_argument_group("distributed training on Ray (pipelines.train)")
+    if ray_flag:
+        ray.add_argument("--ray", action="store_true", help="train with Ray Data + Ray Train DDP workers, tracked in MLflow")
+    ray.add_argument("--num-workers", type=int, default=1, help="DDP workers (default: 1)")
+    ray.add_argument("--cpus-per-worker", type=float, default=1.0,
+                     help="CPUs each worker reserves; leave some for Ray Data's decoding (default: 1)")
+    ray.add_argument("--gpu", action="store_true", help="one GPU per worker (nccl)")
+    ray.add_argument("--run-name", help="Ray run and MLflow run name; the same name resumes (default: the output folder's name)")
+    ray.add_argument("--storage-path", help="Ray checkpoints; shared storage (NFS, s3://...) on a multi-node cluster "
+                                            "(default: <output_dir>/ray)")
+    ray.add_argument("--max-failures", type=int, default=2, help="worker-group restarts from the last checkpoint (default: 2)")
+    ray.add_argument("--experiment", default="idml", help="MLflow experiment (default: idml)")
+    ray.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a new local instance)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from idml.data.converters import CONVERTERS
+
+    parser = argparse.ArgumentParser(prog="idml", description="Introspective Deep Metric Learning")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    _add_common(parser)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = sub.add_parser("data", help="fetch, convert and inspect datasets").add_subparsers(
+        dest="data_command", required=True, metavar="DATA_COMMAND")
+    fetch = data.add_parser("fetch", help="fetch and convert a built-in dataset (emoji, fashion-mnist)")
+    fetch.add_argument("name", help="built-in dataset: emoji or fashion-mnist")
+    fetch.add_argument("--cache-dir", help="default: $IDML_CACHE or ~/.cache/idml")
+    fetch.add_argument("--tarball-dir", help="emoji: folder holding the four emoji-datasource-*-16.0.0.tgz files (no npm needed)")
+    convert = data.add_parser("convert", help="convert images on disk into the sharded Parquet format",
+                              epilog="layouts: " + "; ".join(f"{name}: {c.help}" for name, c in CONVERTERS.items()))
+    convert.add_argument("format", choices=list(CONVERTERS), help="the source layout (see below)")
+    convert.add_argument("src", help="the extracted source dataset folder")
+    convert.add_argument("dst", help="output folder (created; must be new, empty, or a dataset with --overwrite)")
+    convert.add_argument("--val-fraction", type=float, default=0.1,
+                         help="fraction of training classes held out for model selection (0 disables; default: 0.1)")
+    convert.add_argument("--shard-mb", type=float, default=64.0, help="shard size in MiB of image data (default: 64)")
+    convert.add_argument("--with-domains", action="store_true", help="image-folder: src/<domain>/<class>/<image>")
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing dataset at dst")
+    inspect = data.add_parser("inspect", help="summarise a converted dataset")
+    inspect.add_argument("dataset", help="a dataset folder or built-in name")
+    inspect.add_argument("--grid", help="also save a PNG grid of sample images here")
+    inspect.add_argument("--verify", action="store_true", help="check every shard's checksum")
+
+    train = sub.add_parser("train", help="train a model and evaluate it on the test split")
+    _add_train_args(train)
+
+    ev = sub.add_parser("eval", help="evaluate a checkpoint (or the frozen pretrained backbone)")
+    _add_config_args(ev)
+    source = ev.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a checkpoint written by idml train (best.pt, last.pt)")
+    source.add_argument("--frozen-backbone", action="store_true", help="evaluate the pretrained backbone's pooled features")
+    ev.add_argument("--split", default=None, help="split to evaluate (default: data.test_split)")
+    ev.add_argument("--json", help="write the metrics here")
+
+    # Everything after `index` goes to pipelines.index_cli (Ray is imported only when it runs).
+    # prefix_chars="+": this parser claims no options, so --help and -v reach the index CLI too.
+    index = sub.add_parser("index", help="build|update|query|verify versioned faiss indexes (Ray)", add_help=False,
+                           prefix_chars="+")
+    index.add_argument("index_args", nargs=argparse.REMAINDER, help="see `idml index --help`")
+    return parser
+
+
+def train_parser(prog: str) -> argparse.ArgumentParser:
+    """``idml train --ray`` as a command of its own (``python -m pipelines.train``)."""
+    parser = argparse.ArgumentParser(prog=prog, description="Distributed IDML training on Ray: the same as `idml train --ray`")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    _add_common(parser)
+    _add_train_args(parser, ray_flag=False)
+    parser.set_defaults(command="train", ray=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return _run(build_parser().parse_args(argv))
+
+
+def train_main(argv: list[str] | None = None, *, prog: str = "python -m pipelines.train") -> int:
+    return _run(train_parser(prog).parse_args(argv))
+
+
+def _run(args: argparse.Namespace) -> int:
+    _configure_logging(args.verbose)
+    try:
+        return {"data": _data, "train": _train, "eval": _eval, "index": _index}[args.command](args)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        # User errors get a message, not a traceback (-v shows the traceback).
+        if args.verbose:
+            raise
+        print(f"idml: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not verbose:
+        for noisy in ("faiss.loader", "ray", "ray.data", "ray.train"):  # CPU-feature probing; Ray's own chatter
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+        # Library deprecation notices are for developers (-v), not for a training run's output.
+        import warnings
+
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def _index(args) -> int:
+    from .index_cli import main as index_main
+
+    return index_main((["-v"] if args.verbose else []) + args.index_args)
+
+
+def _load(args):
+    from idml.config import load_config
+
+    overrides = list(args.overrides)
+    if args.output_dir:
+        overrides.append(f"output_dir={args.output_dir}")
+    return load_config(args.config, overrides)
+
+
+def _data(args) -> int:
+    from idml import data
+
+    if args.data_command == "fetch":
+        root = data.resolve_dataset(args.name, cache_dir=args.cache_dir, tarball_dir=args.tarball_dir)
+        print(data.summarize(root))
+        print(f"\ndataset ready at {root}")
+    elif args.data_command == "convert":
+        options = {"with_domains": True} if args.with_domains else {}
+        data.convert(args.format, args.src, args.dst, val_fraction=args.val_fraction,
+                     shard_bytes=int(args.shard_mb * (1 << 20)), overwrite=args.overwrite, **options)
+        print(data.summarize(args.dst))
+    else:
+        root = data.resolve_dataset(args.dataset)
+        print(data.summarize(root))
+        if args.verify:
+            problems = data.verify_dataset(root)
+            print("verify: OK" if not problems else "verify: FAILED\n  " + "\n  ".join(problems))
+            if problems:
+                return 1
+        if args.grid:
+            print(f"sample grid: {data.save_sample_grid(root, args.grid)}")
+    return 0
+
+
+def _train(args) -> int:
+    from idml.evaluation import format_metrics_table
+
+    cfg = _load(args)
+    if args.ray:
+        from .train import RayOptions, train_ray
+
+        options = RayOptions(num_workers=args.num_workers, cpus_per_worker=args.cpus_per_worker, use_gpu=args.gpu,
+                             run_name=args.run_name, storage_path=args.storage_path, max_failures=args.max_failures,
+                             experiment=args.experiment, address=args.address, verbose=args.verbose)
+        summary = train_ray(cfg, options, resume=not args.no_resume)
+    else:
+        from idml.train import train_local
+
+        summary = train_local(cfg, resume=not args.no_resume)
+    print()
+    print(format_metrics_table({f"test (epoch {summary['selected_epoch']})": summary["test"]}, _table_metrics(cfg, summary["test"])))
+    _print_cross_domain(summary.get("cross_domain"))
+    print(f"\ntrain throughput: {summary['train_images_per_s']:.1f} images/s; "
+          f"eval throughput: {summary['test']['embed_images_per_s']:.1f} images/s")
+    print(f"outputs in {cfg.output_dir}: best.pt, last.pt, metrics.json, uncertainty.png, recall_curves.png")
+    if args.ray:
+        print(f"Ray run {summary['run_name']!r} (checkpoints in {summary['storage_path']}); "
+              f"MLflow run {summary['mlflow_run_id']}, also retrieval_grid.png")
+    return 0
+
+
+def _eval(args) -> int:
+    import torch
+
+    from idml.checkpoint import load_checkpoint, model_from_checkpoint
+    from idml.config import validate_config
+    from idml.data import ImageShardDataset, open_dataset
+    from idml.engine import configure_threads
+    from idml.evaluation import format_metrics_table
+    from idml.evaluation.protocol import evaluate_model, summary_metrics
+    from idml.model import build_model
+    from idml.transforms import eval_transform
+
+    cfg = _load(args)
+    if args.checkpoint:
+        model, trained_cfg = model_from_checkpoint(load_checkpoint(args.checkpoint))
+        # The checkpoint decides the model and preprocessing; the CLI may pick data and eval options.
+        cfg.model, cfg.data.image_size = trained_cfg.model, trained_cfg.data.image_size
+        name = Path(args.checkpoint).name
+    else:
+        validate_config(cfg)
+        model = build_model(cfg.model.backbone, embedding_dim=cfg.model.embedding_dim,
+                            pretrained=cfg.model.pretrained, weights_path=cfg.model.weights_path).eval()
+        name = f"frozen {cfg.model.backbone}"
+    configure_threads(cfg.train.threads)
+    if cfg.train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    source = open_dataset(cfg.data.dataset)
+    source.check_local()
+    split = args.split or cfg.data.test_split
+    dataset = ImageShardDataset(source.root, split, transform=eval_transform(cfg.data.image_size))
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result = evaluate_model(model, dataset, cfg, pooled_features=args.frozen_backbone,
+                            plot_path=None if args.frozen_backbone else out / f"uncertainty_{split}.png")
+    metrics = summary_metrics(result)
+    print(format_metrics_table({f"{name} / {split}": metrics}, _table_metrics(cfg, metrics)))
+    _print_cross_domain(result["cross_domain"])
+    print(f"\neval throughput: {metrics['embed_images_per_s']:.1f} images/s")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"metrics": metrics, "cross_domain": result["cross_domain"],
+                                               "uncertainty_bins": result["uncertainty_bins"]}, indent=2))
+    return 0
+
+
+def _table_metrics(cfg, metrics: dict) -> list[str]:
+    wanted = [f"recall@{k}" for k in cfg.eval.recall_ks] + ["map@r", "r_precision", "nmi",
+              "xdomain_recall@1", "recall_at_1_lowest_uncertainty", "recall_at_1_highest_uncertainty",
+              "uncertainty_auroc_mixed"]
+    return [m for m in wanted if m in metrics]
+
+
+def _print_cross_domain(cross: dict | None) -> None:
+    if not cross:
+        return
+    from idml.evaluation import format_metrics_table
+
+    rows = {pair: {k: v for k, v in m.items() if k in ("recall@1", "map@r")} for pair, m in cross["pairs"].items()}
+    rows["average"] = {k: v for k, v in cross["average"].items() if k in ("recall@1", "map@r")}
+    print("\ncross-domain retrieval (query domain -> gallery domain):")
+    print(format_metrics_table(rows))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
