@@ -24,6 +24,7 @@ import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -131,6 +132,35 @@ def convert_items(
     report = report if report is not None else ConversionReport()
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    class_split = _class_splits(items, class_order)
+    normalize = partial(normalize_image_bytes, max_pixels=max_pixels, max_side=max_side)
+    outcome, valid_per_class = _validate(items, class_order, normalize, report, name=name,
+                                         workers=num_workers or _default_workers())
+    report.empty_classes = [c for c in class_order if valid_per_class.get(c, 0) == 0]
+    kept = [c for c in class_order if valid_per_class.get(c, 0) > 0]
+    if not kept:
+        raise ValueError(
+            f"no valid images found for dataset {name!r} ({len(items)} candidates, "
+            f"skipped: {report.skipped or 'none'}); check the source folder"
+        )
+    labels = {c: i for i, c in enumerate(kept)}
+    val_classes = set(select_val_classes([c for c in kept if class_split[c] == "train"], val_fraction))
+    split_of = {c: ("val" if c in val_classes else class_split[c]) for c in kept}
+    records = _records(items, outcome, normalize, labels, split_of)
+    source = dict(source or {})
+    source.setdefault("val_fraction", val_fraction)
+    source.setdefault("max_side", max_side)
+    total = len(items) - outcome.count(False)
+    manifest = write_dataset(tqdm(records, total=total, desc=f"{name}: writing", unit="img", disable=None), dst,
+                             name=name, source=source, shard_bytes=shard_bytes, report=report, overwrite=overwrite)
+    report.log_summary(logger)
+    logger.info("wrote dataset %r to %s: %s", name, dst, ", ".join(
+        f"{split} {info['num_images']} images / {info['num_classes']} classes" for split, info in manifest["splits"].items()))
+    return manifest
+
+
+def _class_splits(items: Sequence[SourceImage], class_order: Sequence[str]) -> dict[str, str]:
+    """Each class's split ("train" or "test"); classes must not straddle them."""
     class_split: dict[str, str] = {}
     for item in items:
         if item.split not in ("train", "test"):
@@ -143,6 +173,14 @@ def convert_items(
     missing = set(class_split) - set(class_order)
     if missing:
         raise ValueError(f"classes {sorted(missing)[:5]} are not in class_order")
+    return class_split
+
+
+def _validate(items: Sequence[SourceImage], class_order: Sequence[str], normalize: Callable[[bytes], bytes],
+              report: ConversionReport, *, name: str, workers: int) -> tuple[list[Any], dict[str, int]]:
+    """Read and fully decode every item (in a thread pool). Per item: False (skipped, counted in
+    ``report``), the normalized bytes (kept while they fit the cache budget), True (re-read the
+    unchanged file while writing) or "redo" (normalize again while writing)."""
 
     def check(item: SourceImage) -> tuple[str, Any]:
         try:
@@ -152,12 +190,11 @@ def convert_items(
         except OSError as e:
             return "skip", f"unreadable ({type(e).__name__})"
         try:
-            out = normalize_image_bytes(data, max_pixels=max_pixels, max_side=max_side)
+            out = normalize(data)
         except InvalidImageError as e:
             return "skip", e.reason
         return "ok", (None if out is data else out)
 
-    workers = num_workers or _default_workers()
     outcome: list[Any] = [None] * len(items)
     valid_per_class: dict[str, int] = {c: 0 for c in class_order}
     cached = 0
@@ -175,64 +212,23 @@ def convert_items(
             cached += len(value)
             outcome[i] = value
         else:
-            # True: re-read (unchanged bytes) or re-normalize (cache full) while writing.
             outcome[i] = True if value is None else "redo"
+    return outcome, valid_per_class
 
-    report.empty_classes = [c for c in class_order if valid_per_class.get(c, 0) == 0]
-    kept = [c for c in class_order if valid_per_class.get(c, 0) > 0]
-    if not kept:
-        raise ValueError(
-            f"no valid images found for dataset {name!r} ({len(items)} candidates, "
-            f"skipped: {report.skipped or 'none'}); check the source folder"
-        )
-    labels = {c: i for i, c in enumerate(kept)}
-    val_classes = set(select_val_classes([c for c in kept if class_split[c] == "train"], val_fraction))
-    split_of = {c: ("val" if c in val_classes else class_split[c]) for c in kept}
 
-    def records() -> Iterator[ImageRecord]:
-        for item, state in zip(items, outcome):
-            if state is False:
-                continue
-            if state is True:
-                data = item.load()
-            elif state == "redo":
-                data = normalize_image_bytes(item.load(), max_pixels=max_pixels, max_side=max_side)
-            else:
-                data = state
-            yield ImageRecord(
-                id=item.id,
-                image=data,
-                label=labels[item.class_name],
-                class_name=item.class_name,
-                domain=item.domain,
-                split=split_of[item.class_name],
-                source=item.source,
-            )
-
-    source = dict(source or {})
-    source.setdefault("val_fraction", val_fraction)
-    source.setdefault("max_side", max_side)
-    total = len(items) - outcome.count(False)
-    manifest = write_dataset(
-        tqdm(records(), total=total, desc=f"{name}: writing", unit="img", disable=None),
-        dst,
-        name=name,
-        source=source,
-        shard_bytes=shard_bytes,
-        report=report,
-        overwrite=overwrite,
-    )
-    report.log_summary(logger)
-    logger.info(
-        "wrote dataset %r to %s: %s",
-        name,
-        dst,
-        ", ".join(
-            f"{split} {info['num_images']} images / {info['num_classes']} classes"
-            for split, info in manifest["splits"].items()
-        ),
-    )
-    return manifest
+def _records(items: Sequence[SourceImage], outcome: list[Any], normalize: Callable[[bytes], bytes],
+             labels: dict[str, int], split_of: dict[str, str]) -> Iterator[ImageRecord]:
+    for item, state in zip(items, outcome):
+        if state is False:
+            continue
+        if state is True:
+            data = item.load()
+        elif state == "redo":
+            data = normalize(item.load())
+        else:
+            data = state
+        yield ImageRecord(id=item.id, image=data, label=labels[item.class_name], class_name=item.class_name,
+                          domain=item.domain, split=split_of[item.class_name], source=item.source)
 
 
 def _file_loader(path: Path) -> Callable[[], bytes]:
@@ -286,55 +282,9 @@ def list_image_folder(
     if not 0.0 <= test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
     report = ConversionReport()
-
-    def subdirs(folder: Path) -> list[Path]:
-        dirs = []
-        for p in sorted(folder.iterdir()):
-            if p.is_dir() and not p.name.startswith("."):
-                dirs.append(p)
-            elif p.is_file():
-                report.skip("file outside a class folder", str(p))
-        return dirs
-
-    if with_domains:
-        domain_dirs = [(d.name, d) for d in subdirs(src)]
-        if not domain_dirs:
-            raise ValueError(f"{src} has no domain folders; expected src/<domain>/<class>/<image>")
-    else:
-        domain_dirs = [("default", src)]
-
-    found: list[tuple[str, str, Path]] = []  # (class, domain, path)
-    class_names: set[str] = set()
-    for domain, domain_dir in domain_dirs:
-        for class_dir in subdirs(domain_dir):
-            class_names.add(class_dir.name)
-            for path in sorted(class_dir.rglob("*")):
-                if not path.is_file():
-                    continue
-                if any(part.startswith(".") for part in path.relative_to(class_dir).parts[:-1]):
-                    # e.g. .ipynb_checkpoints copies: not part of the dataset, but counted.
-                    report.skip("ignored file in hidden folder", str(path))
-                elif path.suffix.lower() in IMAGE_SUFFIXES:
-                    found.append((class_dir.name, domain, path))
-                else:
-                    report.skip("ignored non-image file", str(path))
-    if not class_names:
-        layout = "src/<domain>/<class>/<image>" if with_domains else "src/<class>/<image>"
-        raise ValueError(f"{src} has no class folders; expected {layout}")
-
+    found, class_names = _scan_folders(src, with_domains, report)
     classes = sorted(class_names)
-    if test_classes is not None:
-        test = set(_read_test_classes(test_classes))
-        unknown = sorted(test - class_names)
-        if unknown:
-            raise ValueError(
-                f"test_classes names unknown class(es) {unknown[:10]}; classes are folder names in {src}"
-            )
-    else:
-        n_test = int(len(classes) * test_fraction)
-        if test_fraction > 0 and len(classes) > 1:
-            n_test = min(max(n_test, 1), len(classes) - 1)
-        test = set(classes[len(classes) - n_test :]) if n_test else set()
+    test = _pick_test_classes(classes, test_classes, test_fraction, src)
 
     # Group rows by class (then domain) so each class's images sit together in the shards.
     found.sort(key=lambda t: (t[0], t[1], str(t[2])))
@@ -352,6 +302,61 @@ def list_image_folder(
     source = {"converter": "image_folder", "src": str(src), "with_domains": with_domains,
               "test_classes": None if test_classes is None else sorted(test), "test_fraction": test_fraction}
     return Listing(items, classes, src.resolve().name, source, report)
+
+
+def _scan_folders(src: Path, with_domains: bool, report: ConversionReport) -> tuple[list[tuple[str, str, Path]], set[str]]:
+    """``(class, domain, path)`` of every image under the class folders, and the class names;
+    other files are counted in ``report``."""
+
+    def subdirs(folder: Path) -> list[Path]:
+        dirs = []
+        for p in sorted(folder.iterdir()):
+            if p.is_dir() and not p.name.startswith("."):
+                dirs.append(p)
+            elif p.is_file():
+                report.skip("file outside a class folder", str(p))
+        return dirs
+
+    if with_domains:
+        domain_dirs = [(d.name, d) for d in subdirs(src)]
+        if not domain_dirs:
+            raise ValueError(f"{src} has no domain folders; expected src/<domain>/<class>/<image>")
+    else:
+        domain_dirs = [("default", src)]
+    found: list[tuple[str, str, Path]] = []
+    class_names: set[str] = set()
+    for domain, domain_dir in domain_dirs:
+        for class_dir in subdirs(domain_dir):
+            class_names.add(class_dir.name)
+            for path in sorted(class_dir.rglob("*")):
+                if not path.is_file():
+                    continue
+                if any(part.startswith(".") for part in path.relative_to(class_dir).parts[:-1]):
+                    # e.g. .ipynb_checkpoints copies: not part of the dataset, but counted.
+                    report.skip("ignored file in hidden folder", str(path))
+                elif path.suffix.lower() in IMAGE_SUFFIXES:
+                    found.append((class_dir.name, domain, path))
+                else:
+                    report.skip("ignored non-image file", str(path))
+    if not class_names:
+        layout = "src/<domain>/<class>/<image>" if with_domains else "src/<class>/<image>"
+        raise ValueError(f"{src} has no class folders; expected {layout}")
+    return found, class_names
+
+
+def _pick_test_classes(classes: list[str], test_classes, test_fraction: float, src: Path) -> set[str]:
+    if test_classes is not None:
+        test = set(_read_test_classes(test_classes))
+        unknown = sorted(test - set(classes))
+        if unknown:
+            raise ValueError(
+                f"test_classes names unknown class(es) {unknown[:10]}; classes are folder names in {src}"
+            )
+        return test
+    n_test = int(len(classes) * test_fraction)
+    if test_fraction > 0 and len(classes) > 1:
+        n_test = min(max(n_test, 1), len(classes) - 1)
+    return set(classes[len(classes) - n_test :]) if n_test else set()
 
 
 def _read_table(path: Path, columns: int, skip_header: bool = False) -> list[list[str]]:

@@ -209,6 +209,36 @@ def write_dataset(
     return manifest
 
 
+class _Identity:
+    """Unique ids, and one class name per label and one label per class name, across splits."""
+
+    def __init__(self):
+        self.sources: dict[str, str | None] = {}
+        self.label_to_class: dict[int, str] = {}
+        self.class_to_label: dict[str, int] = {}
+
+    def check(self, record: ImageRecord) -> None:
+        label = int(record.label)
+        if record.id in self.sources:
+            first = self.sources[record.id]
+            sources = " and ".join(repr(s) for s in (first, record.source) if s)
+            raise ValueError(
+                f"duplicate image id {record.id!r}" + (f" (from {sources})" if sources else "")
+                + "; ids must be unique across the dataset"
+            )
+        self.sources[record.id] = record.source
+        if self.label_to_class.setdefault(label, record.class_name) != record.class_name:
+            raise ValueError(
+                f"label {label} is used for class {self.label_to_class[label]!r} and for "
+                f"{record.class_name!r} (record {record.id!r}); each label must name one class"
+            )
+        if self.class_to_label.setdefault(record.class_name, label) != label:
+            raise ValueError(
+                f"class {record.class_name!r} has labels {self.class_to_label[record.class_name]} and "
+                f"{label} (record {record.id!r}); each class must have one label"
+            )
+
+
 def _write_into(
     records: Iterable[ImageRecord],
     tmp_root: Path,
@@ -219,33 +249,14 @@ def _write_into(
     report: ConversionReport,
 ) -> dict[str, Any]:
     writers: dict[str, _ShardWriter] = {}
-    seen_sources: dict[str, str | None] = {}
-    label_to_class: dict[int, str] = {}
-    class_to_label: dict[str, int] = {}
+    identity = _Identity()
     stats: dict[str, dict[str, Any]] = {}
     class_splits: set[tuple[int, str]] = set()
 
     for record in records:
         _check_record(record)
+        identity.check(record)
         label = int(record.label)
-        if record.id in seen_sources:
-            first = seen_sources[record.id]
-            sources = " and ".join(repr(s) for s in (first, record.source) if s)
-            raise ValueError(
-                f"duplicate image id {record.id!r}" + (f" (from {sources})" if sources else "")
-                + "; ids must be unique across the dataset"
-            )
-        seen_sources[record.id] = record.source
-        if label_to_class.setdefault(label, record.class_name) != record.class_name:
-            raise ValueError(
-                f"label {label} is used for class {label_to_class[label]!r} and for "
-                f"{record.class_name!r} (record {record.id!r}); each label must name one class"
-            )
-        if class_to_label.setdefault(record.class_name, label) != label:
-            raise ValueError(
-                f"class {record.class_name!r} has labels {class_to_label[record.class_name]} and "
-                f"{label} (record {record.id!r}); each class must have one label"
-            )
         if record.split not in writers:
             writers[record.split] = _ShardWriter(tmp_root, record.split, shard_bytes)
             stats[record.split] = {"labels": set(), "per_class": {}, "per_domain": {}}
@@ -277,7 +288,7 @@ def _write_into(
     report.written = {split: info["num_images"] for split, info in splits.items()}
     split_order = {split: i for i, split in enumerate(SPLITS)}
     classes = [
-        {"label": label, "class_name": label_to_class[label], "split": split}
+        {"label": label, "class_name": identity.label_to_class[label], "split": split}
         for label, split in sorted(class_splits, key=lambda ls: (ls[0], split_order[ls[1]]))
     ]
     return {
