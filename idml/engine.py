@@ -130,22 +130,9 @@ def embed(
     return torch.cat(mus).numpy(), torch.cat(sigmas).numpy()
 
 
-def mixed_pairs(images: torch.Tensor, targets: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """50/50 blends of each image with a random image of another class in the batch: the most
-    ambiguous input mixup produces, used to check that uncertainty rises on ambiguous images."""
-    n = len(targets)
-    partners = torch.randint(0, n, (n,), generator=generator)
-    for _ in range(10):  # re-draw partners that share the class
-        same = targets[partners] == targets
-        if not same.any():
-            break
-        partners[same] = torch.randint(0, n, (int(same.sum()),), generator=generator)
-    if images.dtype == torch.uint8:
-        images = images.float().div(255)
-    return 0.5 * images + 0.5 * images[partners]
-
-
 def iterate_mixed(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], seed: int = 0) -> Iterator[torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    for images, targets in batches:
-        yield mixed_pairs(images, targets, generator)
+    """50/50 blends of each image with an image of another class in its batch (the most
+    ambiguous input mixup produces): ``idml.evaluation.ambiguity.iterate_blends`` at 0.5."""
+    from .evaluation.ambiguity import iterate_blends
+
+    return iterate_blends(batches, 0.5, seed=seed)

@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from idml.data.converters import DEFAULT_VAL_FRACTION, SourceImage, convert_items
-from idml.data.format import MANIFEST_NAME
+from idml.data.source import MANIFEST_NAME
 from idml.data.conversion_report import ConversionReport
 
 logger = logging.getLogger(__name__)

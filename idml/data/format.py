@@ -26,15 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from idml.data.conversion_report import ConversionReport
-from idml.data.source import (  # noqa: F401  (re-exported: the format's constants and readers live there)
-    FORMAT_VERSION,
-    MANIFEST_NAME,
-    contiguous_targets,
-    file_sha256,
-    open_dataset,
-    read_manifest,
-    split_info,
-)
+from idml.data.source import FORMAT_VERSION, MANIFEST_NAME, file_sha256, open_dataset, read_manifest
 SPLITS = ("train", "val", "test")
 DEFAULT_SHARD_BYTES = 64 << 20
 # Small row groups let streaming readers fetch a piece of a shard at a time.

@@ -8,7 +8,8 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from idml.data.format import SPLITS, read_manifest, split_files
+from idml.data.format import SPLITS, split_files
+from idml.data.source import read_manifest
 from idml.data.images import InvalidImageError, decode_image
 
 

@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 from torch.utils.data import Dataset
 
-from idml.data.format import contiguous_targets, read_manifest, split_files
+from idml.data.format import split_files
+from idml.data.source import contiguous_targets, read_manifest
 from idml.data.images import DEFAULT_MAX_PIXELS, InvalidImageError, decode_image
 
 
