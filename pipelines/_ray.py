@@ -20,8 +20,8 @@ def init_ray(address: str | None = None, *, log_to_driver: bool = True, dashboar
     Never Ray's own fallback, the cluster last recorded in ``/tmp/ray/ray_current_cluster``:
     a record left by a cluster that is gone makes ``ray.init()`` wait for it and then fail.
 
-    A new local instance keeps Ray Data's INFO lines (every execution's start, plan and end) in
-    its log file, off the console, unless ``verbose``."""
+    A new local instance keeps Ray Data's own lines (every execution's start, plan and end, its
+    "progress bars disabled" notices) in its log file, off the console, unless ``verbose``."""
     import ray
 
     if not ray.is_initialized():
@@ -39,12 +39,12 @@ def init_ray(address: str | None = None, *, log_to_driver: bool = True, dashboar
 
 
 def _quiet_ray_data_logging_config() -> str:
-    """Ray Data's own default logging config with the console handler at WARNING."""
+    """Ray Data's own default logging config with the console handler at ERROR."""
     import yaml
     from ray.data._internal.logging import DEFAULT_CONFIG
 
     config = copy.deepcopy(DEFAULT_CONFIG)
-    config["handlers"]["console"]["level"] = "WARNING"
+    config["handlers"]["console"]["level"] = "ERROR"
     path = Path(tempfile.gettempdir()) / f"idml-ray-data-logging-{os.getuid()}.yaml"
     path.write_text(yaml.safe_dump(config))
     return str(path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -134,7 +135,8 @@ def _configure_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if not verbose:
-        for noisy in ("faiss.loader", "ray", "ray.data", "ray.train"):  # CPU-feature probing; Ray's own chatter
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # mlflow sets its level when imported
+        for noisy in ("faiss.loader", "ray", "ray.data", "ray.train", "mlflow"):  # CPU-feature probing; Ray's, MLflow's chatter
             logging.getLogger(noisy).setLevel(logging.WARNING)
         # Library deprecation notices are for developers (-v), not for a training run's output.
         import warnings

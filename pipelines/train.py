@@ -166,6 +166,8 @@ def build_trainer(p: Plan, datasets: dict[str, Any], callbacks: Sequence[Any] = 
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=p.run_name, storage_path=p.storage_path, callbacks=list(callbacks),
+            # Ray Train's INFO lines (worker group start, every report) go to its log files only.
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if o.verbose else "WARNING"),
             failure_config=ray.train.FailureConfig(max_failures=o.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=o.checkpoints_to_keep),
         ),

@@ -97,8 +97,15 @@ def train_worker(config: dict[str, Any]) -> None:
 def _configure_logging(rank: int, *, verbose: bool) -> None:
     """Rank 0's progress lines and epoch summaries reach the job's output (worker logs go to the
     driver); the rest only with ``-v``."""
+    level = logging.DEBUG if verbose else logging.WARNING
     for noisy in ("faiss.loader", "ray.train"):  # CPU-feature probing (before faiss loads); every report's metrics
-        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
+        logging.getLogger(noisy).setLevel(level)
+    try:  # Ray Train logs each report's metrics through a logger named after its file, not "ray.train"
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(level)
+    except ImportError:
+        pass
     if rank == 0:
         logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
         for name in (__name__, "idml.fit"):
@@ -175,13 +182,16 @@ def _progress_lines(batches, epoch: int, epochs: int, every_s: float = 30.0):
 def _wrap_ddp(objective, device, world: int, *, find_unused: bool):
     if world == 1:
         return objective
+    import inspect
+
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(
-        objective, device_ids=[device.index] if device.type == "cuda" else None,
-        broadcast_buffers=False,  # BN statistics are frozen: nothing to broadcast each step
-        find_unused_parameters=find_unused,
-    )
+    # BN statistics are frozen: nothing to sync each step (newer torch calls the option
+    # forward_sync_buffers and deprecates broadcast_buffers; either way rank 0's are copied once).
+    no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+               else "broadcast_buffers")
+    return DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=find_unused, **{no_sync: False})
 
 
 def _reduce_stats(stats: dict[str, float], skipped: int, *, world: int, gathered: bool, device) -> dict[str, float]:

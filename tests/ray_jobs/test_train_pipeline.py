@@ -124,10 +124,18 @@ def test_killed_worker_resumes_from_last_checkpoint(cluster, tmp_path):
     thread = threading.Thread(target=run)
     thread.start()
     deadline = time.monotonic() + 300
-    # Epoch 0 is over once its metrics are in MLflow (logged after its checkpoint is reported).
-    while not epoch_logged(tmp_path, 0) and thread.is_alive() and time.monotonic() < deadline:
+    # Epoch 0 is over once its metrics are in MLflow (logged after its checkpoint is reported)
+    # and Ray Train's controller has registered that checkpoint (it polls the workers' reports:
+    # on a loaded machine that can come seconds later, and a kill before it restarts from scratch).
+    snapshot = tmp_path / "ft" / "ray" / "ft" / "checkpoint_manager_snapshot.json"
+
+    def epoch_0_done() -> bool:
+        return (epoch_logged(tmp_path, 0) and snapshot.exists()
+                and "checkpoint_epoch_0000" in snapshot.read_text(errors="replace"))
+
+    while not epoch_0_done() and thread.is_alive() and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert epoch_logged(tmp_path, 0), result.get("error")
+    assert epoch_0_done(), result.get("error")
     time.sleep(1.0)  # epoch 1's data stream starts, its first steps run
     workers = cluster_processes(cluster, "ray::RayTrainWorker")
     assert len(workers) == 2
