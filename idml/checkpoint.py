@@ -35,7 +35,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def checkpoint_config(state: dict[str, Any]) -> Config:
-    return config_from_dict(state["config"])
+    data = state["config"]
+    if "uncertainty_norm" not in data.get("model", {}):
+        # Written before model.uncertainty_norm existed: those models used the raw head output.
+        data = {**data, "model": {**data["model"], "uncertainty_norm": "none"}}
+    return config_from_dict(data)
 
 
 def model_from_checkpoint(path_or_state: str | Path | dict[str, Any]) -> tuple[IDMLModel, Config]:
@@ -43,7 +47,11 @@ def model_from_checkpoint(path_or_state: str | Path | dict[str, Any]) -> tuple[I
     state = path_or_state if isinstance(path_or_state, dict) else load_checkpoint(path_or_state)
     cfg = checkpoint_config(state)
     # The checkpoint holds every weight, so skip fetching pretrained ones.
-    model = build_model(cfg.model.backbone, embedding_dim=cfg.model.embedding_dim, pretrained=False)
-    model.load_state_dict(state["model"])
+    model = build_model(cfg.model.backbone, embedding_dim=cfg.model.embedding_dim, pretrained=False,
+                        uncertainty_norm=cfg.model.uncertainty_norm)
+    # strict=False only for the one buffer older checkpoints lack; anything else must match.
+    missing, unexpected = model.load_state_dict(state["model"], strict=False)
+    if unexpected or set(missing) - {"uncertainty_norm.running_uncertainty"}:
+        raise RuntimeError(f"checkpoint does not match the model: missing {missing}, unexpected {unexpected}")
     return model.eval(), cfg
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -67,10 +67,10 @@ class TrainingState:
 
 def build_training(cfg: Config, num_classes: int, *, device: str | torch.device = "cpu") -> TrainingState:
     """Model, loss, optimizer and scheduler for ``cfg`` (AdamW with per-group learning rates:
-    heads at ``lr``, backbone at ``lr * backbone_lr_multiplier``, class proxies at
-    ``lr * proxy_lr_multiplier``)."""
-    model = build_model(cfg.model.backbone, embedding_dim=cfg.model.embedding_dim,
-                        pretrained=cfg.model.pretrained, weights_path=cfg.model.weights_path)
+    semantic head at ``lr``, uncertainty head at ``lr * uncertainty_lr_multiplier``, backbone at
+    ``lr * backbone_lr_multiplier``, class proxies at ``lr * proxy_lr_multiplier``)."""
+    model = build_model(cfg.model.backbone, embedding_dim=cfg.model.embedding_dim, pretrained=cfg.model.pretrained,
+                        weights_path=cfg.model.weights_path, uncertainty_norm=cfg.model.uncertainty_norm)
     criterion = build_loss(cfg.loss.name, num_classes=num_classes, embedding_dim=cfg.model.embedding_dim,
                            introspective=cfg.loss.introspective, uncertainty_weight=cfg.loss.uncertainty_weight,
                            margin=cfg.loss.margin, scale=cfg.loss.scale)
@@ -80,7 +80,9 @@ def build_training(cfg: Config, num_classes: int, *, device: str | torch.device 
     t = cfg.train
     groups = [
         {"name": "backbone", "params": list(model.backbone.parameters()), "lr": t.lr * t.backbone_lr_multiplier},
-        {"name": "heads", "params": list(model.semantic_head.parameters()) + list(model.uncertainty_head.parameters()), "lr": t.lr},
+        {"name": "semantic_head", "params": list(model.semantic_head.parameters()), "lr": t.lr},
+        {"name": "uncertainty_head", "params": list(model.uncertainty_head.parameters()),
+         "lr": t.lr * t.uncertainty_lr_multiplier},
     ]
     loss_params = list(criterion.parameters())
     if loss_params:
@@ -129,10 +131,3 @@ def embed(
         raise ValueError("nothing to embed: the batch iterable was empty")
     return torch.cat(mus).numpy(), torch.cat(sigmas).numpy()
 
-
-def iterate_mixed(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], seed: int = 0) -> Iterator[torch.Tensor]:
-    """50/50 blends of each image with an image of another class in its batch (the most
-    ambiguous input mixup produces): ``idml.evaluation.ambiguity.iterate_blends`` at 0.5."""
-    from .evaluation.ambiguity import iterate_blends
-
-    return iterate_blends(batches, 0.5, seed=seed)

@@ -10,9 +10,9 @@ OVERRIDES = TRAIN_OVERRIDES
 
 
 def test_param_groups_learning_rates():
-    state = build_training(load_config(overrides=OVERRIDES), num_classes=4)
+    state = build_training(load_config(overrides=[*OVERRIDES, "train.uncertainty_lr_multiplier=0.1"]), num_classes=4)
     lrs = {g["name"]: g["lr"] for g in state.optimizer.param_groups}
-    assert lrs == pytest.approx({"backbone": 5e-4, "heads": 1e-3, "loss": 1e-2})
+    assert lrs == pytest.approx({"backbone": 5e-4, "semantic_head": 1e-3, "uncertainty_head": 1e-4, "loss": 1e-2})
 
 
 def test_state_dict_round_trip():

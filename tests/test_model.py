@@ -116,3 +116,23 @@ def test_batch_uncertainty_norm_state_is_saved_with_the_model():
     state = model.state_dict()
     assert "uncertainty_norm.running_uncertainty" in state
     assert state["uncertainty_norm.running_uncertainty"].item() != 1.0
+
+
+def test_checkpoints_from_before_the_uncertainty_budget_load_with_the_raw_head(tmp_path):
+    from idml.checkpoint import model_from_checkpoint, save_checkpoint
+    from idml.config import load_config
+
+    cfg = load_config(overrides=["model.backbone=resnet18", "model.embedding_dim=8", "model.pretrained=false"]).to_dict()
+    del cfg["model"]["uncertainty_norm"]  # as written before the key existed
+    old = build_model("resnet18", embedding_dim=8, pretrained=False, uncertainty_norm="none")
+    state = {k: v for k, v in old.state_dict().items() if k != "uncertainty_norm.running_uncertainty"}
+    path = save_checkpoint(tmp_path / "old.pt", {"model": state, "config": cfg, "epoch": 0})
+    model, loaded_cfg = model_from_checkpoint(path)
+    assert loaded_cfg.model.uncertainty_norm == "none"
+    images = torch.rand(2, 3, 32, 32)
+    assert torch.allclose(model(images)[1], old.eval()(images)[1])
+    # anything else missing is still an error
+    del state["semantic_head.weight"]
+    save_checkpoint(path, {"model": state, "config": cfg, "epoch": 0})
+    with pytest.raises(RuntimeError, match="semantic_head.weight"):
+        model_from_checkpoint(path)

@@ -257,3 +257,38 @@ def save_retrieval_grid(mu: np.ndarray, labels: Sequence[int], load_images: Call
                         [[labels[j] == labels[q] for j in row] for q, row in zip(queries, rows)], path,
                         query_titles=[f"query (label {labels[q]})" for q in queries], result_scores=scores)
     return Path(path)
+
+
+SIGNAL_LABELS = {
+    "uncertainty": "uncertainty head (least uncertain first)",
+    "top1_similarity": "top-1 similarity (free)",
+    "top1_gap": "top-1 minus top-2 similarity (free)",
+}
+
+
+def plot_selective_retrieval(selective: dict, blend_ratio: dict | None, path: str | Path) -> str:
+    """Two panels: R@1 against coverage per confidence signal (risk-coverage, from
+    :func:`~idml.evaluation.selective.selective_retrieval`), and mean uncertainty against the
+    blend ratio (from :func:`~idml.evaluation.ambiguity.uncertainty_by_blend_ratio`)."""
+    fig = Figure(figsize=(12, 4.5))
+    left, right = fig.subplots(1, 2)
+    for name, curve in selective["signals"].items():
+        left.plot(100 * np.asarray(curve["coverage"]), 100 * np.asarray(curve["recall@1"]), marker="o",
+                  label=f"{SIGNAL_LABELS.get(name, name)}: AURC {curve['aurc']:.3f}")
+    left.axhline(100 * selective["recall@1"], color="gray", linestyle=":",
+                 label=f"answer everything: R@1 {100 * selective['recall@1']:.1f}%")
+    left.set_xlabel("Coverage: queries answered (%)")
+    left.set_ylabel("R@1 of answered queries (%)")
+    left.set_title(f"Selective retrieval (oracle AURC {selective['oracle_aurc']:.3f})")
+    left.legend(fontsize=8)
+    if blend_ratio is not None:
+        ratios = np.asarray(blend_ratio["ratios"])
+        right.plot(ratios, blend_ratio["mean"], marker="o", label="mean")
+        right.plot(ratios, blend_ratio["median"], marker="s", linestyle="--", label="median")
+        right.set_title(f"Uncertainty of blends (Spearman {blend_ratio['spearman']:.2f}, "
+                        f"n={blend_ratio['num_images']})")
+        right.legend(fontsize=8)
+    right.set_xlabel("Blend ratio r: (1 - r) x + r x_other")
+    right.set_ylabel("Uncertainty ||sigma||^2")
+    fig.tight_layout()
+    return _save(fig, path)

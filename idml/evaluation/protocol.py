@@ -12,10 +12,16 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..config import Config
-from ..engine import embed, iterate_mixed
-from .plots import plot_uncertainty_analysis
+from ..engine import embed
+from .ambiguity import DEFAULT_RATIOS, iterate_blends, uncertainty_by_blend_ratio
+from .plots import plot_selective_retrieval, plot_uncertainty_analysis
 from .retrieval import cross_domain_metrics, retrieval_metrics
+from .selective import selective_retrieval
 from .uncertainty import image_uncertainty, recall_by_uncertainty, uncertainty_summary
+
+# Images blended at each ratio of the blend-ratio sweep: enough for a stable Spearman
+# correlation without making the final evaluation several times longer.
+BLEND_SWEEP_IMAGES = 1024
 
 
 def evaluate_model(
@@ -32,7 +38,10 @@ def evaluate_model(
     """Evaluate ``model`` on ``dataset`` (an ``ImageShardDataset`` with an eval transform).
 
     Returns ``metrics`` (recall@K, map@r, r_precision, nmi), ``cross_domain`` (or None),
-    ``uncertainty_bins`` and ``uncertainty`` (or None), ``images_per_s`` and the embeddings.
+    ``images_per_s`` and the embeddings; with ``uncertainty`` also ``uncertainty_bins`` (R@1
+    per query-uncertainty quartile), ``uncertainty`` (clean vs 50/50 blends), ``blend_ratio``
+    (uncertainty against the blend ratio) and ``selective`` (risk-coverage against the free
+    confidence signals), else None.
     ``pooled_features`` evaluates the backbone's pooled feature instead (frozen baseline).
     """
     loader = DataLoader(dataset, batch_size=cfg.eval.batch_size, shuffle=False, num_workers=cfg.data.workers)
@@ -48,6 +57,8 @@ def evaluate_model(
         "cross_domain": None,
         "uncertainty_bins": None,
         "uncertainty": None,
+        "blend_ratio": None,
+        "selective": None,
         "images_per_s": len(mu) / seconds,
         "mu": mu,
         "sigma": sigma,
@@ -56,14 +67,23 @@ def evaluate_model(
         result["cross_domain"] = cross_domain_metrics(mu, labels, domains, ks=ks)
     if uncertainty and not pooled_features:
         clean = image_uncertainty(sigma)
-        _, sigma_mixed = embed(model, iterate_mixed(loader, seed=cfg.train.seed), device=device,
-                               channels_last=cfg.train.channels_last, progress=progress, total=len(loader),
-                               desc="embed mixed")
-        mixed = image_uncertainty(sigma_mixed)
+
+        def blend_uncertainty(ratio: float, max_images: int | None = None) -> np.ndarray:
+            blends = iterate_blends(loader, ratio, seed=cfg.train.seed, max_images=max_images)
+            _, sigma_blend = embed(model, blends, device=device, channels_last=cfg.train.channels_last,
+                                   progress=progress, desc=f"embed blends r={ratio}")
+            return image_uncertainty(sigma_blend)
+
+        mixed = blend_uncertainty(0.5)
         result["uncertainty_bins"] = recall_by_uncertainty(mu, labels, clean)
         result["uncertainty"] = uncertainty_summary(clean, mixed)
+        result["blend_ratio"] = uncertainty_by_blend_ratio(
+            {r: blend_uncertainty(r, BLEND_SWEEP_IMAGES) for r in DEFAULT_RATIOS})
+        result["selective"] = selective_retrieval(mu, labels, clean)
         if plot_path is not None:
             plot_uncertainty_analysis(result["uncertainty_bins"], clean, mixed, plot_path)
+            plot_selective_retrieval(result["selective"], result["blend_ratio"],
+                                     Path(plot_path).with_name("selective_retrieval.png"))
     return result
 
 
@@ -78,5 +98,9 @@ def summary_metrics(result: dict[str, Any]) -> dict[str, float]:
                    uncertainty_auroc_mixed=u["auroc"])
         bins = result["uncertainty_bins"]
         out.update(recall_at_1_lowest_uncertainty=bins[0]["recall@1"], recall_at_1_highest_uncertainty=bins[-1]["recall@1"])
+        out["uncertainty_blend_spearman"] = result["blend_ratio"]["spearman"]
+        for name, curve in result["selective"]["signals"].items():
+            out[f"aurc_{name}"] = curve["aurc"]
+        out["aurc_oracle"] = result["selective"]["oracle_aurc"]
     out["embed_images_per_s"] = result["images_per_s"]
     return out
