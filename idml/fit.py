@@ -24,7 +24,7 @@ from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from .config import Config, TrainConfig
 from .engine import TrainingState, _to_device, unwrap
 from .evaluation.plots import plot_recall_curves
-from .evaluation.protocol import evaluate_model, summary_metrics
+from .evaluation.protocol import evaluate_model, summary_metrics, uncertainty_report
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ def evaluate_and_summarize(cfg: Config, checkpoint: Path, test_ds, history: list
         "selected_epoch": ckpt["epoch"],
         "test": summary_metrics(result),
         "cross_domain": result["cross_domain"],
-        "uncertainty_bins": result["uncertainty_bins"],
+        **uncertainty_report(result),
         "train_images_per_s": _mean([h.get("train/images_per_s") for h in history]),
         "history": history,
     }

@@ -187,6 +187,7 @@ def _data(args) -> int:
 
 def _train(args) -> int:
     from idml.evaluation import format_metrics_table
+    from idml.evaluation.protocol import describe_selective
 
     cfg = _load(args)
     if args.ray:
@@ -203,9 +204,12 @@ def _train(args) -> int:
     print()
     print(format_metrics_table({f"test (epoch {summary['selected_epoch']})": summary["test"]}, _table_metrics(cfg, summary["test"])))
     _print_cross_domain(summary.get("cross_domain"))
+    if describe_selective(summary):
+        print("\n" + describe_selective(summary))
     print(f"\ntrain throughput: {summary['train_images_per_s']:.1f} images/s; "
           f"eval throughput: {summary['test']['embed_images_per_s']:.1f} images/s")
-    print(f"outputs in {cfg.output_dir}: best.pt, last.pt, metrics.json, uncertainty.png, recall_curves.png")
+    print(f"outputs in {cfg.output_dir}: best.pt, last.pt, metrics.json, uncertainty.png, selective_retrieval.png, "
+          "recall_curves.png")
     if args.ray:
         print(f"Ray run {summary['run_name']!r} (checkpoints in {summary['storage_path']}); "
               f"MLflow run {summary['mlflow_run_id']}, also retrieval_grid.png")
@@ -220,7 +224,7 @@ def _eval(args) -> int:
     from idml.data import ImageShardDataset, open_dataset
     from idml.engine import configure_threads
     from idml.evaluation import format_metrics_table
-    from idml.evaluation.protocol import evaluate_model, summary_metrics
+    from idml.evaluation.protocol import describe_selective, evaluate_model, summary_metrics, uncertainty_report
     from idml.model import build_model
     from idml.transforms import eval_transform
 
@@ -249,10 +253,12 @@ def _eval(args) -> int:
     metrics = summary_metrics(result)
     print(format_metrics_table({f"{name} / {split}": metrics}, _table_metrics(cfg, metrics)))
     _print_cross_domain(result["cross_domain"])
+    if describe_selective(result):
+        print("\n" + describe_selective(result))
     print(f"\neval throughput: {metrics['embed_images_per_s']:.1f} images/s")
     if args.json:
         Path(args.json).write_text(json.dumps({"metrics": metrics, "cross_domain": result["cross_domain"],
-                                               "uncertainty_bins": result["uncertainty_bins"]}, indent=2))
+                                               **uncertainty_report(result)}, indent=2, default=float))
     return 0
 
 

@@ -8,7 +8,8 @@ epoch loop (``idml.fit.fit``).
 - ``fit`` calls the ``wrap`` hook whenever the warm-up phase changes: DDP records which
   parameters need gradients when it is built, so the wrapper is rebuilt then (not
   ``find_unused_parameters``, which would cost a graph walk every step; that is only on when
-  ``loss.introspective`` is false, as the uncertainty head then gets no gradient).
+  the loss does not use sigma (plain loss, or lambda = 0), as the uncertainty head then gets
+  no gradient).
 - Rank 0 evaluates (val picks ``best.pt``; test is reported only), writes the checkpoints and
   reports them through ``ray.train.report`` every epoch (``FailureConfig`` restarts from them);
   it alone logs to the MLflow run the driver opened.
@@ -42,7 +43,7 @@ def train_worker(config: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     _configure_logging(rank, verbose=config.get("verbose", False))
 
-    from idml.engine import build_training, configure_threads, seed_everything
+    from idml.engine import build_training, configure_threads, seed_everything, unwrap
     from idml.fit import Hooks, fit
 
     cfg = config_from_dict(config["config"])
@@ -86,7 +87,7 @@ def train_worker(config: dict[str, Any]) -> None:
         if run is not None:
             run.log_metrics(record, step=epoch)
 
-    hooks = Hooks(wrap=lambda objective: _wrap_ddp(objective, device, world, find_unused=not cfg.loss.introspective),
+    hooks = Hooks(wrap=lambda objective: _wrap_ddp(objective, device, world, find_unused=not unwrap(objective).criterion.uses_uncertainty),
                   epoch_stats=epoch_stats, epoch_end=epoch_end)
     fit(state, cfg, batches, out_dir=out, val=val, reported={"test": test}, progress=progress, hooks=hooks,
         main_process=rank == 0, eval_cfg=eval_cfg, device=device, show_progress=False)
@@ -159,7 +160,8 @@ def _finish(run: MlflowRun | None, cfg, progress, test: StreamedSplit, device) -
                     step=cfg.train.epochs)
     for path, folder in ((out / "best.pt" if progress.best is not None else None, "checkpoints"),
                          (out / "last.pt", "checkpoints"), (out / "config.yaml", None), (out / "metrics.json", None),
-                         (out / "recall_curves.png", "plots"), (out / "uncertainty.png", "plots"), (grid, "plots")):
+                         (out / "recall_curves.png", "plots"), (out / "uncertainty.png", "plots"),
+                         (out / "selective_retrieval.png", "plots"), (grid, "plots")):
         run.log_artifact(path, folder)
     run.finish()
 

@@ -21,13 +21,17 @@ def test_class_balanced_batches(tiny_config):
 def test_train_local_end_to_end_and_resume(tiny_config):
     summary = train_local(tiny_config, progress=False)
     out = tiny_config.output_dir
-    for name in ("best.pt", "last.pt", "metrics.json", "uncertainty.png", "recall_curves.png"):
+    for name in ("best.pt", "last.pt", "metrics.json", "uncertainty.png", "selective_retrieval.png", "recall_curves.png"):
         assert (__import__("pathlib").Path(out) / name).stat().st_size > 0, name
     history = summary["history"]
     assert [h["epoch"] for h in history] == [0, 1]
     assert all("val/recall@1" in h for h in history)
     test = summary["test"]
     assert 0 <= test["recall@1"] <= 1 and "xdomain_recall@1" in test and "uncertainty_auroc_mixed" in test
+    assert {"aurc_uncertainty", "aurc_top1_similarity", "aurc_top1_gap", "uncertainty_blend_spearman"} <= set(test)
+    written = json.loads((__import__("pathlib").Path(out) / "metrics.json").read_text())
+    assert written["blend_ratio"]["ratios"] == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
+    assert set(written["selective"]["signals"]) == {"uncertainty", "top1_similarity", "top1_gap"}
     # the selected checkpoint is the best on validation, never chosen on test
     best = max(history, key=lambda h: h["val/recall@1"])
     assert summary["selected_epoch"] == best["epoch"]
@@ -51,8 +55,10 @@ def test_cli_train_and_eval(tiny_overrides, tmp_path, capsys):
     assert "recall@1" in printed and "cross-domain" in printed and "images/s" in printed
     assert main(["eval", "--checkpoint", str(out / "best.pt"), "--set", *tiny_overrides,
                  "--output-dir", str(out), "--json", str(tmp_path / "m.json")]) == 0
-    metrics = json.loads((tmp_path / "m.json").read_text())["metrics"]
-    assert 0 <= metrics["map@r"] <= 1 and (out / "uncertainty_test.png").exists()
+    written = json.loads((tmp_path / "m.json").read_text())
+    assert 0 <= written["metrics"]["map@r"] <= 1 and (out / "uncertainty_test.png").exists()
+    assert written["selective"]["num_queries"] > 0 and len(written["blend_ratio"]["mean"]) == 6
+    assert "selective retrieval, AURC" in capsys.readouterr().out
     assert main(["eval", "--frozen-backbone", "--set", *tiny_overrides, "--output-dir", str(out)]) == 0
     assert "frozen resnet18" in capsys.readouterr().out
 

@@ -104,3 +104,21 @@ def summary_metrics(result: dict[str, Any]) -> dict[str, float]:
         out["aurc_oracle"] = result["selective"]["oracle_aurc"]
     out["embed_images_per_s"] = result["images_per_s"]
     return out
+
+
+UNCERTAINTY_KEYS = ("uncertainty_bins", "uncertainty", "blend_ratio", "selective")
+
+
+def uncertainty_report(result: dict[str, Any]) -> dict[str, Any]:
+    """The uncertainty analyses of an ``evaluate_model`` result, for metrics.json."""
+    return {key: result[key] for key in UNCERTAINTY_KEYS}
+
+
+def describe_selective(result: dict[str, Any]) -> str | None:
+    """One line on selective retrieval: the AURC of each confidence signal (lower is better)."""
+    selective = result.get("selective")
+    if not selective:
+        return None
+    curves = ", ".join(f"{name} {curve['aurc']:.3f}" for name, curve in selective["signals"].items())
+    return (f"selective retrieval, AURC (lower is better): {curves}; random {selective['random_aurc']:.3f}, "
+            f"oracle {selective['oracle_aurc']:.3f}")
