@@ -244,28 +244,9 @@ def _read_emoji_tarball(path: Path, vendor: str) -> tuple[list[dict[str, Any]], 
     return entries, images
 
 
-def convert_emoji(
-    tarballs: Mapping[str, str | os.PathLike],
-    dst: str | os.PathLike,
-    *,
-    name: str = "emoji",
-    val_fraction: float = DEFAULT_VAL_FRACTION,
-    overwrite: bool = False,
-    num_workers: int | None = None,
-) -> dict[str, Any]:
-    """Convert the four vendor tarballs into the emoji dataset at ``dst``.
-
-    Classes are the top-level emoji present in all four vendors (flag set and
-    64px image present), without skin-tone variants or modifiers; domain = vendor,
-    class_name = short_name. Sorted by sort_order, even positions go to train and
-    odd ones to test; then ``val_fraction`` of the train classes moves to val.
-    """
-    missing = [v for v in EMOJI_VENDORS if v not in tarballs]
-    if missing:
-        raise ValueError(f"tarballs for vendor(s) {missing} are missing; need {list(EMOJI_VENDORS)}")
-    report = ConversionReport()
-    data = {v: _read_emoji_tarball(Path(tarballs[v]), v) for v in EMOJI_VENDORS}
-    by_unified = {v: {e["unified"]: e for e in entries} for v, (entries, _) in data.items()}
+def _emoji_classes(data: dict, by_unified: dict, report: ConversionReport) -> list[dict]:
+    """The emoji entries that become classes (drawn by every vendor, no skin-tone modifiers),
+    in sort order; the others are counted in ``report``."""
 
     def has(vendor: str, unified: str) -> bool:
         entry = by_unified[vendor].get(unified)
@@ -290,6 +271,32 @@ def convert_emoji(
         seen_names[short_name] = unified
         kept.append(entry)
     kept.sort(key=lambda e: (e.get("sort_order", 0), e["unified"]))
+    return kept
+
+
+def convert_emoji(
+    tarballs: Mapping[str, str | os.PathLike],
+    dst: str | os.PathLike,
+    *,
+    name: str = "emoji",
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+    overwrite: bool = False,
+    num_workers: int | None = None,
+) -> dict[str, Any]:
+    """Convert the four vendor tarballs into the emoji dataset at ``dst``.
+
+    Classes are the top-level emoji present in all four vendors (flag set and
+    64px image present), without skin-tone variants or modifiers; domain = vendor,
+    class_name = short_name. Sorted by sort_order, even positions go to train and
+    odd ones to test; then ``val_fraction`` of the train classes moves to val.
+    """
+    missing = [v for v in EMOJI_VENDORS if v not in tarballs]
+    if missing:
+        raise ValueError(f"tarballs for vendor(s) {missing} are missing; need {list(EMOJI_VENDORS)}")
+    report = ConversionReport()
+    data = {v: _read_emoji_tarball(Path(tarballs[v]), v) for v in EMOJI_VENDORS}
+    by_unified = {v: {e["unified"]: e for e in entries} for v, (entries, _) in data.items()}
+    kept = _emoji_classes(data, by_unified, report)
 
     items = []
     for position, entry in enumerate(kept):
