@@ -37,6 +37,8 @@ def test_an_uncertainty_that_tracks_the_noise_beats_a_random_one():
     assert informed["oracle_aurc"] <= informed["signals"]["uncertainty"]["aurc"]
     assert informed["signals"]["uncertainty"]["aurc"] < random["signals"]["uncertainty"]["aurc"]
     assert informed["signals"]["uncertainty"]["aurc"] < informed["random_aurc"]
+    # on well-separated clusters the free signals also beat a random order
+    assert informed["signals"]["top1_similarity"]["aurc"] < informed["random_aurc"]
     # the free signals do not depend on the uncertainty given
     assert informed["signals"]["top1_gap"] == random["signals"]["top1_gap"]
     curve = informed["signals"]["uncertainty"]
