@@ -284,4 +284,4 @@ def eval_datasets(source: DatasetSource, splits: list[str], cfg, *, decode_cpus:
     if ds.count() != counts[-1]:
         raise ValueError(f"{source.uri}: splits {splits} hold {ds.count()} rows but the manifest says {counts[-1]}; "
                          "the dataset is inconsistent, re-create it (idml data inspect --verify tells more)")
-    return ds.split_at_indices(counts[:-1].tolist())
+    return ds.split_at_indices(counts[:-1].tolist()) if len(splits) > 1 else [ds]

@@ -124,10 +124,11 @@ def plan(cfg: Config, options: RayOptions, *, resume: bool = True) -> Plan:
                 options.tracking_uri or tracking_uri(Path.cwd()))
 
 
-def build_datasets(p: Plan) -> dict[str, Any]:
+def build_datasets(p: Plan, *, test: bool = True) -> dict[str, Any]:
     """The job's Ray datasets: ``train`` (re-executed with fresh randomness each epoch; creates
     the packer actor) and ``val``/``test``, decoded once for the whole job and kept in the object
-    store (spilled to disk when large), so an evaluation pass reads ready tensors."""
+    store (spilled to disk when large), so an evaluation pass reads ready tensors. ``test=False``
+    (a search trial) leaves the test split out: it is never read."""
     import ray.data
 
     context = ray.data.DataContext.get_current()
@@ -135,8 +136,9 @@ def build_datasets(p: Plan) -> dict[str, Any]:
     # per-execution lines turn into screens of noise; rank 0 logs progress lines instead.
     context.enable_progress_bars = False
     context.print_on_execution_start = p.options.verbose
-    names = {"test": p.cfg.data.test_split, **({"val": p.cfg.data.val_split} if p.has_val else {})}
-    log.info("decoding %s once for the whole job", " and ".join(names.values()))
+    names = {**({"test": p.cfg.data.test_split} if test else {}), **({"val": p.cfg.data.val_split} if p.has_val else {})}
+    if names:
+        log.info("decoding %s once for the whole job", " and ".join(names.values()))
     datasets = dict(zip(names, eval_datasets(p.source, list(names.values()), p.cfg, decode_cpus=p.options.decode_cpus)))
     datasets["train"] = train_dataset(p.source, p.cfg, decode_cpus=p.options.decode_cpus)
     return datasets
@@ -145,7 +147,8 @@ def build_datasets(p: Plan) -> dict[str, Any]:
 def build_trainer(p: Plan, datasets: dict[str, Any], callbacks: Sequence[Any] = (), *, run_id: str | None = None):
     """The ``TorchTrainer`` of a plan (no side effects: a Ray Tune trial can build its own).
     ``callbacks`` go to ``RunConfig(callbacks=...)``; ``run_id`` is the MLflow run rank 0 logs
-    into (None: no MLflow logging)."""
+    into (None: no MLflow logging). Without a ``test`` dataset (``build_datasets(test=False)``)
+    the workers never evaluate on test."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -158,7 +161,7 @@ def build_trainer(p: Plan, datasets: dict[str, Any], callbacks: Sequence[Any] = 
         train_loop_config={
             "config": p.cfg.to_dict(), "source": p.source, "num_classes": p.num_classes, "has_val": p.has_val,
             "threads": p.cfg.train.threads or o.threads, "tracking_uri": p.tracking_uri, "run_id": run_id,
-            "verbose": o.verbose,
+            "verbose": o.verbose, "has_test": "test" in datasets,
             "params": {**p.cfg.flat(), **{f"ray.{k}": v for k, v in dataclasses.asdict(o).items()},
                        "ray.run_name": p.run_name, "ray.storage_path": p.storage_path},
         },

@@ -66,7 +66,8 @@ def train_worker(config: dict[str, Any]) -> None:
     eval_cfg = config_from_dict(cfg.to_dict())
     eval_cfg.data.workers = 0  # the split is a stream; Ray Data already decodes in parallel
     source = config["source"]
-    test = StreamedSplit(ray.train.get_dataset_shard("test"), source, cfg.data.test_split, cfg.eval.batch_size)
+    test = (StreamedSplit(ray.train.get_dataset_shard("test"), source, cfg.data.test_split, cfg.eval.batch_size)
+            if config.get("has_test", True) else None)  # a search trial never reads test
     val = (StreamedSplit(ray.train.get_dataset_shard("val"), source, cfg.data.val_split, cfg.eval.batch_size)
            if config["has_val"] else None)
     shard = ray.train.get_dataset_shard("train")
@@ -89,10 +90,12 @@ def train_worker(config: dict[str, Any]) -> None:
 
     hooks = Hooks(wrap=lambda objective: _wrap_ddp(objective, device, world, find_unused=not unwrap(objective).criterion.uses_uncertainty),
                   epoch_stats=epoch_stats, epoch_end=epoch_end)
-    fit(state, cfg, batches, out_dir=out, val=val, reported={"test": test}, progress=progress, hooks=hooks,
-        main_process=rank == 0, eval_cfg=eval_cfg, device=device, show_progress=False)
-    if rank == 0:
+    fit(state, cfg, batches, out_dir=out, val=val, reported={"test": test} if test else {}, progress=progress,
+        hooks=hooks, main_process=rank == 0, eval_cfg=eval_cfg, device=device, show_progress=False)
+    if rank == 0 and test is not None:
         _finish(run, eval_cfg, progress, test, device)
+    elif rank == 0:
+        _finish_without_test(run, eval_cfg, progress)
 
 
 def _configure_logging(rank: int, *, verbose: bool) -> None:
@@ -163,6 +166,18 @@ def _finish(run: MlflowRun | None, cfg, progress, test: StreamedSplit, device) -
                          (out / "recall_curves.png", "plots"), (out / "uncertainty.png", "plots"),
                          (out / "selective_retrieval.png", "plots"), (grid, "plots")):
         run.log_artifact(path, folder)
+    run.finish()
+
+
+def _finish_without_test(run: MlflowRun | None, cfg, progress) -> None:
+    """Rank 0 of a search trial: the config and the epoch validation selected, no test pass."""
+    out = Path(cfg.output_dir)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if run is None:
+        return
+    if progress.best is not None:
+        run.log_metrics({"selected_epoch": progress.best["epoch"]}, step=cfg.train.epochs)
+    run.log_artifact(out / "config.yaml")
     run.finish()
 
 

@@ -1,0 +1,150 @@
+"""`idml tune` end to end on a real 2-CPU Ray cluster: tune_spaces/smoke.yaml (3 sampled trials
++ the lambda = 0 trial, one at a time, ASHA) on generated data, the driver SIGKILLed mid-search
+and restarted with the same name; then the table, the MLflow parent and children, and the best
+config trained by `idml train`. Bad spaces fail on the driver before any trial."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ray_jobs.ray_helpers import REPO, connected_cluster, mlflow_runs, sqlite_uri
+from support import make_class_dataset
+
+from idml.config import load_config
+from pipelines._tune_space import SpaceError, load_space
+from pipelines.cli import main
+from pipelines.tune import TuneOptions, tune_search
+
+SMOKE = REPO / "tune_spaces" / "smoke.yaml"
+# resnet18 from scratch at 32 px on 8 train classes x 8 images: 8 steps of 2 classes x 4 images.
+TINY = ["model.backbone=resnet18", "model.pretrained=false", "model.embedding_dim=32", "data.image_size=32",
+        "train.batch_size=8", "train.images_per_class=4", "train.warmup_epochs=0", "train.max_steps_per_epoch=0",
+        "eval.batch_size=32"]
+
+cluster = pytest.fixture(scope="module")(connected_cluster)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    # 6 validation classes: MAP@R does not saturate, so trials differ and ASHA has something to cut.
+    return make_class_dataset(tmp_path_factory.mktemp("data") / "tiny", val_classes=6, test_classes=2)
+
+
+def _experiment_state_has_finished_trial(storage: Path) -> bool:
+    return any("TERMINATED" in p.read_text(errors="replace") for p in storage.glob("smoke-test/experiment_state-*.json"))
+
+
+def test_search_killed_and_resumed_tracks_every_trial_once(cluster, dataset, tmp_path, monkeypatch, capsys):
+    out, uri = tmp_path / "search", sqlite_uri(tmp_path)
+    # The generated classes are so easy that every trial's val MAP@R is 1 (ties: ASHA cuts
+    # nothing); the training loss tells the trials apart, so ASHA ranks on it here.
+    space = _space(tmp_path, objective="train/loss")
+    args = ["--space", str(space), "--set", *TINY, f"data.dataset={dataset}", "--name", "smoke-test",
+            "--output-dir", str(out)]
+    env = {**os.environ, "RAY_ADDRESS": cluster.address, "RAY_AUTH_MODE": "token", "MLFLOW_TRACKING_URI": uri,
+           "PYTHONPATH": str(REPO)}
+    driver = subprocess.Popen([sys.executable, "-m", "pipelines.tune", *args], env=env, cwd=tmp_path,
+                              stdout=open(tmp_path / "driver.log", "w"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    while not _experiment_state_has_finished_trial(out / "ray") and driver.poll() is None:
+        assert time.monotonic() < deadline, (tmp_path / "driver.log").read_text()[-3000:]
+        time.sleep(0.5)
+    assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]  # killed mid-search
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    assert main(["tune", *args]) == 0
+    printed = capsys.readouterr().out
+    assert "search 'smoke-test': 4 trials" in printed and "best_config.yaml" in printed
+
+    # The table: 5 trials, sorted by the objective, ASHA stopped at least one early.
+    rows = yaml.safe_load((out / "search.json").read_text())["rows"]  # JSON is YAML
+    assert sorted(r["trial"] for r in rows) == [0, 1, 2, 3]
+    assert [r["lambda"] for r in rows if r["trial"] == 0] == [0.0]
+    scores = [r["objective"] for r in rows]
+    assert scores == sorted(scores)  # train/loss: lower is better
+    assert any(r["status"] == "stopped early" and r["epochs"] < 3 for r in rows)
+    assert (out / "objective_vs_lambda_margin.png").stat().st_size > 0
+    assert not any(Path(out / "trials").glob("*/metrics.json"))  # no trial evaluated the test split
+
+    # MLflow: one parent, one child per trial, each epoch logged once despite the kill.
+    client, runs = mlflow_runs(uri)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.run_name == "smoke-test" and parents[0].info.status == "FINISHED"
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert sorted(int(c.data.tags["idml.trial"]) for c in children) == [0, 1, 2, 3]
+    for child in children:
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "train/loss")]
+        assert steps == sorted(set(steps)) and child.info.status == "FINISHED"
+        assert not any(k.startswith("test/") for k in child.data.metrics)
+        assert {"val/recall_at_1", "val/map_at_r"} <= set(child.data.metrics)
+    # Trial 0 had finished before the kill: not run again (a rerun would resume its Ray Train
+    # run from the last checkpoint and log resumed_from_epoch).
+    first = next(c for c in children if c.data.tags["idml.trial"] == "0")
+    assert "resumed_from_epoch" not in first.data.metrics
+    row = {r["trial"]: r for r in rows}
+    assert all(len(client.get_metric_history(c.info.run_id, "train/loss")) == row[int(c.data.tags["idml.trial"])]["epochs"]
+               for c in children)
+
+    # The best config goes into `idml train` unchanged.
+    best = out / "best_config.yaml"
+    cfg = load_config(best)
+    assert cfg.loss.uncertainty_weight == rows[0]["lambda"] and cfg.train.epochs == 3
+    assert main(["train", "--config", str(best), "--set", "train.epochs=1", "--output-dir", str(tmp_path / "best")]) == 0
+    assert (tmp_path / "best" / "best.pt").exists()
+
+
+def _space(tmp_path, **changes) -> Path:
+    raw = yaml.safe_load(SMOKE.read_text())
+    for key, value in changes.items():
+        if value is None:
+            raw.pop(key)
+        elif isinstance(value, dict) and isinstance(raw.get(key), dict):
+            raw[key] = {**raw[key], **value}
+        else:
+            raw[key] = value
+    raw["base_config"] = str(REPO / "configs" / "smoke.yaml")
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"space": {"loss.uncertainty_wieght": {"uniform": [0.0, 1.0]}}}, "space key 'loss.uncertainty_wieght' is not a config key"),
+    ({"trails": 3}, "unknown key.*trails"),
+    ({"space": {"loss.mixup": {"uniform": [0.0, 1.0]}}}, "loss.mixup must be bool"),
+    ({"space": {"train.epochs": {"choice": ["two", "three"]}}}, "train.epochs must be int"),
+    ({"space": {"loss.margin": {"uniform": [0.3, 0.1]}}}, "empty range"),
+    ({"space": {"train.lr": {"choice": []}}}, "non-empty list"),
+    ({"space": {"train.lr": {"normal": [0.1, 1]}}}, "must be one of"),
+    ({"objective": "val/recall@16"}, "no trial reports the objective 'val/recall@16'"),
+    ({"objective": "val/nmi"}, "no trial reports the objective"),  # eval.nmi is off in the smoke space
+])
+def test_bad_spaces_fail_on_load(tmp_path, dataset, changes, match):
+    with pytest.raises(SpaceError, match=match):
+        load_space(_space(tmp_path, **changes), overrides=TINY + [f"data.dataset={dataset}"])
+
+
+def test_bad_search_fails_on_the_driver_before_any_trial(cluster, dataset, tmp_path, capsys):
+    overrides = TINY + [f"data.dataset={dataset}"]
+    # More concurrent trials than the 2-CPU cluster holds with their decoding.
+    space = load_space(_space(tmp_path, concurrency=2), overrides=overrides)
+    with pytest.raises(SpaceError, match=r"concurrency 2 x \(1 workers x 0.5 CPUs \+ 1 CPU for Ray Data\) = 3.02 CPUs, but the cluster has 2"):
+        tune_search(space, TuneOptions(output_dir=str(tmp_path / "cpu"), tracking_uri=sqlite_uri(tmp_path)))
+    assert not (tmp_path / "mlflow.db").exists()  # nothing started: no parent run
+    # A dataset without a val split reports no val metric; the CLI prints the error, no traceback.
+    no_val = make_class_dataset(tmp_path / "noval", val_classes=0)
+    assert main(["tune", "--space", str(SMOKE), "--set", *TINY, f"data.dataset={no_val}",
+                 "--output-dir", str(tmp_path / "noval-search")]) == 2
+    assert "no trial reports 'val/map@r'" in capsys.readouterr().err
