@@ -15,6 +15,8 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from .tune_cli import add_tune_args, run_tune
+
 
 def _version() -> str:
     try:
@@ -95,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", help="write the metrics here")
 
     tune = sub.add_parser("tune", help="hyperparameter search on Ray Tune (lambda, margin, learning rates)")
-    _add_tune_args(tune)
+    add_tune_args(tune)
 
     # Everything after `index` goes to pipelines.index_cli (Ray is imported only when it runs).
     # prefix_chars="+": this parser claims no options, so --help and -v reach the index CLI too.
@@ -105,27 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_tune_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--space", required=True, help="search space YAML (see tune_spaces/)")
-    p.add_argument("--config", help="base config (default: the space file's base_config)")
-    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override base config values for every trial (may be repeated)")
-    p.add_argument("--name", help="search name; the same name resumes an interrupted search (default: the space file's name)")
-    p.add_argument("--output-dir", help="table, best config, plot, trials' checkpoints (default: runs/tune/<name>)")
-    p.add_argument("--storage-path", help="Ray Tune/Train storage; shared (NFS, s3://...) on a multi-node cluster "
-                                          "(default: <output-dir>/ray)")
-    p.add_argument("--retrain-seeds", type=int, default=0,
-                   help="retrain the best and the lambda = 0 config on N seeds, evaluated on test (default: 0)")
-    p.add_argument("--experiment", default="idml", help="MLflow experiment (default: idml)")
-    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a new local instance)")
-
-
 def tune_parser(prog: str) -> argparse.ArgumentParser:
     """``idml tune`` as a command of its own (``python -m pipelines.tune``)."""
     parser = argparse.ArgumentParser(prog=prog, description="Hyperparameter search on Ray Tune: the same as `idml tune`")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     _add_common(parser)
-    _add_tune_args(parser)
+    add_tune_args(parser)
     parser.set_defaults(command="tune")
     return parser
 
@@ -155,7 +142,7 @@ def train_main(argv: list[str] | None = None, *, prog: str = "python -m pipeline
 def _run(args: argparse.Namespace) -> int:
     _configure_logging(args.verbose)
     try:
-        return {"data": _data, "train": _train, "eval": _eval, "index": _index, "tune": _tune}[args.command](args)
+        return {"data": _data, "train": _train, "eval": _eval, "index": _index, "tune": run_tune}[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         # User errors get a message, not a traceback (-v shows the traceback).
         if args.verbose:
@@ -292,17 +279,6 @@ def _eval(args) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"metrics": metrics, "cross_domain": result["cross_domain"],
                                                **uncertainty_report(result)}, indent=2, default=float))
-    return 0
-
-
-def _tune(args) -> int:
-    from ._tune_space import load_space
-    from .tune import TuneOptions, tune_search
-
-    space = load_space(args.space, args.config, args.overrides)
-    tune_search(space, TuneOptions(name=args.name, output_dir=args.output_dir, storage_path=args.storage_path,
-                                   experiment=args.experiment, address=args.address,
-                                   retrain_seeds=args.retrain_seeds, verbose=args.verbose))
     return 0
 
 
