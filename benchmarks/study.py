@@ -191,7 +191,7 @@ def log_to_mlflow(out: Path, variants_: list[Variant], results: Path, args) -> N
     sys.path.insert(0, str(ROOT))
     from idml.tracking import MlflowRun, tracking_uri
 
-    run = MlflowRun.open(tracking_uri(ROOT), "idml-study", f"study-{out.name}")
+    run = MlflowRun.open(tracking_uri(ROOT), "idml-study", out.name)
     run.log_params({"config": args.config, "groups": args.groups, "seeds": args.seeds, "set": " ".join(args.set)})
     for v in variants_:
         for _, key, scale in COLUMNS + UNCERTAINTY_COLUMNS:
@@ -241,9 +241,11 @@ def main(argv: list[str] | None = None) -> int:
                                                                        "selected_epoch": r.get("selected_epoch")}
                                                                       for r in v.runs]} for v in chosen},
         indent=2, default=float))
+    command_line = " ".join(["benchmarks/study.py", *(argv if argv is not None else sys.argv[1:])])
     header = (f"## Study: `{args.config}`" + (f" with `--set {' '.join(args.set)}`" if args.set else "") +
-              f"\n\nCommand: `.venv/bin/python benchmarks/study.py --groups {args.groups} --seeds {args.seeds}"
-              + (f" --set {' '.join(args.set)}" if args.set else "") + "`")
+              f"\n\nCommand: `.venv/bin/python {command_line}`. Train wall time is each run's own, measured "
+              f"with {args.parallel} runs side by side ({threads} torch thread(s) each) and whatever else the "
+              "machine was doing: compare it within one table only.")
     results = ROOT / args.results
     print(write_results(results, chosen, header))
     if not args.no_mlflow:
