@@ -10,6 +10,9 @@
   run per trial (tag ``mlflow.parentRunId``), all found again by name, so a resumed search
   (same name: ``Tuner.restore``; unfinished trials continue from their Ray Train checkpoints)
   makes no duplicates.
+- Known limit: Tune does not persist which trials its ``max_concurrent_trials`` counts, so a
+  restored search can start one more trial beside a resumed one; on a cluster whose CPUs fit
+  only ``concurrency`` trials the two can stall each other (their workers leave Ray Data no CPU).
 """
 
 from __future__ import annotations

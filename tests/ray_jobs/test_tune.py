@@ -1,4 +1,4 @@
-"""`idml tune` end to end on a real 2-CPU Ray cluster: tune_spaces/smoke.yaml (3 sampled trials
+"""`idml tune` end to end on a real Ray cluster (3 logical CPUs): tune_spaces/smoke.yaml (3 sampled trials
 + the lambda = 0 trial, one at a time, ASHA) on generated data, the driver SIGKILLed mid-search
 and restarted with the same name; then the table, the MLflow parent and children, and the best
 config trained by `idml train`. Bad spaces fail on the driver before any trial."""
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ray_jobs.ray_helpers import REPO, connected_cluster, mlflow_runs, sqlite_uri
+from ray_jobs.ray_helpers import REPO, mlflow_runs, sqlite_uri
 from support import make_class_dataset
 
 from idml.config import load_config
@@ -29,7 +29,17 @@ TINY = ["model.backbone=resnet18", "model.pretrained=false", "model.embedding_di
         "train.batch_size=8", "train.images_per_class=4", "train.warmup_epochs=0", "train.max_steps_per_epoch=0",
         "eval.batch_size=32"]
 
-cluster = pytest.fixture(scope="module")(connected_cluster)
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """3 CPUs: a restored search may run two trials at once (Tune does not persist which trials
+    its concurrency limit counts), and two trials' workers on 2 CPUs leave Ray Data none."""
+    from ray_jobs.ray_helpers import RayCluster, connect
+
+    cluster = RayCluster(tmp_path_factory.mktemp("ray"), cpus=3)
+    disconnect = connect(cluster)
+    yield cluster
+    disconnect()
+    cluster.stop()
 
 
 @pytest.fixture(scope="module")
@@ -139,9 +149,9 @@ def test_bad_spaces_fail_on_load(tmp_path, dataset, changes, match):
 
 def test_bad_search_fails_on_the_driver_before_any_trial(cluster, dataset, tmp_path, capsys):
     overrides = TINY + [f"data.dataset={dataset}"]
-    # More concurrent trials than the 2-CPU cluster holds with their decoding.
+    # More concurrent trials than the 3-CPU cluster holds with their decoding.
     space = load_space(_space(tmp_path, concurrency=2), overrides=overrides)
-    with pytest.raises(SpaceError, match=r"concurrency 2 x \(1 workers x 0.5 CPUs \+ 1 CPU for Ray Data\) = 3.02 CPUs, but the cluster has 2"):
+    with pytest.raises(SpaceError, match=r"concurrency 2 x \(1 workers x 0.5 CPUs \+ 1 CPU for Ray Data\) = 3.02 CPUs, but the cluster has 3"):
         tune_search(space, TuneOptions(output_dir=str(tmp_path / "cpu"), tracking_uri=sqlite_uri(tmp_path)))
     assert not (tmp_path / "mlflow.db").exists()  # nothing started: no parent run
     # A dataset without a val split reports no val metric; the CLI prints the error, no traceback.
