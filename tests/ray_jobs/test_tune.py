@@ -159,3 +159,15 @@ def test_bad_search_fails_on_the_driver_before_any_trial(cluster, dataset, tmp_p
     assert main(["tune", "--space", str(SMOKE), "--set", *TINY, f"data.dataset={no_val}",
                  "--output-dir", str(tmp_path / "noval-search")]) == 2
     assert "no trial reports 'val/map@r'" in capsys.readouterr().err
+
+
+def test_lambda_0_trial_trains_under_ddp(cluster, dataset, tmp_path, monkeypatch):
+    # lambda = 0: no gradient reaches the uncertainty head, so DDP must allow unused parameters.
+    space = _space(tmp_path, trials=1, objective="train/loss", scheduler={"name": "fifo"},
+                   resources={"num_workers": 2, "cpus_per_worker": 0.25})
+    monkeypatch.chdir(tmp_path)
+    summary = tune_search(load_space(space, overrides=TINY + [f"data.dataset={dataset}", "train.epochs=1"]),
+                          TuneOptions(output_dir=str(tmp_path / "ddp"), tracking_uri=sqlite_uri(tmp_path)))
+    rows = {r["trial"]: r for r in summary["rows"]}
+    assert rows[0]["lambda"] == 0.0 and rows[0]["status"] == "completed" and rows[0]["epochs"] == 1
+    assert all(r["status"] == "completed" for r in rows.values())
