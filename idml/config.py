@@ -115,7 +115,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
             data = yaml.safe_load(f) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
-    for dotted, value in _parse_overrides(overrides).items():
+    for dotted, value in parse_overrides(overrides).items():
         node = data
         *parents, leaf = dotted.split(".")
         for part in parents:
@@ -163,7 +163,8 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     return _build(Config, data, "")
 
 
-def _parse_overrides(overrides) -> dict[str, Any]:
+def parse_overrides(overrides) -> dict[str, Any]:
+    """``["train.lr=1e-3", ...]`` (values read as YAML) or a dict, as ``{"train.lr": 0.001}``."""
     if overrides is None:
         return {}
     if isinstance(overrides, dict):

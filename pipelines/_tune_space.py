@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from idml.config import Config, ConfigError, config_from_dict, load_config, validate_config
+from idml.config import Config, ConfigError, config_from_dict, load_config, parse_overrides, validate_config
 
 KINDS = ("uniform", "loguniform", "choice", "grid")
 SPACE_KEYS = ("base_config", "fixed", "space", "trials", "objective", "mode", "scheduler", "concurrency", "seed",
@@ -63,7 +63,7 @@ def load_space(path: str | Path, config: str | Path | None = None, overrides: li
     fixed = raw.get("fixed") or {}
     if not isinstance(fixed, dict):
         raise SpaceError(f"{path}: 'fixed' must map config keys to values, got {fixed!r}")
-    base = load_config(base_path, {**fixed, **_parse_sets(overrides or [])})
+    base = load_config(base_path, {**fixed, **parse_overrides(overrides or [])})
     params = raw.get("space") or {}
     if not isinstance(params, dict) or not params:
         raise SpaceError(f"{path}: 'space' must map config keys to distributions, e.g. "
@@ -193,16 +193,6 @@ def _no_unknown(raw: dict, allowed: tuple[str, ...], where: str) -> None:
     unknown = sorted(set(raw) - set(allowed))
     if unknown:
         raise SpaceError(f"{where}: unknown key(s) {', '.join(map(str, unknown))}; valid keys: {', '.join(allowed)}")
-
-
-def _parse_sets(items: list[str]) -> dict[str, Any]:
-    parsed = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like section.key=value")
-        key, raw = item.split("=", 1)
-        parsed[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
-    return parsed
 
 
 def _relative(path: Path, target: str) -> Path:
