@@ -117,7 +117,9 @@ def finish_search(search, grid, parent: MlflowRun) -> dict[str, Any]:
 
 
 def _close_children(search, parent: MlflowRun, rows: list[dict[str, Any]]) -> None:
-    """ASHA stops a trial by ending its process: its child run is still RUNNING."""
+    """The trial table decides each child run's final status: ASHA stops a trial by ending its
+    process, which leaves its run RUNNING, or FAILED where the trainable saw the stop as an
+    exception; a driver killed mid-search leaves the same behind for trials that later finished."""
     client = parent.client
     children = client.search_runs([client.get_run(parent.run_id).info.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parent.run_id}'")
@@ -125,8 +127,9 @@ def _close_children(search, parent: MlflowRun, rows: list[dict[str, Any]]) -> No
     for child in children:
         trial = int(child.data.tags.get("idml.trial", -1))
         client.set_tag(child.info.run_id, "idml.status", status.get(trial, "unknown"))
-        if child.info.status == "RUNNING":
-            client.set_terminated(child.info.run_id, "FAILED" if status.get(trial) == "error" else "FINISHED")
+        final = "FAILED" if status.get(trial) == "error" else "FINISHED"
+        if child.info.status != final:
+            client.set_terminated(child.info.run_id, final)
 
 
 def retrain(search, summary: dict[str, Any], parent: MlflowRun) -> dict[str, Any]:
