@@ -77,8 +77,10 @@ def evaluate_model(
         mixed = blend_uncertainty(0.5)
         result["uncertainty_bins"] = recall_by_uncertainty(mu, labels, clean)
         result["uncertainty"] = uncertainty_summary(clean, mixed)
+        # A blend at ratio 0 is the clean image itself: reuse its uncertainty, don't embed it again.
         result["blend_ratio"] = uncertainty_by_blend_ratio(
-            {r: blend_uncertainty(r, BLEND_SWEEP_IMAGES) for r in DEFAULT_RATIOS})
+            {r: clean[:BLEND_SWEEP_IMAGES] if r == 0 else blend_uncertainty(r, BLEND_SWEEP_IMAGES)
+             for r in DEFAULT_RATIOS})
         result["selective"] = selective_retrieval(mu, labels, clean)
         if plot_path is not None:
             plot_uncertainty_analysis(result["uncertainty_bins"], clean, mixed, plot_path)
