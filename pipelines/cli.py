@@ -15,6 +15,7 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from ._errors import run_command
 from .tune_cli import add_tune_args, run_tune
 
 
@@ -141,14 +142,8 @@ def train_main(argv: list[str] | None = None, *, prog: str = "python -m pipeline
 
 def _run(args: argparse.Namespace) -> int:
     _configure_logging(args.verbose)
-    try:
-        return {"data": _data, "train": _train, "eval": _eval, "index": _index, "tune": run_tune}[args.command](args)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        # User errors get a message, not a traceback (-v shows the traceback).
-        if args.verbose:
-            raise
-        print(f"idml: error: {err}", file=sys.stderr)
-        return 2
+    command = {"data": _data, "train": _train, "eval": _eval, "index": _index, "tune": run_tune}[args.command]
+    return run_command(lambda: command(args), prog="idml", verbose=args.verbose)
 
 
 def _configure_logging(verbose: bool) -> None:

@@ -11,6 +11,7 @@ import sys
 import time
 from dataclasses import asdict
 
+from ._errors import run_command
 from .index import DELAY_ENV, embed_with_ray, listing_with_ray
 
 log = logging.getLogger(__name__)
@@ -87,13 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         for noisy in ("ray", "ray.data", "faiss.loader"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
     handlers = {"build": _build_or_update, "update": _build_or_update, "query": _query, "verify": _verify}
-    try:
-        return handlers[args.command](args)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        if args.verbose:
-            raise
-        print(f"idml index: error: {err}", file=sys.stderr)
-        return 2
+    return run_command(lambda: handlers[args.command](args), prog="idml index", verbose=args.verbose)
 
 
 # -- commands -------------------------------------------------------------------------------

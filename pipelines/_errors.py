@@ -1,0 +1,45 @@
+"""How every command line of the project ends: one line per failure, never a traceback unless
+``-v``. Exit 2 for bad input the user can fix, 1 for anything else, 130 for Ctrl-C."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from idml.errors import InputError
+
+BAD_INPUT = 2
+FAILURE = 1
+INTERRUPTED = 130
+
+# What users cause: a missing or existing path, a bad value, an unreadable file.
+_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
+                                                 IsADirectoryError, PermissionError)
+
+
+def run_command(command: Callable[[], int], *, prog: str, verbose: bool,
+                on_interrupt: Callable[[], str | None] | None = None) -> int:
+    """Run ``command`` and turn what it raises into a message and an exit code.
+    ``on_interrupt`` may return a line saying where the work stopped (e.g. the last checkpoint)."""
+    try:
+        return command()
+    except KeyboardInterrupt:
+        where = on_interrupt() if on_interrupt is not None else None
+        print(f"\n{prog}: stopped (Ctrl-C)" + (f"; {where}" if where else ""), file=sys.stderr)
+        return INTERRUPTED
+    except _USER_ERRORS as err:
+        if verbose:
+            raise
+        print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
+        return BAD_INPUT
+    except Exception as err:  # noqa: BLE001 - the last line of defence of a command line
+        if verbose:
+            raise
+        print(f"{prog}: error: {type(err).__name__}: {_one_line(err)} (run with -v for the traceback)", file=sys.stderr)
+        return FAILURE
+
+
+def _one_line(err: BaseException) -> str:
+    """Our messages may span lines on purpose (a list of differing keys); a foreign one's first line suffices."""
+    text = str(err).strip() or type(err).__name__
+    return text if isinstance(err, InputError) else text.splitlines()[0]
