@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="fraction of training classes held out for model selection (0 disables; default: 0.1)")
     convert.add_argument("--shard-mb", type=float, default=64.0, help="shard size in MiB of image data (default: 64)")
     convert.add_argument("--with-domains", action="store_true", help="image-folder: src/<domain>/<class>/<image>")
+    convert.add_argument("--follow-links", action="store_true",
+                         help="read files that symbolic links bring in from outside src (default: skipped and counted)")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing dataset at dst")
     inspect = data.add_parser("inspect", help="summarise a converted dataset")
     inspect.add_argument("dataset", help="a dataset folder or built-in name")
@@ -184,7 +186,7 @@ def _data(args) -> int:
         print(f"\ndataset ready at {root}")
     elif args.data_command == "convert":
         options = {"with_domains": True} if args.with_domains else {}
-        data.convert(args.format, args.src, args.dst, val_fraction=args.val_fraction,
+        data.convert(args.format, args.src, args.dst, val_fraction=args.val_fraction, follow_links=args.follow_links,
                      shard_bytes=int(args.shard_mb * (1 << 20)), overwrite=args.overwrite, **options)
         print(data.summarize(args.dst))
     else:

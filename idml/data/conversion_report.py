@@ -22,6 +22,8 @@ class ConversionReport:
     skipped: dict[str, int] = field(default_factory=dict)
     examples: dict[str, list[str]] = field(default_factory=dict)
     empty_classes: list[str] = field(default_factory=list)
+    # Decisions the user should know about (e.g. a validation split left out), one sentence each.
+    notes: list[str] = field(default_factory=list)
 
     def skip(self, reason: str, path: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
@@ -48,6 +50,8 @@ class ConversionReport:
                 len(self.empty_classes),
                 ", ".join(self.empty_classes),
             )
+        for note in self.notes:
+            log.warning("%s", note)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -55,6 +59,7 @@ class ConversionReport:
             "skipped": dict(sorted(self.skipped.items())),
             "examples": {k: list(v) for k, v in sorted(self.examples.items())},
             "empty_classes": list(self.empty_classes),
+            "notes": list(self.notes),
         }
 
     @classmethod
@@ -65,4 +70,5 @@ class ConversionReport:
             skipped=dict(data.get("skipped", {})),
             examples={k: list(v) for k, v in data.get("examples", {}).items()},
             empty_classes=list(data.get("empty_classes", [])),
+            notes=list(data.get("notes", [])),
         )

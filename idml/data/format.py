@@ -13,6 +13,7 @@ targets 0..C-1 for one split use ``contiguous_targets``.
 from __future__ import annotations
 
 import json
+import logging
 import numbers
 import os
 import shutil
@@ -26,22 +27,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from idml.data.conversion_report import ConversionReport
-from idml.data.source import FORMAT_VERSION, MANIFEST_NAME, file_sha256, open_dataset, read_manifest
+from idml.data.source import DATASET_SCHEMA, FORMAT_VERSION, MANIFEST_NAME, file_sha256, open_dataset
+from idml.errors import InputError
+
+logger = logging.getLogger(__name__)
+
 SPLITS = ("train", "val", "test")
 DEFAULT_SHARD_BYTES = 64 << 20
 # Small row groups let streaming readers fetch a piece of a shard at a time.
 ROW_GROUP_ROWS = 512
 
-DATASET_SCHEMA = pa.schema(
-    [
-        pa.field("id", pa.string(), nullable=False),
-        pa.field("image", pa.binary(), nullable=False),
-        pa.field("label", pa.int32(), nullable=False),
-        pa.field("class_name", pa.string(), nullable=False),
-        pa.field("domain", pa.string(), nullable=False),
-        pa.field("split", pa.string(), nullable=False),
-    ]
-)
 COLUMNS = tuple(DATASET_SCHEMA.names)
 
 @dataclass
@@ -141,8 +136,63 @@ def _check_record(record: ImageRecord) -> None:
         raise ValueError(f"{where} has an empty domain; use 'default' when there are none")
 
 
-def _is_dataset(root: Path) -> bool:
-    return (root / MANIFEST_NAME).is_file()
+def check_destination(root: str | os.PathLike, *, overwrite: bool = False) -> None:
+    """Refuse an output path whose contents a write would lose, before any work starts: a file,
+    a path under a file, a non-empty folder that is not a dataset, a dataset without
+    ``overwrite``, or a dataset folder that also holds other files (``overwrite`` replaces only
+    what a dataset consists of)."""
+    root = Path(root)
+    ancestor = root.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if ancestor.exists() and not ancestor.is_dir():
+        raise NotADirectoryError(f"cannot create output folder {root}: {ancestor} is a file; choose another output path")
+    if not root.exists():
+        return
+    if not root.is_dir():
+        raise FileExistsError(f"output path {root} is a file, not a folder; choose a new or empty folder")
+    entries = sorted(p.name for p in root.iterdir())
+    if not entries:
+        return
+    manifest = _dataset_manifest(root)
+    if manifest is None:
+        raise FileExistsError(
+            f"output folder {root} already holds other files ({_some(entries)}) and is not an idml dataset; "
+            "nothing was written: choose a new or empty folder")
+    if not overwrite:
+        raise FileExistsError(
+            f"output folder {root} already holds dataset {manifest.get('name')!r}; nothing was written: "
+            "pass --overwrite (overwrite=True) to replace it, or choose a new folder")
+    foreign = [e for e in entries if e not in (MANIFEST_NAME, *SPLITS)]
+    if foreign:
+        raise FileExistsError(
+            f"output folder {root} holds dataset {manifest.get('name')!r} and other files ({_some(foreign)}); "
+            "--overwrite replaces only a folder that holds just a dataset: move those files out first")
+
+
+def _dataset_manifest(root: Path) -> dict[str, Any] | None:
+    """The manifest if ``root`` holds an idml dataset (any format version), else None. A
+    ``manifest.json`` of another tool (a web extension's, say) does not make a dataset."""
+    try:
+        manifest = json.loads((root / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    is_ours = isinstance(manifest, dict) and "format_version" in manifest and isinstance(manifest.get("splits"), dict)
+    return manifest if is_ours else None
+
+
+def _some(names: list[str], limit: int = 3) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _warn_about_leftovers(root: Path) -> None:
+    # A conversion killed mid-write leaves its hidden temporary folder; it is never deleted here,
+    # as it may belong to a conversion still running.
+    leftovers = sorted(p.name for p in root.parent.glob(f".{root.name}.tmp-*")) if root.parent.is_dir() else []
+    if leftovers:
+        logger.warning("%s holds %d unfinished output(s) of an interrupted conversion (%s); delete them to free "
+                       "the space once no conversion into %s is running", root.parent, len(leftovers),
+                       _some(leftovers), root)
 
 
 def write_dataset(
@@ -159,28 +209,19 @@ def write_dataset(
 
     Everything is written to a temporary sibling folder that is renamed into
     place at the end, so a failure never leaves a half-written dataset at
-    ``root``. An existing dataset is replaced only with ``overwrite=True``; a
-    non-empty folder that is not a dataset is never replaced.
+    ``root``. What ``check_destination`` refuses is never touched.
     """
     root = Path(root)
     if shard_bytes <= 0:
-        raise ValueError(f"shard_bytes must be > 0, got {shard_bytes}")
-    if root.exists():
-        if not root.is_dir():
-            raise FileExistsError(f"{root} exists and is not a folder; choose another output path")
-        non_empty = any(root.iterdir())
-        if non_empty and not _is_dataset(root):
-            raise FileExistsError(
-                f"{root} is a non-empty folder without {MANIFEST_NAME}; refusing to replace it, "
-                "choose an empty or new output path"
-            )
-        if non_empty and not overwrite:
-            raise FileExistsError(
-                f"a dataset already exists at {root}; pass overwrite=True (--overwrite) to replace it"
-            )
-    root.parent.mkdir(parents=True, exist_ok=True)
+        raise ValueError(f"shard_bytes must be > 0 (--shard-mb), got {shard_bytes}")
+    check_destination(root, overwrite=overwrite)
+    _warn_about_leftovers(root)
     tmp_root = root.parent / f".{root.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp_root.mkdir()
+    try:
+        tmp_root.mkdir(parents=True)
+    except OSError as e:
+        raise InputError(f"cannot write output folder {root}: {e.strerror or e} in {root.parent}; "
+                         "choose a writable location") from e
     report = report if report is not None else ConversionReport()
     try:
         manifest = _write_into(records, tmp_root, name=name, source=source, shard_bytes=shard_bytes, report=report)
@@ -314,33 +355,17 @@ def read_split(
 
 
 def verify_dataset(root: str | os.PathLike) -> list[str]:
-    """Check every shard against the manifest; returns problems found (empty if OK)."""
-    root = Path(root)
-    manifest = read_manifest(root)
+    """Check every shard against the manifest: the cheap checks training runs
+    (``DatasetSource.shard_problems``) plus each shard's sha256. Returns the problems (empty if OK)."""
+    source = open_dataset(root, builtin=False)
     problems = []
-    for split, info in manifest.get("splits", {}).items():
-        total = 0
-        for shard in info.get("shards", []):
-            path = root / shard["path"]
-            if not path.is_file():
-                problems.append(f"{split}: missing shard {path}")
-                continue
-            size = path.stat().st_size
-            if size != shard["bytes"]:
-                problems.append(f"{split}: {path} has {size} bytes, manifest says {shard['bytes']}")
+    for split in source.manifest.get("splits", {}):
+        problems.extend(source.shard_problems(split))
+        for shard in source.shards(split):
+            path = f"{source.root}/{shard['path']}"
+            if not Path(path).is_file():
+                continue  # already reported as missing
             digest = file_sha256(path)
             if digest != shard["sha256"]:
                 problems.append(f"{split}: checksum mismatch for {path} (sha256 {digest[:12]}…, manifest {shard['sha256'][:12]}…)")
-            try:
-                meta = pq.ParquetFile(path).metadata
-            except Exception as e:  # any Parquet/IO error is a problem to report, not to raise
-                problems.append(f"{split}: cannot read {path} as Parquet ({e})")
-                continue
-            if meta.num_rows != shard["num_rows"]:
-                problems.append(f"{split}: {path} has {meta.num_rows} rows, manifest says {shard['num_rows']}")
-            if not meta.schema.to_arrow_schema().equals(DATASET_SCHEMA):
-                problems.append(f"{split}: {path} does not have the dataset schema")
-            total += meta.num_rows
-        if total != info.get("num_images") and not any(p.startswith(f"{split}:") for p in problems):
-            problems.append(f"{split}: shards hold {total} rows, manifest says {info.get('num_images')} images")
     return problems

@@ -13,9 +13,24 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from idml.errors import DamagedFileError
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+
+# What every shard holds (``format.py`` writes it, every reader expects it).
+DATASET_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("image", pa.binary(), nullable=False),
+        pa.field("label", pa.int32(), nullable=False),
+        pa.field("class_name", pa.string(), nullable=False),
+        pa.field("domain", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+    ]
+)
 
 _HOW_TO_CREATE = (
     "create it with `idml data convert <format> <src> <root>` "
@@ -60,6 +75,63 @@ class DatasetSource:
 
     def num_images(self, split: str) -> int:
         return int(self.split_info(split)["num_images"])
+
+    def shard_problems(self, split: str) -> list[str]:
+        """What is wrong with the shards of ``split`` against the manifest, found cheaply: each
+        shard exists and its Parquet footer reads, it has the dataset's columns and types, the
+        manifest's row count and size, and the rows add up to ``num_images``. Only file metadata
+        is read (no images, no checksums). Empty when all is well."""
+        info = self.split_info(split)
+        problems: list[str] = []
+        total = 0
+        for shard in info.get("shards", []):
+            path = f"{self.root}/{shard['path']}"
+            file = self.filesystem.get_file_info(path)
+            if file.type != pafs.FileType.File:
+                problems.append(f"{split}: missing shard {path}")
+                continue
+            try:
+                with self.filesystem.open_input_file(path) as f:
+                    meta = pq.ParquetFile(f).metadata
+                    schema = meta.schema.to_arrow_schema()
+            except Exception as e:  # any Parquet/IO error is a problem to report, not to raise
+                problems.append(f"{split}: cannot read {path} as Parquet ({e})")
+                continue
+            # The most telling problem first: a missing column says more than the size it changed.
+            problems.extend(f"{split}: {path} {problem}" for problem in schema_problems(schema))
+            if meta.num_rows != shard["num_rows"]:
+                problems.append(f"{split}: {path} has {meta.num_rows} rows, manifest says {shard['num_rows']}")
+            if file.size != shard["bytes"]:
+                problems.append(f"{split}: {path} has {file.size} bytes, manifest says {shard['bytes']}")
+            total += meta.num_rows
+        if total != info.get("num_images") and not problems:
+            problems.append(f"{split}: shards hold {total} rows, manifest says {info.get('num_images')} images")
+        return problems
+
+    def check_shards(self, splits: list[str] | tuple[str, ...] | None = None) -> None:
+        """Refuse a damaged dataset before any work starts: ``shard_problems`` of ``splits``
+        (default: every split in the manifest), raised as one ``DamagedFileError`` that names
+        the shards. Training runs it on the driver, before a worker or an epoch starts."""
+        available = list(self.manifest.get("splits", {}))
+        problems = [p for split in (available if splits is None else splits) if split in available
+                    for p in self.shard_problems(split)]
+        if problems:
+            more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+            raise DamagedFileError(
+                f"dataset {self.uri} is damaged: {'; '.join(problems[:3])}{more}. `idml data inspect {self.uri} "
+                "--verify` lists every problem; re-create the dataset with `idml data convert` or `idml data fetch`")
+
+
+def schema_problems(schema: pa.Schema) -> list[str]:
+    """The dataset's columns that ``schema`` lacks or holds with another type (extra columns are fine)."""
+    problems = []
+    for expected in DATASET_SCHEMA:
+        index = schema.get_field_index(expected.name)
+        if index < 0:
+            problems.append(f"has no {expected.name!r} column")
+        elif not schema.field(index).type.equals(expected.type):
+            problems.append(f"has column {expected.name!r} of type {schema.field(index).type}, expected {expected.type}")
+    return problems
 
 
 def filesystem_for(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:

@@ -49,6 +49,7 @@ def summarize(root: str | os.PathLike) -> str:
     empty = report.get("empty_classes", [])
     if empty:
         lines.append(f"classes without valid images (left out): {len(empty)}: {', '.join(empty[:20])}")
+    lines.extend(f"note: {note}" for note in report.get("notes", []))
     return "\n".join(lines)
 
 

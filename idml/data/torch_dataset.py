@@ -11,8 +11,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from torch.utils.data import Dataset
 
-from idml.data.format import split_files
-from idml.data.source import contiguous_targets, read_manifest
+from idml.data.source import open_dataset
 from idml.data.images import DEFAULT_MAX_PIXELS, InvalidImageError, decode_image
 
 
@@ -36,9 +35,13 @@ class ImageShardDataset(Dataset):
         self.split = split
         self.transform = transform
         self.max_pixels = max_pixels
-        self.manifest = read_manifest(root)
-        self.shard_paths = split_files(root, split)
-        self.label_to_target = contiguous_targets(self.manifest, split)
+        source = open_dataset(root, builtin=False)
+        source.check_local()
+        # A damaged shard fails here, naming itself, rather than as a KeyError mid-read.
+        source.check_shards([split])
+        self.manifest = source.manifest
+        self.shard_paths = source.paths(split)
+        self.label_to_target = source.label_to_target(split)
 
         ids, images, labels, domains, class_names, shard_of_row = [], [], [], [], [], []
         for shard_index, path in enumerate(self.shard_paths):
