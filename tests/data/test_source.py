@@ -55,3 +55,20 @@ def test_missing_datasets_fail_clearly(tmp_path, dataset):
 def test_shard_checksums_use_the_one_sha256_helper(dataset):
     shard = read_manifest(dataset)["splits"]["train"]["shards"][0]
     assert file_sha256(Path(dataset) / shard["path"]) == shard["sha256"]
+
+
+def test_check_shards_reads_only_metadata_wherever_the_dataset_is(dataset):
+    from idml.errors import DamagedFileError
+
+    fsspec = pytest.importorskip("fsspec")
+    memory = fsspec.filesystem("memory")
+    for path in dataset.rglob("*"):
+        if path.is_file():
+            memory.pipe(f"/checked/{path.relative_to(dataset).as_posix()}", path.read_bytes())
+    for uri in (str(dataset), dataset.as_uri(), "memory://checked"):
+        open_dataset(uri).check_shards()
+    shard = read_manifest(dataset)["splits"]["test"]["shards"][0]["path"]
+    memory.rm(f"/checked/{shard}")
+    with pytest.raises(DamagedFileError, match=f"dataset memory://checked is damaged: test: missing shard .*{shard}"):
+        open_dataset("memory://checked").check_shards()
+    open_dataset("memory://checked").check_shards(["train"])  # only the splits asked for
