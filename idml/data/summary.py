@@ -8,8 +8,8 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from idml.data.format import SPLITS, split_files
-from idml.data.source import read_manifest
+from idml.data.format import SPLITS
+from idml.data.source import open_dataset, read_manifest
 from idml.data.images import InvalidImageError, decode_image
 
 
@@ -66,7 +66,9 @@ def save_sample_grid(
     # Pick rows from the small columns first, then read images only from shards that hold them.
     picks: dict[tuple[int, str], tuple[int, int]] = {}  # (label, domain) -> (shard, row)
     names: dict[int, str] = {}
-    files = split_files(root, split)
+    source = open_dataset(root, builtin=False)
+    source.check_shards([split])  # a damaged shard is named, not met as a missing column mid-read
+    files = source.paths(split)
     metas = [pq.read_table(file, columns=["label", "class_name", "domain"]) for file in files]
     all_labels = sorted({l for t in metas for l in pc.unique(t.column("label")).to_pylist()})
     # Evenly spaced classes show more of the dataset than the first few labels.

@@ -318,6 +318,8 @@ def test_train_refuses_a_shard_without_its_image_column(idml, tmp_path, dataset)
     assert "re-create the dataset" in line
     assert not (tmp_path / "run" / "last.pt").exists()  # no epoch ran
     assert any("has no 'image' column" in p for p in verify_dataset(dataset))
+    refused(idml("data", "inspect", dataset, "--grid", tmp_path / "grid.png"), "has no 'image' column")
+    assert not (tmp_path / "grid.png").exists()
 
 
 @pytest.mark.parametrize("where", ["split", "shard"])
