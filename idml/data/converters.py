@@ -676,6 +676,10 @@ def convert(layout: str, src: str | os.PathLike, dst: str | os.PathLike, *, name
     _check_apart(Path(src), Path(dst), scans_src=CONVERTERS[layout].scans_src)
     lister = CONVERTERS[layout].list_images
     own = set(inspect.signature(lister).parameters) - {"src"}
+    unknown = sorted(set(options) - own - set(inspect.signature(convert_items).parameters))
+    if unknown:
+        raise InputError(f"the {layout} layout does not take {', '.join('--' + k.replace('_', '-') for k in unknown)}"
+                         f" ({', '.join(unknown)})")
     listing = lister(Path(src), **{k: v for k, v in options.items() if k in own})
     return convert_items(listing.items, dst, name=name or listing.name, class_order=listing.class_order,
                          source=listing.source, report=listing.report, test_fraction=listing.test_fraction,

@@ -155,6 +155,13 @@ def test_bad_convert_options_are_refused(idml, tmp_path, args, phrase):
     assert not (tmp_path / "dst").exists()
 
 
+def test_an_option_of_another_layout_is_refused(idml, tmp_path):
+    root = make_cub(tmp_path / "cub", bad=False)
+    refused(idml("data", "convert", "cub", root, tmp_path / "dst", "--with-domains"),
+            "the cub layout does not take --with-domains")
+    assert not (tmp_path / "dst").exists()
+
+
 def test_missing_or_wrong_source_is_refused(idml, tmp_path):
     refused(idml("data", "convert", "image-folder", tmp_path / "nope", tmp_path / "dst"), "does not exist")
     write_file(tmp_path / "file.zip", b"PK")
