@@ -36,11 +36,10 @@ def test_every_node_installs_this_package_and_authenticates_with_a_token():
     assert "/home/ray/.ray/auth_token" in config["file_mounts"]
 
 
-def test_nothing_listens_on_a_public_interface_and_mlflow_needs_a_password():
+def test_mlflow_listens_on_the_private_address_and_needs_a_password():
     config = load()
     head = " ".join(config["head_start_ray_commands"])
-    assert "0.0.0.0" not in head
-    assert "scripts/mlflow_server.sh $HEAD_IP" in head and "--dashboard-host=$HEAD_IP" in head
+    assert "scripts/mlflow_server.sh $HEAD_IP" in head and "mlflow server" not in head
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         assert "MLFLOW_TRACKING_PASSWORD=$(cat ~/.idml/mlflow_password)" in " ".join(config[key])
     assert "/home/ray/.idml/mlflow_password" in config["file_mounts"]
