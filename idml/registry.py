@@ -63,6 +63,18 @@ def log_model(uri: str, run_id: str, checkpoint: str | Path, *, example_images: 
     return out
 
 
+def register(model_uri: str, name: str, *, uri: str | None = None) -> str:
+    """Register a logged model (``runs:/<run id>/model``) as the next version of ``name``."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    mlflow.set_tracking_uri(uri or tracking_uri())
+    try:
+        return str(mlflow.register_model(model_uri, name).version)
+    except MlflowException as e:
+        raise InputError(f"cannot register {model_uri} as {name!r}: {_first_line(e)}") from e
+
+
 def set_alias(name: str, alias: str, version: str | int, *, uri: str | None = None) -> None:
     """Point ``models:/NAME@alias`` at ``version`` (moving it if it pointed elsewhere)."""
     from mlflow.exceptions import MlflowException
