@@ -1,16 +1,27 @@
-"""Checkpoints are plain dicts (model, criterion, optimizer, scheduler, epoch, config, metrics)
-of tensors and builtins, so ``torch.load(weights_only=True)`` reads them without unpickling code."""
+"""Checkpoints are plain dicts of tensors and builtins, so ``torch.load(weights_only=True)`` reads
+them without unpickling code. ``last.pt`` is the resume point (model, criterion, optimizer,
+scheduler, epoch, config, history, best); ``best.pt`` is the same without optimizer and
+scheduler (for evaluation and indexing, never resumed)."""
 
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .config import Config, config_from_dict
+from .errors import DamagedFileError, InputError
 from .model import IDMLModel, build_model
+
+REQUIRED_KEYS = ("model", "config", "epoch")
+
+# Config keys a resumed run may change: they change speed or what evaluation reports, never
+# what the model learns. ``train.epochs`` may change too, but not below the epochs already done.
+RESUMABLE_CHANGES = ("output_dir", "data.workers", "train.threads", "train.channels_last", "eval.recall_ks",
+                     "eval.batch_size", "eval.nmi", "eval.cross_domain")
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
@@ -18,20 +29,53 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:  # Ctrl-C or a full disk mid-write: leave no half-written file behind
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint at ``path``; ``DamagedFileError`` (empty, truncated, not a torch file) or
+    ``InputError`` (a folder, a torch file that is not an idml checkpoint) name the file."""
     path = Path(path)
+    if path.is_dir():
+        inside = [name for name in ("best.pt", "last.pt") if (path / name).is_file()]
+        hint = f"; pass {path / inside[0]}" if inside else ""
+        raise InputError(f"checkpoint {path} is a folder, not a checkpoint file{hint}")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    missing = {"model", "config", "epoch"} - set(state)
+    if path.stat().st_size == 0:
+        raise DamagedFileError(f"checkpoint {path} is empty (0 bytes): an interrupted copy or write? "
+                               "Use another checkpoint or train again")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises EOFError, KeyError, RuntimeError or UnpicklingError for bad bytes
+        raise DamagedFileError(_unreadable(path, err)) from err
+    missing = [key for key in REQUIRED_KEYS if not isinstance(state, dict) or key not in state]
     if missing:
-        raise ValueError(f"{path} is not an idml checkpoint (missing {', '.join(sorted(missing))})")
+        raise InputError(f"checkpoint {path} is a torch file but not an idml checkpoint (no {', '.join(missing)}); "
+                         "pass a best.pt or last.pt written by idml train")
     return state
+
+
+def _unreadable(path: Path, err: Exception) -> str:
+    """Why torch could not read ``path``, in the user's terms."""
+    if zipfile.is_zipfile(path):
+        if "weights only" in str(err).lower():
+            return (f"checkpoint {path} holds Python objects an idml checkpoint never has; refusing to unpickle "
+                    "them (it was not written by idml train)")
+        return f"checkpoint {path} is damaged (a torch archive whose content cannot be read: {type(err).__name__})"
+    with open(path, "rb") as f:
+        start = f.read(4)
+    if start.startswith(b"PK"):
+        return (f"checkpoint {path} is truncated ({path.stat().st_size} bytes, the end of the torch archive is "
+                "missing): an interrupted copy or write? Use another checkpoint or train again")
+    return (f"checkpoint {path} is not a torch checkpoint file (unreadable bytes: {type(err).__name__}); "
+            "pass a best.pt or last.pt written by idml train")
 
 
 def checkpoint_config(state: dict[str, Any]) -> Config:
@@ -52,6 +96,59 @@ def model_from_checkpoint(path_or_state: str | Path | dict[str, Any]) -> tuple[I
     # strict=False only for the one buffer older checkpoints lack; anything else must match.
     missing, unexpected = model.load_state_dict(state["model"], strict=False)
     if unexpected or set(missing) - {"uncertainty_norm.running_uncertainty"}:
-        raise RuntimeError(f"checkpoint does not match the model: missing {missing}, unexpected {unexpected}")
+        name = "" if isinstance(path_or_state, dict) else f" {path_or_state}"
+        raise DamagedFileError(f"checkpoint{name} does not match its own config ({cfg.model.backbone}, "
+                               f"embedding_dim {cfg.model.embedding_dim}): missing {_few(missing)}, "
+                               f"unexpected {_few(unexpected)}")
     return model.eval(), cfg
 
+
+def _few(keys: list[str], limit: int = 5) -> str:
+    return "[" + ", ".join(keys[:limit]) + (f", ... {len(keys) - limit} more" if len(keys) > limit else "") + "]"
+
+
+def config_changes(stored: Config, new: Config, *, epochs_done: int) -> list[str]:
+    """The differences that make ``new`` another run than the one ``stored`` describes, as
+    ``key: old -> new`` lines; empty when ``new`` may resume it (see ``RESUMABLE_CHANGES``)."""
+    old_flat, new_flat = stored.flat(), new.flat()
+    changes = []
+    for key in sorted(set(old_flat) | set(new_flat)):
+        old, value = old_flat.get(key), new_flat.get(key)
+        if old == value or key in RESUMABLE_CHANGES:
+            continue
+        if key == "train.epochs" and value >= epochs_done:
+            continue
+        if key == "train.epochs":
+            changes.append(f"train.epochs: {old} -> {value} (but {epochs_done} epochs are done)")
+        else:
+            changes.append(f"{key}: {old!r} -> {value!r}")
+    return changes
+
+
+def resume_checkpoint(path: str | Path, cfg: Config, *, start_over: str) -> dict[str, Any]:
+    """The checkpoint at ``path`` if ``cfg`` may resume it; else ``InputError`` listing what
+    differs, or why the file cannot be read. ``start_over`` says how to train ``cfg`` instead."""
+    try:
+        state = load_checkpoint(path)
+    except InputError as err:
+        raise type(err)(f"cannot resume: {err}. Nothing was changed; {start_over}") from err
+    changes = config_changes(checkpoint_config(state), cfg, epochs_done=state["epoch"] + 1)
+    if changes:
+        raise InputError(f"{path} holds a run with another config; resuming it would train nothing or mix two "
+                         f"runs. Nothing was changed; {start_over}. Differences (checkpoint -> now):\n  "
+                         + "\n  ".join(changes))
+    return state
+
+
+def describe_last_checkpoint(path: str | Path, *, since: float | None = None) -> str:
+    """Where a run stands, for a user who stopped it: ``path``'s epoch, or that there is none
+    (a file older than ``since``, a Unix time, belongs to an earlier run)."""
+    path = Path(path)
+    if not path.is_file() or (since is not None and path.stat().st_mtime < since):
+        return f"no checkpoint was written yet (the first epoch had not finished; {path} is absent)"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        epochs = f" (epoch {state['epoch'] + 1} of {state['config']['train']['epochs']} done)"
+    except Exception:  # the message must come even if the file cannot be read
+        epochs = ""
+    return f"the last checkpoint is {path}{epochs}; the same command without --no-resume resumes from it"

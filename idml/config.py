@@ -16,9 +16,11 @@ from typing import Any
 
 import yaml
 
+from .errors import InputError
 
-class ConfigError(ValueError):
-    pass
+
+class ConfigError(InputError):
+    """A config file, override or value that cannot be used; the message names the key."""
 
 
 @dataclass
@@ -110,9 +112,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+            raise ConfigError(f"config file {path} " + ("is a folder" if path.is_dir() else "does not exist"))
         with open(path) as f:
-            data = yaml.safe_load(f) or {}
+            data = _yaml(f, f"config file {path}") or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
     for dotted, value in parse_overrides(overrides).items():
@@ -154,8 +156,10 @@ def validate_config(cfg: Config) -> None:
         problems.append("data.image_size must be >= 16")
     if not cfg.eval.recall_ks or min(cfg.eval.recall_ks) < 1:
         problems.append("eval.recall_ks must be a non-empty list of positive integers")
+    if len(problems) == 1:
+        raise ConfigError(f"invalid config: {problems[0]}")
     if problems:
-        raise ValueError("invalid config:\n  " + "\n  ".join(problems))
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
@@ -174,8 +178,15 @@ def parse_overrides(overrides) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value")
         key, raw = item.split("=", 1)
-        parsed[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        parsed[key.strip()] = _yaml(raw, f"override {item!r}") if raw.strip() else None
     return parsed
+
+
+def _yaml(text, what: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{what} is not valid YAML: {' '.join(str(err).split())}") from err
 
 
 def _build(cls, data: dict[str, Any], prefix: str):

@@ -42,11 +42,11 @@ class Progress:
     best: dict[str, Any] | None = None
 
     @classmethod
-    def resume(cls, state: TrainingState, last_path: str | Path) -> "Progress":
-        """Load ``last_path`` into ``state``; the progress recorded in it."""
-        ckpt = load_checkpoint(last_path)
-        state.load_state_dict(ckpt)
-        return cls(ckpt["epoch"] + 1, ckpt["history"], ckpt["best"])
+    def resume(cls, state: TrainingState, checkpoint: dict[str, Any]) -> "Progress":
+        """Load ``checkpoint`` (a loaded ``last.pt``, see ``idml.checkpoint.resume_checkpoint``)
+        into ``state``; the progress recorded in it."""
+        state.load_state_dict(checkpoint)
+        return cls(checkpoint["epoch"] + 1, checkpoint["history"], checkpoint["best"])
 
     def selected(self, out_dir: str | Path) -> Path:
         """The checkpoint to evaluate: best.pt when validation chose one, else last.pt."""

@@ -55,12 +55,28 @@ def get_or_create_run(client, experiment_name: str, run_name: str, *, tags: Mapp
     experiment = client.get_experiment_by_name(experiment_name)
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(
         experiment_name, artifact_location=_artifact_location(client.tracking_uri))
-    found = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.runName` = '{run_name}'", max_results=2)
+    found = _runs_named(client, experiment_id, run_name)
     if len(found) > 1:
         raise RuntimeError(f"several MLflow runs are named {run_name!r} in {experiment_name!r}; refusing to guess")
     if found:
         return found[0].info.run_id
     return client.create_run(experiment_id, run_name=run_name, tags=dict(tags or {})).info.run_id
+
+
+def _runs_named(client, experiment_id: str, run_name: str) -> list:
+    """The runs called exactly ``run_name``. MLflow's filter strings cannot escape a quote (a
+    value is whatever lies between its outer quotes), so the filter carries the name with every
+    character but letters, digits, ``-`` and ``.`` as LIKE's one-character wildcard ``_``, and the
+    names are compared here."""
+    pattern = re.sub(r"[^A-Za-z0-9.\-]", "_", run_name)
+    found, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.runName` LIKE '{pattern}'",
+                                  max_results=1000, page_token=token)
+        found += [run for run in page if run.info.run_name == run_name]
+        token = page.token
+        if not token:
+            return found
 
 
 def _artifact_location(uri: str) -> str | None:

@@ -9,9 +9,11 @@ from typing import Any
 from pytorch_metric_learning.samplers import MPerClassSampler
 from torch.utils.data import DataLoader
 
+from .checkpoint import resume_checkpoint
 from .config import Config, validate_config
 from .data import ImageShardDataset, open_dataset
 from .engine import build_training, configure_threads, seed_everything
+from .errors import InputError
 from .fit import Progress, evaluate_and_summarize, fit
 from .transforms import eval_transform, train_transform
 
@@ -34,12 +36,21 @@ def class_balanced_loader(dataset: ImageShardDataset, cfg: Config) -> DataLoader
 def train_local(cfg: Config, *, progress: bool = True, resume: bool = True) -> dict[str, Any]:
     """Train with ``cfg`` and evaluate the best checkpoint (chosen on the validation split,
     which holds classes unseen in training) on the test split. Writes ``last.pt``, ``best.pt``,
-    ``metrics.json`` and plots to ``cfg.output_dir``; resumes from ``last.pt`` if present."""
+    ``metrics.json`` and plots to ``cfg.output_dir``. Resumes from ``last.pt`` if present and
+    trained with the same config (else refuses: see ``idml.checkpoint.resume_checkpoint``);
+    ``resume=False`` starts over, replacing the folder's checkpoints."""
     validate_config(cfg)
+    out = Path(cfg.output_dir)
+    last, best = out / "last.pt", out / "best.pt"
+    start_over = (f"to train this config, pass another --output-dir, or --no-resume to start over in {out} "
+                  "(replaces its last.pt and best.pt)")
+    checkpoint = None
+    if resume and last.exists():
+        checkpoint = resume_checkpoint(last, cfg, start_over=start_over)
+    elif resume and best.exists():
+        raise InputError(f"{out} holds a best.pt but no last.pt to resume from; nothing was changed; {start_over}")
     seed_everything(cfg.train.seed)
     configure_threads(cfg.train.threads)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     source = open_dataset(cfg.data.dataset)
     source.check_local()
     size = cfg.data.image_size
@@ -53,10 +64,16 @@ def train_local(cfg: Config, *, progress: bool = True, resume: bool = True) -> d
 
     state = build_training(cfg, train_ds.num_classes)
     start = Progress()
-    if resume and (out / "last.pt").exists():
-        start = Progress.resume(state, out / "last.pt")
-        log.info("resumed from %s at epoch %d", out / "last.pt", start.start_epoch)
+    if checkpoint is not None:
+        start = Progress.resume(state, checkpoint)
+        log.info("resumed from %s at epoch %d", last, start.start_epoch)
     loader = class_balanced_loader(train_ds, cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    if checkpoint is None and best.exists():
+        # Starting over (--no-resume): the earlier run's best.pt would pass for this run's until
+        # validation replaces it, or for good without a validation split.
+        best.unlink()
+        log.info("starting over in %s: removed the earlier run's best.pt", out)
     done = fit(state, cfg, lambda epoch: loader, out_dir=out, val=val_ds, progress=start, show_progress=progress,
                steps_per_epoch=len(loader))
     test_ds = ImageShardDataset(source.root, cfg.data.test_split, transform=eval_transform(size))

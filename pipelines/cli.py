@@ -145,7 +145,9 @@ def train_main(argv: list[str] | None = None, *, prog: str = "python -m pipeline
 def _run(args: argparse.Namespace) -> int:
     _configure_logging(args.verbose)
     command = {"data": _data, "train": _train, "eval": _eval, "index": _index, "tune": run_tune}[args.command]
-    return run_command(lambda: command(args), prog="idml", verbose=args.verbose)
+    args.where_stopped = None  # a command may set it: () -> a line saying where its work stopped (Ctrl-C)
+    return run_command(lambda: command(args), prog="idml", verbose=args.verbose,
+                       on_interrupt=lambda: args.where_stopped() if args.where_stopped else None)
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -208,15 +210,23 @@ def _train(args) -> int:
 
     cfg = _load(args)
     if args.ray:
-        from .train import RayOptions, train_ray
+        from .train import RayOptions, plan, train_planned, where_stopped
 
         options = RayOptions(num_workers=args.num_workers, cpus_per_worker=args.cpus_per_worker, use_gpu=args.gpu,
                              run_name=args.run_name, storage_path=args.storage_path, max_failures=args.max_failures,
                              experiment=args.experiment, address=args.address, verbose=args.verbose)
-        summary = train_ray(cfg, options, resume=not args.no_resume)
+        p = plan(cfg, options, resume=not args.no_resume)
+        args.where_stopped = lambda: where_stopped(p)
+        summary = train_planned(p)
     else:
+        import time
+
+        from idml.checkpoint import describe_last_checkpoint
         from idml.train import train_local
 
+        # Without resuming, a last.pt older than this command is the earlier run's.
+        since = time.time() if args.no_resume else None
+        args.where_stopped = lambda: describe_last_checkpoint(Path(cfg.output_dir) / "last.pt", since=since)
         summary = train_local(cfg, resume=not args.no_resume)
     print()
     print(format_metrics_table({f"test (epoch {summary['selected_epoch']})": summary["test"]}, _table_metrics(cfg, summary["test"])))
@@ -236,7 +246,7 @@ def _train(args) -> int:
 def _eval(args) -> int:
     import torch
 
-    from idml.checkpoint import load_checkpoint, model_from_checkpoint
+    from idml.checkpoint import model_from_checkpoint
     from idml.config import validate_config
     from idml.data import ImageShardDataset, open_dataset
     from idml.engine import configure_threads
@@ -247,7 +257,7 @@ def _eval(args) -> int:
 
     cfg = _load(args)
     if args.checkpoint:
-        model, trained_cfg = model_from_checkpoint(load_checkpoint(args.checkpoint))
+        model, trained_cfg = model_from_checkpoint(args.checkpoint)
         # The checkpoint decides the model and preprocessing; the CLI may pick data and eval options.
         cfg.model, cfg.data.image_size = trained_cfg.model, trained_cfg.data.image_size
         name = Path(args.checkpoint).name

@@ -20,14 +20,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from idml.checkpoint import resume_checkpoint
 from idml.config import Config, config_from_dict, validate_config
+from idml.errors import InputError
 from idml.data.source import DatasetSource, open_dataset
 from idml.tracking import MlflowRun, tracking_uri
 
@@ -50,7 +54,7 @@ class RayOptions:
     run_name: str | None = None  # default: the name of cfg.output_dir
     storage_path: str | None = None  # default: <output_dir>/ray; shared storage (NFS, s3://) on a multi-node cluster
     max_failures: int = 2
-    checkpoints_to_keep: int = 2
+    checkpoints_to_keep: int = 1  # each holds last.pt with the optimizer state; restarts need only the latest
     experiment: str = DEFAULT_EXPERIMENT
     tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
     address: str | None = None  # Ray cluster; default: $RAY_ADDRESS or a new local instance
@@ -68,8 +72,14 @@ class RayOptions:
             problems.append(f"max_failures must be >= -1 (-1 retries forever), got {self.max_failures}")
         if self.checkpoints_to_keep < 1:
             problems.append(f"checkpoints_to_keep must be >= 1, got {self.checkpoints_to_keep}")
+        if self.run_name is not None and (not self.run_name.strip() or self.run_name in (".", "..")
+                                          or any(c in self.run_name for c in "/\\\0")):
+            problems.append(f"run_name {self.run_name!r} must be a folder name (Ray stores the run under it): "
+                            "not empty, no / or \\")
+        if len(problems) == 1:
+            raise InputError(f"invalid Ray option: {problems[0]}")
         if problems:
-            raise ValueError("invalid Ray options:\n  " + "\n  ".join(problems))
+            raise InputError("invalid Ray options:\n  " + "\n  ".join(problems))
 
     @property
     def threads(self) -> int:
@@ -88,6 +98,7 @@ class Plan:
     run_name: str
     storage_path: str
     tracking_uri: str
+    resume: bool = True  # continue the run called run_name from its latest checkpoint, if it has one
 
 
 def plan(cfg: Config, options: RayOptions, *, resume: bool = True) -> Plan:
@@ -121,7 +132,7 @@ def plan(cfg: Config, options: RayOptions, *, resume: bool = True) -> Plan:
         run_name = f"{run_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = options.storage_path or str(Path(cfg.output_dir) / "ray")
     return Plan(cfg, options, source, num_classes, has_val, run_name, storage,
-                options.tracking_uri or tracking_uri(Path.cwd()))
+                options.tracking_uri or tracking_uri(Path.cwd()), resume)
 
 
 def build_datasets(p: Plan, *, test: bool = True) -> dict[str, Any]:
@@ -194,7 +205,12 @@ def _ingest_options(*, preserve_order: bool):
 def train_ray(cfg: Config, options: RayOptions | None = None, *, resume: bool = True) -> dict[str, Any]:
     """Train ``cfg`` on Ray; returns the summary rank 0 wrote to ``<output_dir>/metrics.json``
     (test metrics of the checkpoint selected on validation, history, MLflow run id)."""
-    p = plan(cfg, options or RayOptions(), resume=resume)
+    return train_planned(plan(cfg, options or RayOptions(), resume=resume))
+
+
+def train_planned(p: Plan) -> dict[str, Any]:
+    """``train_ray`` for a plan (the command line keeps the plan to say where a stopped run is)."""
+    check_resume(p)
     init_ray(p.options.address, dashboard=True, verbose=p.options.verbose)
     _check_cpus(p.options)
     run = MlflowRun.open(p.tracking_uri, p.options.experiment, p.run_name, tags={"idml.entrypoint": "pipelines.train"})
@@ -202,7 +218,10 @@ def train_ray(cfg: Config, options: RayOptions | None = None, *, resume: bool = 
     log.info("training run %r (storage %s, MLflow run %s at %s)", p.run_name, p.storage_path, run.run_id, p.tracking_uri)
     started = time.time()
     try:
-        result = trainer.fit()
+        result = _fit_until_ctrl_c(trainer)
+    except KeyboardInterrupt:
+        run.finish("KILLED")
+        raise
     except BaseException:
         run.fail()
         raise
@@ -210,6 +229,66 @@ def train_ray(cfg: Config, options: RayOptions | None = None, *, resume: bool = 
     summary.update(run_name=p.run_name, mlflow_run_id=run.run_id, storage_path=p.storage_path,
                    checkpoint_path=result.checkpoint.path if result.checkpoint else None)
     return summary
+
+
+def _fit_until_ctrl_c(trainer):
+    """``trainer.fit()``, with Ctrl-C as ``KeyboardInterrupt``. Ray Train's own SIGINT handler
+    aborts the run gracefully and then ends the driver with ``sys.exit(0)`` (a silent exit 0),
+    and stays installed after ``fit``: turn that exit into the interrupt it is, and put the
+    previous handler back."""
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        return trainer.fit()
+    except SystemExit as exit_:
+        if exit_.code in (0, None):
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, previous)
+
+
+def latest_checkpoint(p: Plan):
+    """Ray's ``Result`` of the run called ``p.run_name`` (its ``checkpoint`` is what the run
+    resumes from), or None when the run has reported no checkpoint yet."""
+    from ray.train import Result
+
+    try:
+        result = Result.from_path(f"{p.storage_path.rstrip('/')}/{p.run_name}")
+    except RuntimeError:  # no such run folder, or no checkpoint reported in it
+        return None
+    return result if result.checkpoint is not None else None
+
+
+def check_resume(p: Plan) -> None:
+    """A run resumed by name must be the same run: compare its latest checkpoint's config (on the
+    driver, before any worker starts) and refuse a different one, a damaged checkpoint, or an
+    output folder holding another run's ``last.pt``."""
+    if not p.resume:
+        return
+    out = Path(p.cfg.output_dir)
+    no_resume = (f"--no-resume for a new run under a new name (this folder's last.pt and best.pt are replaced; "
+                 f"Ray's checkpoints of earlier runs stay in {p.storage_path})")
+    result = latest_checkpoint(p)
+    if result is not None:
+        with result.checkpoint.as_directory() as folder:
+            resume_checkpoint(Path(folder) / "last.pt", p.cfg,
+                              start_over=f"to train this config, pass another --output-dir (and --run-name, if given), or {no_resume}")
+    elif (out / "last.pt").exists():
+        raise InputError(f"{out / 'last.pt'} belongs to another run (a local run, or another --run-name): Ray run "
+                         f"{p.run_name!r} has no checkpoint in {p.storage_path} to resume, and starting it would "
+                         f"replace that file. Nothing was changed; pass another --output-dir, or {no_resume}")
+
+
+def where_stopped(p: Plan) -> str:
+    """A line for a user who stopped the run: its latest checkpoint and how to resume it."""
+    result = latest_checkpoint(p)
+    if result is None:
+        return f"Ray run {p.run_name!r} reported no checkpoint yet (nothing to resume)"
+    epoch = result.metrics.get("epoch") if result.metrics else None
+    done = f" (epoch {int(epoch) + 1} of {p.cfg.train.epochs} done)" if epoch is not None else ""
+    return (f"the last checkpoint of Ray run {p.run_name!r} is {result.checkpoint.path}{done}; "
+            f"`--run-name {p.run_name}` (without --no-resume) resumes from it")
 
 
 def _read_summary(path: Path, since: float, uri: str, run_id: str) -> dict[str, Any]:

@@ -11,8 +11,9 @@ epoch loop (``idml.fit.fit``).
   the loss does not use sigma (plain loss, or lambda = 0), as the uncertainty head then gets
   no gradient).
 - Rank 0 evaluates (val picks ``best.pt``; test is reported only), writes the checkpoints and
-  reports them through ``ray.train.report`` every epoch (``FailureConfig`` restarts from them);
-  it alone logs to the MLflow run the driver opened.
+  reports them through ``ray.train.report`` every epoch (``FailureConfig`` restarts from them;
+  Ray keeps the latest, the one copy of the optimizer state besides the output folder's
+  ``last.pt``); it alone logs to the MLflow run the driver opened (the selected checkpoint).
 """
 
 from __future__ import annotations
@@ -121,13 +122,18 @@ def _restore(state, out: Path, rank: int):
     loaded into ``state``; rank 0 copies its files into the output folder."""
     import ray.train
 
+    from idml.checkpoint import load_checkpoint
     from idml.fit import Progress
 
     restored = ray.train.get_checkpoint()
     if restored is None:
+        if rank == 0 and (out / "best.pt").exists():
+            # A new run (--no-resume) in a used folder: the earlier run's best.pt would pass for this one's.
+            (out / "best.pt").unlink()
         return Progress(), False
     with restored.as_directory() as folder:
-        progress = Progress.resume(state, Path(folder) / "last.pt")
+        # The driver checked that this checkpoint's config matches (pipelines.train.check_resume).
+        progress = Progress.resume(state, load_checkpoint(Path(folder) / "last.pt"))
         if rank == 0:
             for name in ("last.pt", "best.pt"):
                 if (Path(folder) / name).exists():
@@ -161,8 +167,8 @@ def _finish(run: MlflowRun | None, cfg, progress, test: StreamedSplit, device) -
     run.log_metrics({f"final_test/{k}": v for k, v in summary["test"].items()}
                     | {"selected_epoch": summary["selected_epoch"], "corrupt_images_skipped_test": len(test.skipped)},
                     step=cfg.train.epochs)
-    for path, folder in ((out / "best.pt" if progress.best is not None else None, "checkpoints"),
-                         (out / "last.pt", "checkpoints"), (out / "config.yaml", None), (out / "metrics.json", None),
+    # The selected checkpoint only: the resume point (last.pt with the optimizer state) stays in Ray's storage.
+    for path, folder in ((progress.selected(out), "checkpoints"), (out / "config.yaml", None), (out / "metrics.json", None),
                          (out / "recall_curves.png", "plots"), (out / "uncertainty.png", "plots"),
                          (out / "selective_retrieval.png", "plots"), (grid, "plots")):
         run.log_artifact(path, folder)

@@ -28,7 +28,7 @@ def test_warmup_trains_heads_and_proxies_only_then_everything(tmp_path):
     assert not torch.equal(after["criterion.loss.proxies"], snapshot["criterion.loss.proxies"])
     cfg.train.epochs = 3  # two more epochs after the warm-up: one phase change, one re-wrap
     done = fit(state, cfg, lambda epoch: random_batches(), out_dir=tmp_path, hooks=hooks, show_progress=False,
-               progress=Progress.resume(state, tmp_path / "last.pt"))
+               progress=Progress.resume(state, load_checkpoint(tmp_path / "last.pt")))
     assert not torch.equal(state.objective.state_dict()["model.backbone.conv1.weight"], snapshot["model.backbone.conv1.weight"])
     assert len(wrapped) == 2 and [h["epoch"] for h in done.history] == [0, 1, 2]
     stats = done.history[0]

@@ -22,7 +22,7 @@ from idml.config import ConfigError, load_config
 from pipelines.cli import main
 from pipelines.train import RayOptions, train_ray
 
-EXPECTED_ARTIFACTS = {"checkpoints/best.pt", "checkpoints/last.pt", "config.yaml", "metrics.json",
+EXPECTED_ARTIFACTS = {"checkpoints/best.pt", "config.yaml", "metrics.json",
                       "plots/recall_curves.png", "plots/uncertainty.png", "plots/retrieval_grid.png"}
 
 
@@ -72,7 +72,10 @@ def test_two_workers_train_track_and_resume_by_name(cluster, dataset, tmp_path, 
         assert (tmp_path / "run" / name).stat().st_size > 0, name
     model, trained = model_from_checkpoint(tmp_path / "run" / "best.pt")
     assert trained.model.embedding_dim == 32
-    assert (Path(summary["storage_path"]) / "run" / "checkpoint_epoch_0001" / "last.pt").exists()
+    # Ray keeps the latest checkpoint only: it holds the one other copy of the optimizer state.
+    kept = sorted(p.name for p in (Path(summary["storage_path"]) / "run").glob("checkpoint_epoch_*"))
+    assert kept == ["checkpoint_epoch_0001"] and (Path(summary["storage_path"]) / "run" / kept[0] / "last.pt").exists()
+    assert "optimizer" not in load_checkpoint(tmp_path / "run" / "best.pt")
 
     client, runs = mlflow_runs(sqlite_uri(tmp_path))
     assert len(runs) == 1
@@ -101,6 +104,17 @@ def test_two_workers_train_track_and_resume_by_name(cluster, dataset, tmp_path, 
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert metric_steps(client, runs[0].info.run_id, "train/loss") == [0, 1, 2]
     assert runs[0].data.metrics["resumed_from_epoch"] == 2
+
+    # The same run name with another loss: refused on the driver against the run's latest Ray
+    # checkpoint (was: three epochs' metrics printed as the new loss's, or "Unexpected key(s) loss.proxies").
+    storage = Path(summary["storage_path"]) / "run"
+    before = {p: p.stat().st_mtime_ns for p in [*storage.rglob("*.pt"), *(tmp_path / "run").glob("*.pt")]}
+    assert main(["train", "--ray", "--set", *TINY, f"data.dataset={dataset}", "train.epochs=3", "loss.name=triplet",
+                 "--output-dir", str(tmp_path / "run"), "--num-workers", "2", "--cpus-per-worker", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a run with another config" in err and "loss.name: 'proxy_anchor' -> 'triplet'" in err
+    assert "--no-resume" in err
+    assert {p: p.stat().st_mtime_ns for p in before} == before and len(mlflow_runs(sqlite_uri(tmp_path))[1]) == 1
 
 
 @pytest.mark.slow
@@ -152,6 +166,37 @@ def test_killed_worker_resumes_from_last_checkpoint(cluster, tmp_path):
     assert metric_steps(client, run_id, "train/loss") == [0, 1]  # epoch 1 logged once, after its rerun
     assert [m.value for m in client.get_metric_history(run_id, "resumed_from_epoch")] == [1]
     assert ray.is_initialized()
+
+
+@pytest.mark.slow
+def test_ctrl_c_says_where_the_ray_run_stopped(cluster, dataset, tmp_path):
+    # Ray Train's own SIGINT handler aborts the run and ended the driver with a silent exit 0.
+    import subprocess
+
+    out, uri = tmp_path / "stopped", sqlite_uri(tmp_path)
+    cmd = [sys.executable, "-m", "pipelines.train", "--set", *TINY, f"data.dataset={dataset}", "train.epochs=200",
+           "train.max_steps_per_epoch=1", "train.eval_every=200", "--output-dir", str(out), "--address", cluster.address,
+           "--num-workers", "1", "--cpus-per-worker", "0.5"]
+    proc = subprocess.Popen(cmd, env={**cluster.env, "MLFLOW_TRACKING_URI": uri}, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    snapshot = out / "ray" / "stopped" / "checkpoint_manager_snapshot.json"
+    try:
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline and not (
+                snapshot.exists() and "checkpoint_epoch_" in snapshot.read_text(errors="replace")):
+            time.sleep(0.5)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    line = next(line for line in err.splitlines() if line.startswith("idml: stopped (Ctrl-C)"))
+    assert f"the last checkpoint of Ray run 'stopped' is {out / 'ray' / 'stopped' / 'checkpoint_epoch_'}" in line
+    assert "of 200 done); `--run-name stopped` (without --no-resume) resumes from it" in line
+    _, runs = mlflow_runs(uri)
+    assert [(r.info.run_name, r.info.status) for r in runs] == [("stopped", "KILLED")]
 
 
 @pytest.mark.parametrize("overrides, error, match", [
