@@ -10,6 +10,7 @@ import os
 import sys
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 from ._errors import run_command
 from .index import DELAY_ENV, embed_with_ray, listing_with_ray
@@ -17,6 +18,29 @@ from .index import DELAY_ENV, embed_with_ray, listing_with_ray
 log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "idml-index"
+
+
+def _at_least(minimum: int):
+    """An argparse type: a whole number >= ``minimum``, refused before any work starts."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+def _recall(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,12 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--corpus", required=not update,
                        help="dataset folder (sharded Parquet format) or folder/URI of raw images" + default)
         p.add_argument("--split", nargs="*", default=None, help="dataset splits to index (default: all)" + default)
-        p.add_argument("--nprobe", type=int, help="IVF lists probed per query (default: tuned to --target-recall)")
-        p.add_argument("--recall-sample", type=int, default=256, help="stored vectors used to measure recall@10 against exact search")
-        p.add_argument("--target-recall", type=float, default=0.95, help="recall@10 the nprobe tuning aims for")
-        p.add_argument("--batch-size", type=int, default=64, help="images per embedding batch")
-        p.add_argument("--actors", type=int, default=0, help="embedding actors (default: one per GPU, or CPUs / threads)")
-        p.add_argument("--threads", type=int, default=0, help="torch threads per CPU actor (default: min(4, CPUs))")
+        p.add_argument("--follow-links", action="store_true", default=None,
+                       help="also index images linked from outside the corpus folder (skipped and counted otherwise)" + default)
+        p.add_argument("--nprobe", type=_at_least(1), help="IVF lists probed per query (default: tuned to --target-recall)")
+        p.add_argument("--recall-sample", type=_at_least(1), default=256, help="stored vectors used to measure recall@10 against exact search")
+        p.add_argument("--target-recall", type=_recall, default=0.95, help="recall@10 the nprobe tuning aims for")
+        p.add_argument("--batch-size", type=_at_least(1), default=64, help="images per embedding batch")
+        p.add_argument("--actors", type=_at_least(0), default=0, help="embedding actors (default: one per GPU, or CPUs / threads)")
+        p.add_argument("--threads", type=_at_least(0), default=0, help="torch threads per CPU actor (default: min(4, CPUs))")
         p.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment")
         p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///./mlflow.db)")
         p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
@@ -45,9 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_writer_args(build, update=False)
     build.add_argument("--index-type", choices=("auto", "flat", "ivf"), default="auto",
                        help="auto: exact Flat up to 200k vectors, IVF above")
-    build.add_argument("--nlist", type=int, help="IVF lists (default: ~sqrt(n), a power of two)")
-    build.add_argument("--train-size", type=int, help="vectors sampled to train the IVF quantizer (default: 64 * nlist)")
-    build.add_argument("--shards", type=int, help="index shards = embedding partitions (default: one per 250k images)")
+    build.add_argument("--nlist", type=_at_least(1), help="IVF lists (default: ~sqrt(n), a power of two)")
+    build.add_argument("--train-size", type=_at_least(1), help="vectors sampled to train the IVF quantizer (default: 64 * nlist)")
+    build.add_argument("--shards", type=_at_least(1), help="index shards = embedding partitions (default: one per 250k images)")
 
     update = sub.add_parser("update", help="embed only new and changed images, drop removed ones, publish a new version")
     add_writer_args(update, update=True)
@@ -59,12 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--ids", nargs="+", help="ids of indexed images (each is left out of its own results)")
     what.add_argument("--images", nargs="+", help="image files or URIs, embedded with the index's checkpoint")
     query.add_argument("--checkpoint", help="checkpoint for --images (default: the index's; its hash must match)")
-    query.add_argument("--k", type=int, default=10, help="neighbours per query (default: 10)")
+    query.add_argument("--k", type=_at_least(1), default=10, help="neighbours per query (default: 10)")
     query.add_argument("--rerank", action="store_true", help="re-rank candidates by the introspective distance")
-    query.add_argument("--rerank-k", type=int, help="candidates re-ranked (default: max(10k, 100))")
+    query.add_argument("--rerank-k", type=_at_least(1), help="candidates re-ranked (default: max(10k, 100))")
     query.add_argument("--lambda", dest="uncertainty_weight", type=float,
                        help="uncertainty weight for --rerank (default: the checkpoint's loss.uncertainty_weight)")
-    query.add_argument("--nprobe", type=int, help="override the version's tuned nprobe (IVF)")
+    query.add_argument("--nprobe", type=_at_least(1), help="override the version's tuned nprobe (IVF)")
     query.add_argument("--combine", choices=("auto", "shards", "ondisk"), default="auto",
                        help="search shards in memory, or merge IVF shards on disk once (cached) and mmap them")
     query.add_argument("--json", help="also write the results here")
@@ -94,14 +120,19 @@ def main(argv: list[str] | None = None) -> int:
 # -- commands -------------------------------------------------------------------------------
 def _build_or_update(args) -> int:
     from idml.index import BuildRequest, IndexStore, StagedBuild, resolve_corpus
+    from idml.index.corpus import OUTSIDE
     from idml.index.embed import describe_checkpoint
     from idml.index.mlflow_log import IndexRun, index_params
 
     store = IndexStore(args.index_dir)
     kind = args.command
-    checkpoint_path, corpus_uri, splits = BuildRequest.inputs(kind, store, checkpoint=args.checkpoint,
-                                                              corpus=args.corpus, splits=args.split)
-    corpus = resolve_corpus(corpus_uri, splits)
+    checkpoint_path, corpus_uri, splits, follow_links = BuildRequest.inputs(
+        kind, store, checkpoint=args.checkpoint, corpus=args.corpus, splits=args.split, follow_links=args.follow_links)
+    corpus = resolve_corpus(corpus_uri, splits, follow_links=follow_links)
+    if corpus.outside:
+        examples = ", ".join(os.path.relpath(p, corpus.root) for p in corpus.outside[:3])
+        _say(f"skipped {len(corpus.outside)} image file(s) {OUTSIDE} {corpus.root} (links leading out of it: "
+             f"{examples}{', ...' if len(corpus.outside) > 3 else ''}); pass --follow-links to index them")
     checkpoint = describe_checkpoint(checkpoint_path)
     build_only = {k: getattr(args, k) for k in ("index_type", "nlist", "train_size", "shards") if hasattr(args, k)}
     request = BuildRequest(kind, checkpoint["embedding_dim"], checkpoint, corpus.describe(), nprobe=args.nprobe,
@@ -146,15 +177,27 @@ def _print_summary(manifest: dict, published: bool, embedded: int) -> None:
     print(f"\nindex {manifest['version']} {state}")
     print(f"  vectors {c['vectors']} in {c['shards']} shard(s), {spec['factory']}"
           + (f", nprobe {spec['nprobe']}" if spec["index_type"] == "ivf" else ""))
-    if published:
+    if not published:
+        print(f"  nothing changed in the corpus: reused all {c['vectors']} vectors; corrupt {c['corrupt']}")
+    else:
         m = manifest["metrics"]
         changes = "".join(f", {k} {c[k]}" for k in ("added", "changed", "removed") if k in c)
-        print(f"  images embedded {embedded} (this run){changes}; reused {c.get('reused', 0)}; corrupt {c['corrupt']}")
+        print(f"  images embedded {embedded} (this run){changes}; {_reused(manifest)}; corrupt {c['corrupt']}")
         recall = (f"recall@10 vs exact {manifest['recall']['recall']:.4f} on {manifest['recall']['queries']} sampled vectors"
                   if spec["index_type"] == "ivf" else "exact search (recall 1)")
         print(f"  {recall}; index {m['index_bytes'] / 2**20:.1f} MiB; {m['build_seconds']:.1f}s")
         for bad in manifest.get("corrupt", [])[:10]:
             print(f"  corrupt: {bad['id']}: {bad['reason']}")
+
+
+def _reused(manifest: dict) -> str:
+    """Vectors this run did not compute: the parent version's and an interrupted run's."""
+    c = manifest["counts"]
+    parts = [f"{c['reused']} from {manifest['parent']}" if c.get("reused") else "",
+             f"{c['resumed']} from the interrupted run" if c.get("resumed") else ""]
+    parts = [p for p in parts if p]
+    total = c.get("reused", 0) + c.get("resumed", 0)
+    return f"reused {total}" + (f" ({' + '.join(parts)})" if parts else "")
 
 
 def _say(message: str) -> None:
@@ -166,6 +209,8 @@ def _query(args) -> int:
 
     from idml.index import IndexSearcher, format_results
 
+    if args.json:  # a bad output path is refused before the work, not after it
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     searcher = IndexSearcher(args.index_dir, args.version, combine=args.combine, nprobe=args.nprobe)
     if args.ids:
         mu, u = searcher.lookup(args.ids)
@@ -188,31 +233,35 @@ def _query(args) -> int:
 
 def _embed_query_images(manifest: dict, images: list[str], checkpoint: str | None):
     import numpy as np
-    import pyarrow.fs as pafs
 
     from idml.data.source import file_sha256
-    from idml.data.images import InvalidImageError
     from idml.index.embed import BatchEmbedder
 
+    blobs = [_read_query_image(image) for image in images]  # a wrong path is refused before the model loads
     path = checkpoint or manifest["checkpoint"]["path"]
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist" + (
+            "" if checkpoint else f" (index {manifest['version']} was built with it); pass a copy with --checkpoint"))
     if file_sha256(path) != manifest["checkpoint"]["sha256"]:
         raise ValueError(f"checkpoint {path} is not the one index {manifest['version']} was built with "
                          f"(sha256 {manifest['checkpoint']['sha256'][:12]}…); pass that checkpoint with --checkpoint")
-    blobs = []
-    for image in images:
-        if "://" in image:
-            fs, inner = pafs.FileSystem.from_uri(image)
-            with fs.open_input_stream(inner) as f:
-                blobs.append(f.read())
-        else:
-            with open(image, "rb") as f:
-                blobs.append(f.read())
-    embedder = BatchEmbedder(path)
-    try:
-        mu, sigma = embedder.embed_images(blobs)
-    except InvalidImageError as e:
-        raise ValueError(f"a query image cannot be decoded ({e})") from e
+    mu, sigma = BatchEmbedder(path).embed_images(blobs, names=[f"query image {i}" for i in images])
     return mu, np.square(sigma).sum(axis=1)
+
+
+def _read_query_image(image: str) -> bytes:
+    import pyarrow.fs as pafs
+
+    from idml.data.source import filesystem_for
+
+    fs, path = filesystem_for(image)
+    kind = fs.get_file_info(path).type
+    if kind == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"query image {image} does not exist")
+    if kind != pafs.FileType.File:
+        raise IsADirectoryError(f"query image {image} is a folder; pass image files")
+    with fs.open_input_stream(path) as f:
+        return f.read()
 
 
 def _verify(args) -> int:
@@ -224,8 +273,9 @@ def _verify(args) -> int:
     if args.corpus is not None and not problems:
         manifest = store.read_manifest(version)
         uri = args.corpus or manifest["corpus"]["uri"]
-        splits = manifest["corpus"].get("splits") if uri == manifest["corpus"]["uri"] else None
-        corpus = resolve_corpus(uri, splits or None)
+        same_corpus = uri == manifest["corpus"]["uri"]
+        splits = manifest["corpus"].get("splits") if same_corpus else None
+        corpus = resolve_corpus(uri, splits or None, follow_links=same_corpus and manifest["corpus"].get("follow_links", False))
         problems += verify_against_corpus(manifest, args.index_dir, listing_with_ray(corpus))
     if problems:
         print(f"verify {version}: FAILED")

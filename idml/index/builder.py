@@ -34,8 +34,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from idml.data.source import file_sha256
-
 from . import faiss_index as fx
 from .partitions import (
     KEY_SCHEMA,
@@ -47,7 +45,7 @@ from .partitions import (
     write_embeddings,
 )
 from .recall import GT_DEPTH, RecallSample
-from .store import FORMAT_VERSION, INDEX_FORMAT, MANIFEST_NAME, IndexStore, link_or_copy, write_json_atomic
+from .store import FORMAT_VERSION, INDEX_FORMAT, MANIFEST_NAME, IndexStore, checksum, link_or_copy, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -81,26 +79,26 @@ class BuildRequest:
 
     @staticmethod
     def inputs(kind: str, store: IndexStore, *, checkpoint: str | None, corpus: str | None,
-               splits: list[str] | None) -> tuple[str, str, list[str] | None]:
-        """``(checkpoint, corpus, splits)`` to embed: as given; an update fills what is not given
-        from the published version (its splits only when the corpus is the same)."""
+               splits: list[str] | None, follow_links: bool | None = None) -> tuple[str, str, list[str] | None, bool]:
+        """``(checkpoint, corpus, splits, follow_links)`` to embed: as given; an update fills what
+        is not given from the published version (its splits and links choice only when the corpus
+        is the same)."""
         if kind == "update":
             published = store.read_manifest()
             checkpoint = checkpoint or published["checkpoint"]["path"]
             corpus = corpus or published["corpus"]["uri"]
-            if splits is None and published["corpus"].get("splits") and corpus == published["corpus"]["uri"]:
+            same_corpus = corpus == published["corpus"]["uri"]
+            if splits is None and published["corpus"].get("splits") and same_corpus:
                 splits = published["corpus"]["splits"]
+            if follow_links is None and same_corpus:
+                follow_links = published["corpus"].get("follow_links", False)
         if not checkpoint or not corpus:
             raise ValueError("a build needs --checkpoint and --corpus")
-        return checkpoint, corpus, splits
+        return checkpoint, corpus, splits, bool(follow_links)
 
     def key(self, parent: str | None) -> str:
         data = {**asdict(self), "parent": parent, "format_version": FORMAT_VERSION}
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:24]
-
-
-def checksum(path: Path) -> dict[str, Any]:
-    return {"sha256": file_sha256(path), "bytes": path.stat().st_size}
 
 
 @dataclass
@@ -181,6 +179,8 @@ class StagedBuild:
                 f"version {self.parent_version} is {spec['factory']}; an update keeps the index spec, "
                 "run `idml index build` to change it"
             )
+        # The new version hard-links the parent's unchanged files: a damaged one would poison it too.
+        self.store.checked_manifest(self.parent_version, purpose="update")
 
     def known(self) -> pa.Table:
         """(id, content_hash) of images that need no embedding: the parent version's rows (and
@@ -208,6 +208,7 @@ class StagedBuild:
     def publish_finished(self) -> dict[str, Any]:
         """Publish the version an interrupted run renamed into place but did not publish."""
         version = self.finished_version
+        self.store.checked_manifest(version, purpose="publish")
         self.published = True
         if self.store.current_version() != version:
             self.store.publish(version)
@@ -521,8 +522,12 @@ class StagedBuild:
         return recall, used
 
     def _counts(self, listing, parent_rows, from_parent, from_staging, corrupt, n_vectors, n_shards) -> dict[str, int]:
+        resumed = pa.array([p.index for p in self.resumed], pa.int64())
         counts = {"vectors": n_vectors, "shards": n_shards, "corpus_images": listing.num_rows, "corrupt": len(corrupt),
-                  "reused": from_parent.num_rows, "from_partitions": from_staging.num_rows}
+                  # reused: vectors of the parent version; resumed: of partitions an interrupted run finished
+                  "reused": from_parent.num_rows,
+                  "resumed": int(pc.sum(pc.is_in(from_staging.column("part"), value_set=resumed)).as_py() or 0),
+                  "from_partitions": from_staging.num_rows}
         if self.request.kind == "update":
             parent_ids = pa.concat_arrays([parent_rows.column("id").combine_chunks(),
                                            pa.array([c["id"] for c in self.parent.get("corrupt", [])], pa.string())])

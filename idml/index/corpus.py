@@ -15,6 +15,7 @@ from idml.data.converters import IMAGE_SUFFIXES
 from idml.data.source import MANIFEST_NAME, filesystem_for, open_dataset
 
 _SUFFIXES = {s.lower() for s in IMAGE_SUFFIXES}
+OUTSIDE = "outside the corpus folder"
 
 
 @dataclass
@@ -28,16 +29,22 @@ class Corpus:
     fingerprint: str  # changes whenever the content may have changed
     num_bytes: int  # on storage (for sizing read blocks)
     splits: list[str] = field(default_factory=list)
+    follow_links: bool = False
+    outside: list[str] = field(default_factory=list)  # image files skipped: links leading out of the folder
 
     def describe(self) -> dict[str, Any]:
         return {"uri": self.uri, "kind": self.kind, "splits": self.splits, "num_rows": self.num_rows,
-                "fingerprint": self.fingerprint}
+                "fingerprint": self.fingerprint, "follow_links": self.follow_links, "outside": len(self.outside)}
 
 
-def resolve_corpus(uri: str, splits: list[str] | None = None) -> Corpus:
+def resolve_corpus(uri: str, splits: list[str] | None = None, *, follow_links: bool = False) -> Corpus:
     """A dataset folder (``manifest.json`` present; ``splits`` default to all of them) or a
     folder of images (any depth; files with image suffixes; the id is the relative path). Local
-    paths and pyarrow filesystem URIs (``file://``, ``s3://``, ``gs://``, ...) both work."""
+    paths and pyarrow filesystem URIs (``file://``, ``s3://``, ``gs://``, ...) both work.
+
+    An image whose real location is outside the folder (a symbolic link, or a file in a linked
+    folder, leading out of it) is skipped and listed in ``outside`` unless ``follow_links``: an
+    index never takes in files from elsewhere on the machine without a word."""
     fs, root = filesystem_for(uri)
     uri = uri if "://" in uri else root  # absolute, so `update` finds it from any folder
     info = fs.get_file_info(root)
@@ -48,7 +55,7 @@ def resolve_corpus(uri: str, splits: list[str] | None = None) -> Corpus:
         return _dataset(uri, splits)
     if splits:
         raise ValueError(f"--split applies to datasets; {uri} is a folder of images (it has no {MANIFEST_NAME})")
-    return _images(uri, fs, root)
+    return _images(uri, fs, root, follow_links)
 
 
 def _dataset(uri: str, splits: list[str] | None) -> Corpus:
@@ -65,17 +72,41 @@ def _dataset(uri: str, splits: list[str] | None) -> Corpus:
     return Corpus("dataset", uri, source.root, source.filesystem, files, num_rows, fingerprint, num_bytes, splits)
 
 
-def _images(uri: str, fs: pafs.FileSystem, root: str) -> Corpus:
+def _images(uri: str, fs: pafs.FileSystem, root: str, follow_links: bool) -> Corpus:
     infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
     files = sorted((i for i in infos if i.type == pafs.FileType.File and os.path.splitext(i.path)[1].lower() in _SUFFIXES),
                    key=lambda i: i.path)
+    outside: list[str] = []
+    if isinstance(fs, pafs.LocalFileSystem) and not follow_links:  # only a local folder has links
+        inside = _inside(root, [i.path for i in files])
+        outside = [i.path for i, ok in zip(files, inside) if not ok]
+        files = [i for i, ok in zip(files, inside) if ok]
     if not files:
-        raise ValueError(f"{uri} holds no images (files ending in {', '.join(sorted(_SUFFIXES))})")
+        hint = (f"; {len(outside)} lie {OUTSIDE} (symbolic links leading out of it): pass --follow-links to read them"
+                if outside else "")
+        raise ValueError(f"{uri} holds no images (files ending in {', '.join(sorted(_SUFFIXES))}){hint}")
     digest = hashlib.sha256()
     for i in files:
         digest.update(f"{i.path}\0{i.size}\0{i.mtime_ns}\n".encode())
     return Corpus("images", uri, root, fs, [i.path for i in files], len(files), digest.hexdigest(),
-                  sum(i.size for i in files))
+                  sum(i.size for i in files), follow_links=follow_links, outside=outside)
+
+
+def _inside(root: str, paths: list[str]) -> list[bool]:
+    """Whether each file really lies in ``root`` once links are resolved."""
+    real_root = os.path.realpath(root)
+    real_dirs: dict[str, str] = {}
+    out = []
+    for path in paths:
+        if os.path.islink(path):
+            real = os.path.realpath(path)
+        else:  # one realpath per folder rather than per file: a corpus may list millions
+            folder = os.path.dirname(path)
+            if folder not in real_dirs:
+                real_dirs[folder] = os.path.realpath(folder)
+            real = os.path.join(real_dirs[folder], os.path.basename(path))
+        out.append(os.path.commonpath([real, real_root]) == real_root)
+    return out
 
 
 def read_ids_and_images(corpus: Corpus, path: str):

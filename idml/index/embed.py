@@ -20,6 +20,7 @@ import torch
 from idml.checkpoint import checkpoint_config, load_checkpoint, model_from_checkpoint
 from idml.data.source import file_sha256
 from idml.data.images import InvalidImageError, decode_image
+from idml.errors import InputError
 from idml.transforms import eval_transform
 
 log = logging.getLogger(__name__)
@@ -130,17 +131,26 @@ class BatchEmbedder:
         mu, sigma = self.model(images)
         return mu.float().cpu().numpy(), sigma.float().cpu().numpy()
 
-    def embed_images(self, blobs: list[bytes], batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-        """Embed encoded images in-process (query images); a corrupt one raises InvalidImageError."""
+    def embed_images(self, blobs: list[bytes], batch_size: int = 64,
+                     names: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Embed encoded images in-process (query images); a corrupt one raises InputError naming
+        it (``names``, else its position)."""
         mus, sigmas = [], []
         for start in range(0, len(blobs), batch_size):
-            chunk = [self.transform(decode_image(b)) for b in blobs[start:start + batch_size]]
+            chunk = [self._decode(b, names[i] if names else f"image {i}")
+                     for i, b in enumerate(blobs[start:start + batch_size], start)]
             mu, sigma = self.embed_tensors(torch.stack(chunk))
             mus.append(mu)
             sigmas.append(sigma)
         if not mus:
             return np.zeros((0, self.dim), np.float32), np.zeros((0, self.dim), np.float32)
         return np.concatenate(mus), np.concatenate(sigmas)
+
+    def _decode(self, blob: bytes, name: str) -> torch.Tensor:
+        try:
+            return self.transform(decode_image(blob))
+        except InvalidImageError as e:
+            raise InputError(f"{name} is not a usable image ({e})") from e
 
 
 def batch_ids_and_images(batch, id_prefix: str | None = None) -> tuple[list[str], list[bytes]]:

@@ -50,9 +50,9 @@ class IndexSearcher:
         if combine not in COMBINE_MODES:
             raise ValueError(f"combine must be one of {', '.join(COMBINE_MODES)}, got {combine!r}")
         self.store = IndexStore(index_dir)
-        self.version = self.store.resolve_version(version)
+        # Sizes and checksums once at open, not per query: a damaged file is refused, never searched.
+        self.version, self.manifest = self.store.checked_manifest(version, purpose="query")
         self.dir = self.store.version_dir(self.version)
-        self.manifest = self.store.read_manifest(self.version)
         self.spec = fx.IndexSpec.from_dict(self.manifest["faiss"])
         if nprobe is not None:
             if self.spec.index_type != "ivf":

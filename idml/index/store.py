@@ -6,6 +6,7 @@ Layout::
     <index_dir>/versions/v000003/           manifest.json, shards/, trained.faiss, recall_sample.npz
     <index_dir>/staging/<build key>/        work/ (resumable embedding partitions) and version/
     <index_dir>/cache/<version>/            derived files (the merged on-disk IVF), safe to delete
+    <index_dir>/cache/<version>.checked.json  files found sound, by stat (see ``IndexStore.checked_manifest``)
     <index_dir>/.lock                       held (flock) by the one build/update writing here
 
 A version folder is complete before it is renamed into ``versions/`` and it is published only by
@@ -21,14 +22,22 @@ import json
 import os
 import re
 import shutil
+import stat
+import time
 from pathlib import Path
 from typing import Any, Iterator
+
+from idml.data.source import file_sha256
+from idml.errors import DamagedFileError
 
 INDEX_FORMAT = "idml-index"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 CURRENT_NAME = "CURRENT"
 _VERSION_RE = re.compile(r"^v(\d{6,})$")
+# A file changed this recently may still change within the same timestamp tick, unseen by its
+# stat: it is hashed again at the next open instead of being remembered as sound (git's "racy clean").
+RACY_SECONDS = 2.0
 
 
 def fsync_dir(path: Path) -> None:
@@ -60,8 +69,13 @@ def read_json(path: Path) -> Any:
     try:
         with open(path) as f:
             return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); the file is damaged") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DamagedFileError(f"{path} is not valid JSON ({e}); the file is damaged") from e
+
+
+def checksum(path: Path) -> dict[str, Any]:
+    """What a manifest records of each file: its sha256 and size."""
+    return {"sha256": file_sha256(path), "bytes": path.stat().st_size}
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
@@ -76,6 +90,14 @@ def link_or_copy(src: Path, dst: Path) -> None:
         if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP):
             raise
         shutil.copy2(src, dst)
+
+
+def _read_stamps(path: Path) -> dict[str, list]:
+    try:
+        stamps = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # none yet, or damaged: everything is hashed again
+    return stamps if isinstance(stamps, dict) else {}
 
 
 class IndexLockedError(RuntimeError):
@@ -110,9 +132,9 @@ class IndexStore:
         if version is None:
             version = self.current_version()
             if version is None:
-                raise FileNotFoundError(
-                    f"no index version is published in {self.root}; run `idml index build --index-dir {self.root} ...` first"
-                )
+                where = (f"index folder {self.root} does not exist" if not self.root.exists()
+                         else f"no index version is published in {self.root}")
+                raise FileNotFoundError(f"{where}; run `idml index build --index-dir {self.root} ...` first")
         if not (self.version_dir(version) / MANIFEST_NAME).is_file():
             raise FileNotFoundError(f"index version {version} does not exist in {self.versions_dir}")
         return version
@@ -144,6 +166,84 @@ class IndexStore:
             if path.is_file() and read_json(path).get("build_key") == build_key:
                 return version
         return None
+
+    # -- checking --------------------------------------------------------------------------
+    def file_problems(self, version: str, manifest: dict[str, Any], *, checksums: bool = True,
+                      remember: bool = False) -> dict[str, str]:
+        """``{file: what is wrong}`` for the files ``manifest`` lists: missing, another size than
+        recorded, or (``checksums``) another sha256.
+
+        ``remember``: files hashed sound are remembered by their stat (inode, size, mtime, ctime;
+        in ``cache/``, safe to delete) and not hashed again while it is unchanged, so opening a
+        big index stays cheap. Any write to a file, even one that restores its mtime, changes
+        its ctime; only damage that bypasses the filesystem (bit rot) waits for ``idml index verify``."""
+        vdir = self.version_dir(version)
+        stamps_path = self.cache_dir / f"{version}.checked.json"
+        remembered = _read_stamps(stamps_path) if remember and checksums else {}
+        sound: dict[str, list] = {}
+        problems: dict[str, str] = {}
+        for rel, info in manifest.get("files", {}).items():
+            path = vdir / rel
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                st = None
+            if st is None or not stat.S_ISREG(st.st_mode):
+                problems[rel] = f"missing file {path}"
+            elif st.st_size != info["bytes"]:
+                problems[rel] = f"{path} has {st.st_size} bytes, the manifest says {info['bytes']}"
+            elif checksums:
+                stamp = [info["sha256"], st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+                if remembered.get(rel) == stamp:
+                    sound[rel] = stamp
+                elif file_sha256(path) != info["sha256"]:
+                    problems[rel] = f"checksum mismatch for {path}"
+                elif time.time() - st.st_ctime > RACY_SECONDS:
+                    sound[rel] = stamp
+        if remember and checksums and sound != remembered:
+            with contextlib.suppress(OSError):  # a read-only index is simply hashed again next time
+                self.cache_dir.mkdir(parents=True, exist_ok=True)
+                write_json_atomic(stamps_path, sound)
+        return problems
+
+    def checked_manifest(self, version: str | None = None, *, purpose: str = "query") -> tuple[str, dict[str, Any]]:
+        """``(version, manifest)`` of ``version`` (default: the published one) once every file it
+        lists has its recorded size and sha256; DamagedFileError naming the damaged file and the
+        newest sound version otherwise. ``purpose`` ("query", "update" or "publish") picks the advice."""
+        version = self.resolve_version(version)
+        manifest = self.read_manifest(version)
+        problems = self.file_problems(version, manifest, remember=True)
+        if problems:
+            raise DamagedFileError(self._damage_message(version, list(problems.values()), purpose))
+        return version, manifest
+
+    def newest_sound_version(self, *, other_than: str) -> str | None:
+        """The newest version but ``other_than`` whose files are all sound (one a user can still query)."""
+        for version in reversed(self.versions()):
+            if version == other_than:
+                continue
+            try:
+                manifest = self.read_manifest(version)
+            except (FileNotFoundError, ValueError):
+                continue
+            if not self.file_problems(version, manifest, remember=True):
+                return version
+        return None
+
+    def _damage_message(self, version: str, problems: list[str], purpose: str) -> str:
+        damage = problems[0] + (f" (and {len(problems) - 1} more damaged file(s))" if len(problems) > 1 else "")
+        if purpose == "publish":
+            return (f"index version {version}, finished by an interrupted run but never published, is damaged: {damage}; "
+                    f"delete {self.version_dir(version)} and rerun")
+        sound = self.newest_sound_version(other_than=version)
+        rebuild = f"`idml index build --index-dir {self.root} ...` rebuilds the index"
+        elsewhere = (f"the newest sound version is {sound} (`idml index query --version {sound}` reads it)" if sound
+                     else "no other version is sound (versions share unchanged files)")
+        details = f"`idml index verify --index-dir {self.root} --version {version}` lists every problem"
+        if purpose == "update":
+            return (f"cannot update index version {version}: it is damaged: {damage}; an update would carry the damage "
+                    f"into the next version, so {rebuild}; {elsewhere}; {details}")
+        return f"index version {version} is damaged: {damage}; {elsewhere}; {rebuild}; {details}"
 
     # -- writing ---------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -13,7 +13,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import faiss_index as fx
-from .builder import checksum
 from .partitions import KEY_SCHEMA
 from .recall import RecallSample
 from .store import MANIFEST_NAME, IndexStore
@@ -28,18 +27,9 @@ def verify_index(index_dir: str | os.PathLike, version: str | None = None, *, ch
     except (FileNotFoundError, ValueError) as e:
         return [str(e)]
     vdir = store.version_dir(version)
-    problems: list[str] = []
-    files = manifest.get("files", {})
-    for rel, info in files.items():
-        path = vdir / rel
-        if not path.is_file():
-            problems.append(f"missing file {path}")
-            continue
-        if path.stat().st_size != info["bytes"]:
-            problems.append(f"{path} has {path.stat().st_size} bytes, the manifest says {info['bytes']}")
-        elif checksums and checksum(path)["sha256"] != info["sha256"]:
-            problems.append(f"checksum mismatch for {path}")
-    listed = set(files) | {MANIFEST_NAME}
+    # The same file check query and update run when they open a version, but every file hashed.
+    problems = list(store.file_problems(version, manifest, checksums=checksums).values())
+    listed = set(manifest.get("files", {})) | {MANIFEST_NAME}
     for path in sorted(vdir.rglob("*")):
         if path.is_file() and str(path.relative_to(vdir)) not in listed:
             problems.append(f"{path} is not listed in the manifest")

@@ -100,3 +100,37 @@ def test_verify_against_the_corpus(index, tmp_path):
     assert "1 corpus images are not indexed" in problems and "img-040" in problems
     assert "no longer in the corpus" in problems and "img-002" in problems
     assert "changed since" in problems and "img-001" in problems
+
+
+def test_opening_a_version_checks_its_files_and_remembers_the_sound_ones(index, tmp_path):
+    import json
+    import os
+    import shutil
+    import time
+
+    from idml.errors import DamagedFileError
+    from idml.index.store import RACY_SECONDS
+
+    idx = tmp_path / "idx"
+    shutil.copytree(index[0], idx)
+    store = IndexStore(idx)
+    files = store.read_manifest()["files"]
+    stamps = store.cache_dir / "v000001.checked.json"
+    store.checked_manifest()
+    assert not stamps.exists()  # files changed moments ago are hashed again next time, not remembered
+    time.sleep(RACY_SECONDS + 0.1)
+    store.checked_manifest()
+    assert set(json.loads(stamps.read_text())) == set(files)
+    stamps.write_text("{damaged")  # the memory is only a shortcut: lost, everything is hashed again
+    assert store.checked_manifest()[0] == "v000001" and set(json.loads(stamps.read_text())) == set(files)
+
+    shard = store.version_dir("v000001") / "shards" / "shard-000002.parquet"
+    before = shard.stat()
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0x01
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))  # same size, same mtime: only the ctime moved
+    with pytest.raises(DamagedFileError, match="checksum mismatch for .*shard-000002.parquet; no other version"):
+        store.checked_manifest()
+    with pytest.raises(DamagedFileError, match="damaged"):
+        IndexSearcher(idx)
