@@ -163,7 +163,7 @@ def test_update_embeds_only_new_and_changed_and_drops_removed(built, tiny, tmp_p
         make_index_dataset(Path(tiny["dataset"]), 40, corrupt=(3,))
 
 
-def test_killed_build_publishes_nothing_and_the_rerun_resumes(ray_local, tiny, tmp_path):
+def test_killed_build_publishes_nothing_and_the_rerun_resumes(ray_local, tiny, tmp_path, capsys):
     index_dir = tmp_path / "index"
     args = ["build", "--index-dir", str(index_dir), "--checkpoint", tiny["checkpoint"], "--corpus", tiny["dataset"],
             "--shards", "4", "--batch-size", "2", "--actors", "1", "--threads", "1", "--tracking-uri", tiny["uri"], "--experiment", "index-crash"]
@@ -189,11 +189,13 @@ def test_killed_build_publishes_nothing_and_the_rerun_resumes(ray_local, tiny, t
     finished_rows = sum(m["rows"] for m in markers)
     assert 0 < finished_rows + sum(len(m["corrupt"]) for m in markers) < 40
 
+    capsys.readouterr()
     assert main(args) == 0
     m = store.read_manifest()
     assert m["version"] == "v000001" and m["counts"]["vectors"] == 39 and m["counts"]["corrupt"] == 1
-    # Only what the killed run had not finished was embedded again.
-    assert m["metrics"]["images_embedded"] == 39 - finished_rows
+    # Only what the killed run had not finished was embedded again, and the summary says so.
+    assert m["metrics"]["images_embedded"] == 39 - finished_rows and m["counts"]["resumed"] == finished_rows
+    assert f"reused {finished_rows} ({finished_rows} from the interrupted run)" in capsys.readouterr().out
     assert main(["verify", "--index-dir", str(index_dir)]) == 0
     _, runs = _runs(tiny["uri"], "index-crash")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # the rerun finished the killed run's MLflow run
