@@ -1,4 +1,5 @@
-"""The ``idml`` command line: data fetch|convert|inspect, train (local or ``--ray``), eval, index, tune.
+"""The ``idml`` command line: data fetch|convert|inspect, train (local or ``--ray``), eval, index, tune, serve,
+export.
 
 It sits above the library (``idml``) and the Ray entrypoints (``pipelines``) and imports from
 both; neither imports it. ``python -m pipelines.train`` is ``train_main`` (``idml train --ray``),
@@ -16,6 +17,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from ._errors import run_command
+from .export_cli import add_export_args, run_export
+from .serve_cli import add_serve_args, run_serve
 from .tune_cli import add_tune_args, run_tune
 
 
@@ -102,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     tune = sub.add_parser("tune", help="hyperparameter search on Ray Tune (lambda, margin, learning rates)")
     add_tune_args(tune)
 
+    serve = sub.add_parser("serve", help="HTTP search service over an index on Ray Serve (127.0.0.1; no authentication)")
+    add_serve_args(serve)
+    export = sub.add_parser("export", help="write a checkpoint as a TorchScript or ONNX file")
+    add_export_args(export)
+
     # Everything after `index` goes to pipelines.index_cli (Ray is imported only when it runs).
     # prefix_chars="+": this parser claims no options, so --help and -v reach the index CLI too.
     index = sub.add_parser("index", help="build|update|query|verify versioned faiss indexes (Ray)", add_help=False,
@@ -144,7 +152,8 @@ def train_main(argv: list[str] | None = None, *, prog: str = "python -m pipeline
 
 def _run(args: argparse.Namespace) -> int:
     _configure_logging(args.verbose)
-    command = {"data": _data, "train": _train, "eval": _eval, "index": _index, "tune": run_tune}[args.command]
+    command = {"data": _data, "train": _train, "eval": _eval, "index": _index, "tune": run_tune,
+               "serve": run_serve, "export": run_export}[args.command]
     args.where_stopped = None  # a command may set it: () -> a line saying where its work stopped (Ctrl-C)
     return run_command(lambda: command(args), prog="idml", verbose=args.verbose,
                        on_interrupt=lambda: args.where_stopped() if args.where_stopped else None)

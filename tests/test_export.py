@@ -55,3 +55,17 @@ def test_bad_requests_are_clear(checkpoint, tmp_path):
         export_model(checkpoint, "torchscript", tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         export_model(tmp_path / "missing.pt", "torchscript", tmp_path / "m.pt")
+
+
+def test_idml_export_command(checkpoint, tmp_path, capsys):
+    from pipelines.cli import main
+    from pipelines.export_cli import FORMATS
+
+    assert FORMATS == EXPORT_FORMATS  # the parser's copy (it must not import torch)
+    out = tmp_path / "model.pt"
+    assert main(["export", "--checkpoint", checkpoint, "--format", "torchscript", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {out} (torchscript)" in printed and "float32 (N, 3, 32, 32), RGB in [0, 1]" in printed
+    assert "outputs match the PyTorch model" in printed
+    assert main(["export", "--checkpoint", str(tmp_path / "none.pt"), "--format", "onnx", "--output", str(out)]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -1,0 +1,106 @@
+"""What a search service holds and does, without Ray or HTTP: one published index version and the
+model that embeds queries for it, loaded together and replaced together (``pipelines.serve``
+puts this behind Ray Serve)."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from . import metric  # noqa: F401 - the re-rank imports it on first use; seconds a request should not wait
+from .data.images import decode_image
+from .data.source import file_sha256
+from .index.embed import BatchEmbedder
+from .index.search import IndexSearcher, QueryResult
+from .registry import resolve_checkpoint
+
+class UnknownIdError(LookupError):
+    """A queried id is not in the served index version."""
+
+
+def checkpoint_for_index(manifest: dict[str, Any], checkpoint: str | os.PathLike | None = None) -> str:
+    """A local file holding the model that embeds queries for an index version: ``checkpoint``
+    when given (a path, a shared-storage URI or an MLflow model URI: ``idml.registry``), else the
+    path the version's manifest records. Either way its sha256 must be the one the version was
+    built with: vectors from another model are not comparable with the index's."""
+    recorded = manifest["checkpoint"]
+    try:
+        path = str(resolve_checkpoint(checkpoint if checkpoint is not None else recorded["path"]))
+    except FileNotFoundError:
+        if checkpoint is not None:
+            raise
+        raise FileNotFoundError(f"checkpoint {recorded['path']} of index version {manifest['version']} does not "
+                                "exist; pass the model with --checkpoint") from None
+    if file_sha256(path) != recorded["sha256"]:
+        raise ValueError(f"checkpoint {checkpoint or path} is not the one index version {manifest['version']} was built "
+                         f"with (sha256 {recorded['sha256'][:12]}…); pass that checkpoint with --checkpoint")
+    return path
+
+
+@dataclass(frozen=True)
+class ServedIndex:
+    """An index version with its query embedder. Immutable: a service swaps the whole object
+    when a new version is published, so a request that took one answers entirely from it."""
+
+    searcher: IndexSearcher
+    embedder: BatchEmbedder
+    checkpoint: str
+    checkpoint_sha256: str
+    loaded_at: float = field(default_factory=time.time)
+
+    @classmethod
+    def load(cls, index_dir: str | os.PathLike, version: str | None = None, *, checkpoint: str | None = None,
+             previous: ServedIndex | None = None, threads: int = 0) -> ServedIndex:
+        """``version`` (default: the published one) of ``index_dir``. The model is loaded only
+        when ``previous`` does not already hold the one this version was built with."""
+        searcher = IndexSearcher(index_dir, version)
+        # The id table is built on first use; built here, concurrent requests never see it half-filled.
+        searcher.lookup([])
+        sha = searcher.manifest["checkpoint"]["sha256"]
+        if previous is not None and previous.checkpoint_sha256 == sha:
+            return cls(searcher, previous.embedder, previous.checkpoint, sha)
+        path = checkpoint_for_index(searcher.manifest, checkpoint)
+        return cls(searcher, BatchEmbedder(path, threads=threads), path, sha)
+
+    @property
+    def version(self) -> str:
+        return self.searcher.version
+
+    def prepare(self, blob: bytes) -> torch.Tensor:
+        """Encoded image -> the uint8 CHW tensor the model takes; InvalidImageError if unusable."""
+        return self.embedder.transform(decode_image(blob))
+
+    def embed(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Prepared images (N, C, H, W) -> ``(mu, uncertainty)``, uncertainty = ||sigma||^2."""
+        mu, sigma = self.embedder.embed_tensors(images)
+        return mu, np.square(sigma).sum(axis=1)
+
+    def lookup(self, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Stored ``(mu, uncertainty)`` of indexed images; UnknownIdError names the missing ones."""
+        try:
+            return self.searcher.lookup(ids)
+        except ValueError as e:  # lookup's only ValueError: ids not in this version
+            raise UnknownIdError(str(e)) from None
+
+    def search(self, mu: np.ndarray, uncertainty: np.ndarray, k: int, *, rerank: bool = False,
+               exclude: Sequence[str | None] | None = None, names: Sequence[str] | None = None) -> list[QueryResult]:
+        return self.searcher.search(mu, uncertainty, k, rerank=rerank, exclude=exclude, names=names)
+
+    def describe(self) -> dict[str, Any]:
+        """What a health check reports: the version, its size, and the model answering for it."""
+        recorded = self.searcher.manifest["checkpoint"]
+        return {"version": self.version, "vectors": len(self.searcher), "index_type": self.searcher.spec.index_type,
+                "uncertainty_weight": self.searcher.uncertainty_weight,
+                "model": {"checkpoint": self.checkpoint, "sha256": self.checkpoint_sha256,
+                          **{k: recorded.get(k) for k in ("backbone", "embedding_dim", "image_size", "epoch")}},
+                "loaded_at": self.loaded_at}
+
+
+def results_as_dicts(results: list[QueryResult]) -> list[dict[str, Any]]:
+    """JSON-ready results: per query its uncertainty and hits (id, similarity, cosine, uncertainty)."""
+    return [asdict(r) for r in results]

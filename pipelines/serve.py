@@ -1,0 +1,238 @@
+"""The search service on Ray Serve: HTTP search over a published index version, by uploaded image
+or by indexed id, re-loaded without a restart when a new version is published.
+
+    serve run pipelines.serve:app index_dir=/shared/idx [checkpoint=...] [replicas=2] ...
+    idml serve --index-dir /shared/idx                        # the same on a local Ray instance
+
+Endpoints (every error is a 4xx/5xx with ``{"detail": "..."}``):
+
+- ``POST /search?k=10&rerank=false``: the body is one encoded image (any content type), or
+  JSON ``{"images": ["<base64>", ...]}`` (``Content-Type: application/json``) for several.
+- ``GET /search/id/{id}?k=10&rerank=false``: neighbours of an indexed image (itself left out).
+- ``GET /health``: the version answering, its vectors, the model.
+
+Each replica loads the model and the published version once (``idml.search_service.ServedIndex``)
+and embeds the images of concurrent requests in batches (``@serve.batch``). A background task
+polls the index's ``CURRENT`` pointer; a new version is loaded off the event loop (the model
+too, if the version was built with another checkpoint) and replaces the old one in a single
+assignment: requests already running finish on the old one, none waits or fails.
+
+The service has no authentication: it binds to 127.0.0.1 by default; expose it only behind a
+proxy that authenticates.
+"""
+
+# No `from __future__ import annotations`: Serve reads the builder's parameter annotation as a
+# class to validate `serve run ... key=value` arguments with it.
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from ray import serve
+from ray.serve import Application
+
+from idml.data.images import InvalidImageError
+from idml.index import IndexStore
+from idml.search_service import ServedIndex, UnknownIdError, checkpoint_for_index, results_as_dicts
+
+log = logging.getLogger("ray.serve")  # a replica's ray.serve logger writes to its log file
+
+APP_NAME = "idml-search"
+MAX_ONGOING_REQUESTS = 64  # per replica; enough to fill a batch (Serve's default is 5)
+
+
+class ServeOptions(BaseModel):
+    """The service's options: ``idml serve`` flags, or ``serve run pipelines.serve:app key=value``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    index_dir: str = Field(description="folder holding the index versions (shared storage on a cluster)")
+    checkpoint: str | None = Field(None, description="model: a path, shared-storage URI or models:/NAME@alias "
+                                                     "(default: the file the index manifest records; its sha256 "
+                                                     "must match the manifest's)")
+    replicas: int = Field(1, ge=1, description="Serve replicas; each loads the model and the index")
+    cpus_per_replica: float = Field(1.0, gt=0, description="CPUs each replica reserves")
+    poll_s: float = Field(1.0, gt=0, description="seconds between checks for a newly published index version")
+    max_bytes: int = Field(16 * 2**20, ge=1, description="largest request body (413 above)")
+    max_k: int = Field(100, ge=1, description="largest k a request may ask for")
+    max_images: int = Field(16, ge=1, description="most images in one JSON request")
+    max_batch_size: int = Field(16, ge=1, description="most images embedded in one model call")
+    batch_wait_s: float = Field(0.005, ge=0, description="how long a batch waits for more images")
+
+    @field_validator("index_dir", "checkpoint")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        # Replicas do not run in the caller's working folder; URIs (s3://, models:/) stay as they are.
+        if value is None or ":/" in value:
+            return value
+        return str(Path(value).expanduser().resolve())
+
+
+def check_servable(options: ServeOptions) -> str:
+    """Fail before deploying (on the driver) when there is nothing to serve: no published
+    version, or no usable checkpoint for it. Returns the version."""
+    manifest = IndexStore(options.index_dir).read_manifest()
+    checkpoint_for_index(manifest, options.checkpoint)
+    return manifest["version"]
+
+
+api = FastAPI(title="idml search", description="Nearest neighbours in a published idml index, by image or by id")
+
+
+@api.exception_handler(InvalidImageError)
+async def _not_an_image(request: Request, error: InvalidImageError) -> JSONResponse:
+    return JSONResponse({"detail": f"not a usable image: {error}"}, status_code=400)
+
+
+@api.exception_handler(UnknownIdError)
+async def _unknown_id(request: Request, error: UnknownIdError) -> JSONResponse:
+    return JSONResponse({"detail": str(error)}, status_code=404)
+
+
+@api.exception_handler(Exception)
+async def _internal(request: Request, error: Exception) -> JSONResponse:
+    log.exception("request %s %s failed", request.method, request.url.path)
+    return JSONResponse({"detail": f"internal error: {type(error).__name__}: {error}"}, status_code=500)
+
+
+@serve.deployment(max_ongoing_requests=MAX_ONGOING_REQUESTS, health_check_period_s=10)
+@serve.ingress(api)
+class SearchService:
+    async def __init__(self, options: dict[str, Any]):
+        self.options = ServeOptions(**options)
+        self.store = IndexStore(self.options.index_dir)
+        self.served = await asyncio.to_thread(ServedIndex.load, self.options.index_dir,
+                                              checkpoint=self.options.checkpoint)
+        self.reload_error: str | None = None
+        self._embed_batch.set_max_batch_size(self.options.max_batch_size)
+        self._embed_batch.set_batch_wait_timeout_s(self.options.batch_wait_s)
+        self._watcher = asyncio.get_running_loop().create_task(self._follow_published_version())
+        log.info("serving index %s (%d vectors)", self.served.version, len(self.served.searcher))
+
+    # -- endpoints ----------------------------------------------------------------------------
+    @api.get("/health")
+    async def health(self) -> dict[str, Any]:
+        return {"status": "ok", **self.served.describe(), "reload_error": self.reload_error}
+
+    @api.post("/search")
+    async def search_images(self, request: Request, k: int = 10, rerank: bool = False) -> dict[str, Any]:
+        served = self.served  # this request answers from this version, whatever is published meanwhile
+        self._check_k(k)
+        body = await self._read_body(request)
+        if request.headers.get("content-type", "").split(";")[0].strip().lower() == "application/json":
+            blobs = self._images_from_json(body)
+            names = [f"image {i}" for i in range(len(blobs))]
+        elif body:
+            blobs, names = [body], ["image"]
+        else:
+            raise HTTPException(400, "empty body: send an encoded image, or JSON {\"images\": [base64, ...]}")
+        images = await asyncio.to_thread(lambda: [served.prepare(b) for b in blobs])
+        embedded = await asyncio.gather(*(self._embed_batch((served, image)) for image in images))
+        mu = np.stack([m for m, _ in embedded])
+        uncertainty = np.array([u for _, u in embedded], np.float32)
+        results = await asyncio.to_thread(served.search, mu, uncertainty, k, rerank=rerank, names=names)
+        return self._answer(served, results, k, rerank)
+
+    @api.get("/search/id/{item_id:path}")
+    async def search_id(self, item_id: str, k: int = 10, rerank: bool = False) -> dict[str, Any]:
+        served = self.served
+        self._check_k(k)
+        mu, uncertainty = await asyncio.to_thread(served.lookup, [item_id])
+        results = await asyncio.to_thread(served.search, mu, uncertainty, k, rerank=rerank, exclude=[item_id],
+                                          names=[item_id])
+        return self._answer(served, results, k, rerank)
+
+    # -- batching and reloading ---------------------------------------------------------------
+    @serve.batch  # batch size and wait: set from the options in __init__
+    async def _embed_batch(self, items: list[tuple[ServedIndex, torch.Tensor]]) -> list[tuple[np.ndarray, float]]:
+        """One model call per served version in the batch (two only while a swap is under way)."""
+        out: list[Any] = [None] * len(items)
+        for served in {id(s): s for s, _ in items}.values():
+            rows = [i for i, (s, _) in enumerate(items) if s is served]
+            batch = torch.stack([items[i][1] for i in rows])
+            mu, uncertainty = await asyncio.to_thread(served.embed, batch)
+            for j, i in enumerate(rows):
+                out[i] = (mu[j], float(uncertainty[j]))
+        return out
+
+    async def _follow_published_version(self) -> None:
+        failed: str | None = None  # a version that did not load is not retried until another is published
+        while True:
+            await asyncio.sleep(self.options.poll_s)
+            version = None
+            try:
+                version = await asyncio.to_thread(self.store.current_version)
+                if version in (None, self.served.version, failed):
+                    continue
+                started = time.monotonic()
+                self.served = await asyncio.to_thread(ServedIndex.load, self.options.index_dir, version,
+                                                      checkpoint=self.options.checkpoint, previous=self.served)
+                failed, self.reload_error = None, None
+                log.info("now serving index %s (loaded in %.1fs)", version, time.monotonic() - started)
+            except Exception as e:  # noqa: BLE001 - keep serving the old version, say why in /health
+                error = f"index {version or '(CURRENT unreadable)'} not loaded: {type(e).__name__}: {e}"
+                if error != self.reload_error:
+                    log.warning("%s; still serving %s", error, self.served.version)
+                failed, self.reload_error = version, error
+
+    def check_health(self) -> None:
+        """Serve restarts a replica whose check fails: one that stopped following new versions."""
+        if self._watcher.done():
+            raise RuntimeError("the index version watcher stopped")
+
+    # -- request parsing ----------------------------------------------------------------------
+    def _check_k(self, k: int) -> None:
+        if not 1 <= k <= self.options.max_k:
+            raise HTTPException(400, f"k must be between 1 and {self.options.max_k}, got {k}")
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.options.max_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise HTTPException(413, f"request body of {int(declared)} bytes is over the limit of {limit}")
+        body = bytearray()
+        async for chunk in request.stream():  # a body without a declared length is cut off too
+            body += chunk
+            if len(body) > limit:
+                raise HTTPException(413, f"request body is over the limit of {limit} bytes")
+        return bytes(body)
+
+    def _images_from_json(self, body: bytes) -> list[bytes]:
+        try:
+            data = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise HTTPException(400, f"body is not valid JSON: {e}") from None
+        images = data.get("images") if isinstance(data, dict) else None
+        if not isinstance(images, list) or not images or not all(isinstance(i, str) for i in images):
+            raise HTTPException(400, "JSON body must be {\"images\": [\"<base64 image>\", ...]} with at least one image")
+        if len(images) > self.options.max_images:
+            raise HTTPException(413, f"{len(images)} images in one request; at most {self.options.max_images}")
+        blobs = []
+        for i, text in enumerate(images):
+            try:
+                blobs.append(base64.b64decode(text, validate=True))
+            except (binascii.Error, ValueError) as e:
+                raise HTTPException(400, f"images[{i}] is not valid base64: {e}") from None
+        return blobs
+
+    def _answer(self, served: ServedIndex, results, k: int, rerank: bool) -> dict[str, Any]:
+        return {"version": served.version, "k": k, "rerank": rerank,
+                "uncertainty_weight": served.searcher.uncertainty_weight, "results": results_as_dicts(results)}
+
+
+def app(options: ServeOptions) -> Application:
+    """The Serve application (an app builder: ``serve run pipelines.serve:app index_dir=DIR``)."""
+    check_servable(options)
+    deployment = SearchService.options(num_replicas=options.replicas,
+                                       ray_actor_options={"num_cpus": options.cpus_per_replica})
+    return deployment.bind(options.model_dump())
