@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from tqdm.auto import tqdm
 
+from idml.data.boundary import FolderBoundary, within
 from idml.data.conversion_report import ConversionReport
 from idml.data.format import DEFAULT_SHARD_BYTES, ImageRecord, check_destination, write_dataset
 from idml.data.images import DEFAULT_MAX_PIXELS, InvalidImageError, normalize_image_bytes
@@ -301,10 +302,6 @@ def _file_loader(path: Path) -> Callable[[], bytes]:
     return path.read_bytes
 
 
-def _within(path: str, folder: str) -> bool:
-    return os.path.commonpath([path, folder]) == folder
-
-
 class _SourceFolder:
     """Which files a converter may read: those inside the source folder ``src``. A path that
     leads outside (absolute or climbing out with ``..`` in a list file; a symbolic link, unless
@@ -313,26 +310,15 @@ class _SourceFolder:
 
     def __init__(self, src: Path, follow_links: bool, report: ConversionReport):
         self.lexical_root = os.path.abspath(src)
-        self.real_root = os.path.realpath(src)
+        self.boundary = FolderBoundary(src)
         self.follow_links = follow_links
         self.report = report
-        self._real_dirs: dict[Path, str] = {}
 
     def admits(self, path: Path) -> bool:
-        inside = _within(os.path.abspath(path), self.lexical_root) and (
-            self.follow_links or _within(self._realpath(path), self.real_root))
+        inside = within(os.path.abspath(path), self.lexical_root) and (self.follow_links or self.boundary.contains(path))
         if not inside:
             self.report.skip(OUTSIDE, str(path))
         return inside
-
-    def _realpath(self, path: Path) -> str:
-        # One realpath per folder rather than per file: large datasets list 100k files.
-        if os.path.islink(path):
-            return os.path.realpath(path)
-        parent = self._real_dirs.get(path.parent)
-        if parent is None:
-            parent = self._real_dirs[path.parent] = os.path.realpath(path.parent)
-        return os.path.join(parent, path.name)
 
 
 def _require_folder(src: Path) -> None:
@@ -690,9 +676,9 @@ def _check_apart(src: Path, dst: Path, *, scans_src: bool) -> None:
     """The output may not hold the source (``--overwrite`` would delete it), nor lie in a source
     that is scanned whole (the next conversion would read the dataset as a class)."""
     real_src, real_dst = os.path.realpath(src), os.path.realpath(dst)
-    if scans_src and _within(real_dst, real_src):
+    if scans_src and within(real_dst, real_src):
         raise InputError(f"output folder {dst} is inside the source folder {src}; the dataset would become "
                          f"part of its own source: choose an output folder outside {src}")
-    if _within(real_src, real_dst):
+    if within(real_src, real_dst):
         raise InputError(f"source folder {src} is inside the output folder {dst}; choose an output folder that "
                          "does not hold the source")

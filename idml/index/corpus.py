@@ -11,6 +11,7 @@ from typing import Any
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from idml.data.boundary import FolderBoundary
 from idml.data.converters import IMAGE_SUFFIXES
 from idml.data.source import MANIFEST_NAME, filesystem_for, open_dataset
 
@@ -65,6 +66,7 @@ def _dataset(uri: str, splits: list[str] | None) -> Corpus:
     unknown = [s for s in splits if s not in available]
     if unknown:
         raise ValueError(f"split(s) {unknown} not in {uri}; available splits: {', '.join(available) or 'none'}")
+    source.check_shards(splits)  # a damaged shard is refused here, not halfway through embedding
     files = [path for s in splits for path in source.paths(s)]
     num_rows = sum(source.num_images(s) for s in splits)
     num_bytes = sum(int(shard.get("bytes", 0)) for s in splits for shard in source.shards(s))
@@ -78,7 +80,8 @@ def _images(uri: str, fs: pafs.FileSystem, root: str, follow_links: bool) -> Cor
                    key=lambda i: i.path)
     outside: list[str] = []
     if isinstance(fs, pafs.LocalFileSystem) and not follow_links:  # only a local folder has links
-        inside = _inside(root, [i.path for i in files])
+        boundary = FolderBoundary(root)
+        inside = [boundary.contains(i.path) for i in files]
         outside = [i.path for i, ok in zip(files, inside) if not ok]
         files = [i for i, ok in zip(files, inside) if ok]
     if not files:
@@ -90,23 +93,6 @@ def _images(uri: str, fs: pafs.FileSystem, root: str, follow_links: bool) -> Cor
         digest.update(f"{i.path}\0{i.size}\0{i.mtime_ns}\n".encode())
     return Corpus("images", uri, root, fs, [i.path for i in files], len(files), digest.hexdigest(),
                   sum(i.size for i in files), follow_links=follow_links, outside=outside)
-
-
-def _inside(root: str, paths: list[str]) -> list[bool]:
-    """Whether each file really lies in ``root`` once links are resolved."""
-    real_root = os.path.realpath(root)
-    real_dirs: dict[str, str] = {}
-    out = []
-    for path in paths:
-        if os.path.islink(path):
-            real = os.path.realpath(path)
-        else:  # one realpath per folder rather than per file: a corpus may list millions
-            folder = os.path.dirname(path)
-            if folder not in real_dirs:
-                real_dirs[folder] = os.path.realpath(folder)
-            real = os.path.join(real_dirs[folder], os.path.basename(path))
-        out.append(os.path.commonpath([real, real_root]) == real_root)
-    return out
 
 
 def read_ids_and_images(corpus: Corpus, path: str):

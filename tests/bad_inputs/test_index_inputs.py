@@ -285,3 +285,15 @@ def test_build_of_a_folder_without_images(tmp_path, checkpoint, capsys):
     assert main(["build", "--index-dir", str(tmp_path / "idx"), "--checkpoint", checkpoint, "--corpus", str(folder),
                  "--no-mlflow"]) == BAD_INPUT
     assert "holds no images" in _error_line(capsys)
+
+
+def test_build_refuses_a_damaged_dataset_corpus(tmp_path, checkpoint, capsys):
+    ds = Path(make_index_dataset(tmp_path / "ds", 12))
+    manifest = json.loads((ds / "manifest.json").read_text())
+    split = next(iter(manifest["splits"]))
+    manifest["splits"][split]["num_images"] += 5  # the manifest no longer matches its shards
+    (ds / "manifest.json").write_text(json.dumps(manifest))
+    idx = tmp_path / "idx"
+    assert main(["build", "--index-dir", str(idx), "--checkpoint", checkpoint, "--corpus", str(ds), "--no-mlflow"]) == BAD_INPUT
+    assert split in _error_line(capsys)
+    assert not idx.exists()  # refused before anything was embedded or written
