@@ -43,7 +43,9 @@ from ray.serve import Application
 
 from idml.data.images import InvalidImageError
 from idml.index import IndexStore
+from idml.registry import is_model_uri
 from idml.search_service import ServedIndex, UnknownIdError, checkpoint_for_index, results_as_dicts
+from idml.tracking import tracking_uri
 
 log = logging.getLogger("ray.serve")  # a replica's ray.serve logger writes to its log file
 
@@ -233,6 +235,9 @@ class SearchService:
 def app(options: ServeOptions) -> Application:
     """The Serve application (an app builder: ``serve run pipelines.serve:app index_dir=DIR``)."""
     check_servable(options)
-    deployment = SearchService.options(num_replicas=options.replicas,
-                                       ray_actor_options={"num_cpus": options.cpus_per_replica})
+    actor: dict[str, Any] = {"num_cpus": options.cpus_per_replica}
+    if options.checkpoint and is_model_uri(options.checkpoint):
+        # Replicas resolve models:/ and runs:/ themselves, against the tracking server the driver used.
+        actor["runtime_env"] = {"env_vars": {"MLFLOW_TRACKING_URI": tracking_uri()}}
+    deployment = SearchService.options(num_replicas=options.replicas, ray_actor_options=actor)
     return deployment.bind(options.model_dump())

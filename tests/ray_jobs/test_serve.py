@@ -109,6 +109,30 @@ def test_idml_serve_refuses_bad_input_before_starting_ray(tiny, tmp_path, capsys
     assert not _ray_initialized()
 
 
+def test_a_registered_model_is_accepted_as_the_checkpoint(tiny, tmp_path, monkeypatch):
+    """--checkpoint models:/NAME@alias: resolved through the registry, checked against the index's
+    sha256, and the replicas get the driver's tracking URI to resolve it the same way."""
+    from idml.registry import log_model, set_alias
+    from idml.search_service import ServedIndex
+    from idml.tracking import MlflowRun
+    from pipelines.serve import ServeOptions, app
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    run = MlflowRun.open(uri, "serve-test", "train")
+    log_model(uri, run.run_id, tiny["checkpoint"], example_images=[shape_image(1)], registered_name="tiny-serve")
+    run.finish()
+    set_alias("tiny-serve", "champion", 1)
+
+    served = ServedIndex.load(tiny["index_dir"], checkpoint="models:/tiny-serve@champion")
+    assert served.checkpoint != tiny["checkpoint"]  # a downloaded copy of the same file
+    assert served.describe()["model"]["sha256"] == IndexStore(tiny["index_dir"]).read_manifest()["checkpoint"]["sha256"]
+    options = ServeOptions(index_dir=str(tiny["index_dir"]), checkpoint="models:/tiny-serve@champion")
+    assert options.checkpoint == "models:/tiny-serve@champion"  # a URI is not made a path
+    actor = app(options)._bound_deployment.ray_actor_options
+    assert actor["runtime_env"]["env_vars"]["MLFLOW_TRACKING_URI"] == uri
+
+
 def _ray_initialized() -> bool:
     import ray
 
