@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 
 # idml.export.EXPORT_FORMATS, spelled out so that building the parser does not import torch.
@@ -19,6 +20,9 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
 def run_export(args: argparse.Namespace) -> int:
     from idml.export import export_model
 
+    if not args.verbose:
+        for noisy in ("onnx_ir", "onnxscript"):  # the ONNX exporter's line per optimisation pass
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     info = export_model(args.checkpoint, args.format, args.output)
     size, dim = info["image_size"], info["embedding_dim"]
     print(f"wrote {info['output']} ({info['format']})")
