@@ -24,7 +24,7 @@ def run_command(command: Callable[[], int], *, prog: str, verbose: bool,
     try:
         return command()
     except KeyboardInterrupt:
-        where = on_interrupt() if on_interrupt is not None else None
+        where = _where_stopped(on_interrupt)
         print(f"\n{prog}: stopped (Ctrl-C)" + (f"; {where}" if where else ""), file=sys.stderr)
         return INTERRUPTED
     except _USER_ERRORS as err:
@@ -37,6 +37,16 @@ def run_command(command: Callable[[], int], *, prog: str, verbose: bool,
             raise
         print(f"{prog}: error: {type(err).__name__}: {_one_line(err)} (run with -v for the traceback)", file=sys.stderr)
         return FAILURE
+
+
+def _where_stopped(on_interrupt: Callable[[], str | None] | None) -> str | None:
+    """The interrupted command's own line; the stop is reported even if working it out fails."""
+    if on_interrupt is None:
+        return None
+    try:
+        return on_interrupt()
+    except Exception as err:  # noqa: BLE001 - the stop itself must still be reported
+        return f"where it stopped is unknown ({type(err).__name__}: {_one_line(err)})"
 
 
 def _one_line(err: BaseException) -> str:

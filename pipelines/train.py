@@ -233,19 +233,41 @@ def train_planned(p: Plan) -> dict[str, Any]:
 
 def _fit_until_ctrl_c(trainer):
     """``trainer.fit()``, with Ctrl-C as ``KeyboardInterrupt``. Ray Train's own SIGINT handler
-    aborts the run gracefully and then ends the driver with ``sys.exit(0)`` (a silent exit 0),
-    and stays installed after ``fit``: turn that exit into the interrupt it is, and put the
-    previous handler back."""
+    aborts the run and then calls ``sys.exit`` inside ``ray.get``, which ends the driver with exit
+    1 and no message, and stays installed after ``fit``. Ours (in its place: Ray installs it when
+    ``fit`` starts the controller) aborts the run the same way and lets the command line say where
+    the run stopped; the previous handler comes back afterwards."""
+    import ray
+
+    interrupted = False
+
+    def register(controller) -> None:
+        def on_sigint(signum, frame) -> None:
+            nonlocal interrupted
+            if interrupted:
+                raise KeyboardInterrupt  # a second Ctrl-C stops waiting for the abort
+            interrupted = True
+            try:
+                ray.get(controller.abort.remote(), timeout=60)
+            except Exception:  # noqa: BLE001 - the controller exits while aborting (RayActorError)
+                pass
+
+        signal.signal(signal.SIGINT, on_sigint)
+
     previous = signal.getsignal(signal.SIGINT)
+    trainer._register_sigint_handler = register
     try:
-        return trainer.fit()
-    except SystemExit as exit_:
-        if exit_.code in (0, None):
+        result = trainer.fit()
+    except BaseException:
+        if interrupted:
             raise KeyboardInterrupt from None
         raise
     finally:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, previous)
+    if interrupted:  # aborted just as the run ended: its result is not this command's
+        raise KeyboardInterrupt
+    return result
 
 
 def latest_checkpoint(p: Plan):

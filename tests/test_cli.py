@@ -64,3 +64,16 @@ def test_the_library_never_imports_the_pipelines_the_cli_or_ray():
     check = ("import sys, pipelines.train, pipelines.train_worker, pipelines.index; "
              "assert 'pipelines.cli' not in sys.modules and 'pipelines.index_cli' not in sys.modules")
     subprocess.run([sys.executable, "-c", check], cwd=REPO, check=True)
+
+
+def test_ctrl_c_is_reported_even_when_where_it_stopped_cannot_be_told(capsys):
+    from pipelines._errors import INTERRUPTED, run_command
+
+    def interrupted() -> int:
+        raise KeyboardInterrupt
+
+    def unreadable_storage() -> str:
+        raise OSError("storage unreachable")
+
+    assert run_command(interrupted, prog="idml", verbose=False, on_interrupt=unreadable_storage) == INTERRUPTED
+    assert capsys.readouterr().err.strip() == "idml: stopped (Ctrl-C); where it stopped is unknown (OSError: storage unreachable)"
