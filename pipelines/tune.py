@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,10 +112,13 @@ def tune_search(space: Space, options: TuneOptions | None = None) -> dict[str, A
     log.info("search %r: %d trials (the first with lambda = 0), storage %s, MLflow parent run %s at %s",
              search.name, len(space.trials), search.storage, parent.run_id, search.uri)
     try:
-        grid = _tuner(search, parent.run_id).fit()
+        grid = _fit_until_ctrl_c(_tuner(search, parent.run_id))
         summary = finish_search(search, grid, parent)
         if search.options.retrain_seeds:
             summary["retrain"] = retrain(search, summary, parent)
+    except KeyboardInterrupt:
+        parent.finish("KILLED")
+        raise
     except BaseException:
         parent.fail()
         raise
@@ -121,6 +126,28 @@ def tune_search(space: Space, options: TuneOptions | None = None) -> dict[str, A
     parent.log_artifact(search.out / "search.json")
     parent.finish()
     return summary
+
+
+def _fit_until_ctrl_c(tuner):
+    """``tuner.fit()``, with Ctrl-C as ``KeyboardInterrupt``. On Ctrl-C Tune stops its trials,
+    marks them terminated and returns as if the search were done (the table, the best config and
+    the retraining would then describe half a search); its handler puts back the one it found
+    before returning, so finding ours back means it ran."""
+    if threading.current_thread() is not threading.main_thread():
+        return tuner.fit()  # no signal handlers off the main thread (nor Tune's)
+
+    def before_tune(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, before_tune)
+    try:
+        grid = tuner.fit()
+        interrupted = signal.getsignal(signal.SIGINT) is before_tune
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if interrupted:
+        raise KeyboardInterrupt
+    return grid
 
 
 def check_cpus(space: Space) -> None:

@@ -26,6 +26,8 @@ def run_tune(args: argparse.Namespace) -> int:
     from .tune import TuneOptions, tune_search
 
     space = load_space(args.space, args.config, args.overrides)
+    args.where_stopped = lambda: ("the search's state is saved; run the same command again to resume it "
+                                  "(finished trials are kept, unfinished ones continue from their checkpoints)")
     tune_search(space, TuneOptions(name=args.name, output_dir=args.output_dir, storage_path=args.storage_path,
                                    experiment=args.experiment, address=args.address,
                                    retrain_seeds=args.retrain_seeds, verbose=args.verbose))

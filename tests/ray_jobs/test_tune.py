@@ -118,6 +118,31 @@ def test_search_killed_and_resumed_tracks_every_trial_once(cluster, dataset, tmp
     assert (tmp_path / "best" / "best.pt").exists()
 
 
+def test_ctrl_c_stops_the_search_without_reporting_half_of_it(cluster, dataset, tmp_path):
+    """Tune ends fit() on Ctrl-C and returns as if done: the search must not write a table, a
+    best config or retrain from half a search."""
+    out, uri = tmp_path / "search", sqlite_uri(tmp_path)
+    args = ["--space", str(_space(tmp_path, objective="train/loss")), "--set", *TINY, f"data.dataset={dataset}",
+            "--name", "smoke-int", "--output-dir", str(out), "--retrain-seeds", "1"]
+    env = {**os.environ, "RAY_ADDRESS": cluster.address, "RAY_AUTH_MODE": "token", "MLFLOW_TRACKING_URI": uri,
+           "PYTHONPATH": str(REPO)}
+    log = tmp_path / "driver.log"
+    driver = subprocess.Popen([sys.executable, "-m", "pipelines.tune", *args], env=env, cwd=tmp_path,
+                              stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 420
+    while not any((out / "trials").glob("*/last.pt")) and driver.poll() is None:
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.5)
+    driver.send_signal(signal.SIGINT)
+    assert driver.wait(timeout=180) == 130, log.read_text()[-3000:]
+    printed = log.read_text()
+    assert "stopped (Ctrl-C)" in printed and "run the same command again to resume" in printed
+    assert not (out / "search.json").exists() and not (out / "best_config.yaml").exists()
+    assert not (out / "retrain").exists()
+    _, runs = mlflow_runs(uri)
+    assert [r.info.status for r in runs if "mlflow.parentRunId" not in r.data.tags] == ["KILLED"]
+
+
 def _space(tmp_path, **changes) -> Path:
     raw = yaml.safe_load(SMOKE.read_text())
     for key, value in changes.items():
