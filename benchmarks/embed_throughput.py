@@ -87,13 +87,18 @@ def plain_loop(corpus, checkpoint: str, dim: int, batch_size: int, threads: int,
 
 
 def ray_pipeline(corpus, checkpoint: str, dim: int, batch_size: int, threads: int, out: Path) -> float:
-    """Seconds for ``pipelines.index.embed_with_ray`` (one actor, same threads) from submission."""
+    """Seconds for ``pipelines.index.embed_with_ray`` (one actor, same threads) from submission
+    (the driver loads the checkpoint and puts it in the object store inside the clock, as
+    ``idml index build`` does)."""
+    from idml.checkpoint import load_checkpoint
+    from idml.index.embed import model_state
     from idml.index.partitions import PartitionSink
     from pipelines.index import embed_with_ray
 
     sink = PartitionSink(out, dim=dim, target_rows=10**9)
     start = time.perf_counter()
-    embed_with_ray(corpus, checkpoint, sink, None, batch_size=batch_size, actors=1, threads=threads)
+    embed_with_ray(corpus, corpus.files, model_state(load_checkpoint(checkpoint)), sink, None, batch_size=batch_size,
+                   actors=(1, 1), threads=threads)
     return time.perf_counter() - start
 
 

@@ -1,11 +1,12 @@
 """Batch indexing of image corpora on Ray (the commands are ``pipelines.index_cli``: ``idml index``).
 
-Ray Data reads the corpus (the sharded Parquet dataset format, or a folder / URI of raw images
-via ``read_binary_files``), embeds it with ``idml.index.BatchEmbedder`` in ``map_batches`` on an
-actor pool (the model loads once per actor; one GPU per actor when the cluster has GPUs), and
-the driver streams the embeddings into resumable partitions. Everything else (faiss shards,
-versions, recall, verification, queries) is ``idml.index``; this module only wires it to Ray
-and MLflow.
+Ray Data reads the corpus files a run needs (the sharded Parquet dataset format, or a folder /
+URI of raw images via ``read_binary_files``), embeds them with ``idml.index.BatchEmbedder`` in
+``map_batches`` on an autoscaling actor pool, and the driver streams the embeddings into
+resumable partitions. The model reaches every actor through Ray's object store (put once by the
+driver), never as a path: a checkpoint on the driver's disk, or one the driver downloaded from
+MLflow or S3, is not on the other nodes. Everything else (faiss shards, versions, recall,
+verification, queries) is ``idml.index``; this module only wires it to Ray and MLflow.
 """
 
 from __future__ import annotations
@@ -14,6 +15,12 @@ import contextlib
 import logging
 import sys
 import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from idml.index.embed import BatchEmbedder
 
 from ._ray import init_ray
 
@@ -28,12 +35,14 @@ def ensure_ray():
     return init_ray(log_to_driver=False)
 
 
-def _read(corpus):
+def _read(corpus, files: list[str]):
     import ray.data
 
     if corpus.kind == "dataset":
-        return ray.data.read_parquet(corpus.files, filesystem=corpus.filesystem).select_columns(["id", "image"]), None
-    return ray.data.read_binary_files(corpus.files, filesystem=corpus.filesystem, include_paths=True), corpus.root
+        # include_paths: each row names its shard, which the next update compares by stat.
+        ds = ray.data.read_parquet(files, filesystem=corpus.filesystem, include_paths=True)
+        return ds.select_columns(["id", "image", "path"]), None
+    return ray.data.read_binary_files(files, filesystem=corpus.filesystem, include_paths=True), corpus.root
 
 
 @contextlib.contextmanager
@@ -54,62 +63,133 @@ def block_size(corpus, batch_size: int):
         ctx.target_max_block_size = old
 
 
-def actor_resources(cpus: int, gpus: int, *, actors: int = 0, threads: int = 0) -> dict:
-    """Embedding actor pool: one actor per GPU, else ``cpus // threads`` actors of ``threads``
-    torch threads. On CPU the pool reserves less than it uses (at most cpus - 1 in all), so a
-    CPU is left for Ray Data's list/read tasks: with every CPU held by actors the job would wait
-    for its input forever."""
-    if gpus:
-        return {"actors": actors or gpus, "num_gpus": 1, "num_cpus": 1, "threads": threads or 0}
+@dataclass(frozen=True)
+class ActorPool:
+    """The embedding actor pool: Ray Data starts ``min_actors`` and adds actors up to
+    ``max_actors`` while work is queued; actors the cluster cannot hold yet are resource
+    requests the Ray autoscaler answers by starting nodes (GPU nodes for ``num_gpus``)."""
+
+    min_actors: int
+    max_actors: int
+    num_cpus: float
+    num_gpus: int
+    threads: int  # torch threads per actor (0: torch's default)
+
+    def strategy(self):
+        import ray.data
+
+        return ray.data.ActorPoolStrategy(min_size=self.min_actors, max_size=self.max_actors)
+
+    def describe(self) -> str:
+        size = f"{self.min_actors}" if self.min_actors == self.max_actors else f"{self.min_actors}-{self.max_actors}"
+        each = f"1 GPU + {self.num_cpus:g} CPU each" if self.num_gpus else f"{self.num_cpus:g} CPU, {self.threads} threads each"
+        return f"{size} actor(s), {each}"
+
+
+def parse_actors(text: str) -> tuple[int, int]:
+    """``--actors``: ``N`` (a fixed pool) or ``MIN-MAX`` (autoscaling); 0 or empty: the default."""
+    text = text.strip()
+    try:
+        low, high = (text.split("-", 1) if "-" in text else (text, text))
+        low, high = int(low), int(high)
+    except ValueError:
+        raise ValueError(f"--actors {text!r}: give a number of actors (e.g. 4) or a range MIN-MAX (e.g. 1-8)") from None
+    if low < 0 or high < low or (high == 0) != (low == 0):
+        raise ValueError(f"--actors {text!r}: need 1 <= MIN <= MAX (or 0 for the default)")
+    return low, high
+
+
+def actor_pool(cpus: int, gpus: int, *, actors: tuple[int, int] = (0, 0), threads: int = 0,
+               use_gpu: bool = False) -> ActorPool:
+    """The pool for a cluster with ``cpus``/``gpus`` now. GPU actors (one GPU each) when
+    ``use_gpu`` or the cluster has GPUs; by default as many as there are GPUs now (at least
+    one, which an autoscaling cluster starts a GPU node for). CPU actors run ``threads`` torch
+    threads (default min(4, CPUs)); by default as many as fit now. On CPU the pool reserves less
+    than it uses (at most cpus - 1 among the actors that fit now), so a CPU is left for Ray
+    Data's list/read tasks: with every CPU held by actors the job would wait for its input forever.
+    ``actors``: (min, max) from ``--actors``; (0, 0) for the default."""
+    low, high = actors
+    if use_gpu or gpus:
+        default = max(1, gpus)
+        return ActorPool(low or default, high or default, 1, 1, threads or 0)
     threads = threads or max(1, min(4, cpus))
-    actors = actors or max(1, cpus // threads)
+    fit = max(1, cpus // threads)
+    low, high = (low, high) if low else (fit, fit)
     budget = cpus - 1 if cpus >= 2 else cpus / 2
-    return {"actors": actors, "num_gpus": 0, "num_cpus": round(min(threads, budget / actors), 3), "threads": threads}
+    return ActorPool(low, high, round(min(threads, budget / min(high, fit)), 3), 0, threads)
 
 
-def embed_with_ray(corpus, checkpoint: str, sink, known, *, batch_size: int = 64, actors: int = 0,
-                   threads: int = 0, delay_s: float = 0.0) -> float:
-    """Embed every image of ``corpus`` not in ``known`` into ``sink``; returns seconds spent."""
+class ObjectStoreEmbedder(BatchEmbedder):
+    """``BatchEmbedder`` on a Ray actor: the model and the known (id, hash) table come from the
+    object store, so no actor opens a path of the driver's machine. Each output row names the
+    node that embedded it (the driver counts rows per node for the manifest)."""
+
+    def __init__(self, refs: dict, **kwargs):
+        import ray
+
+        # In a dict, the refs stay refs through Ray Data's constructor args; fetched here, once per actor.
+        super().__init__(ray.get(refs["model"]), known=ray.get(refs["known"]), **kwargs)
+        self.node_id = ray.get_runtime_context().get_node_id()
+
+    def __call__(self, batch) -> pa.Table:
+        out = super().__call__(batch)
+        return out.append_column("node", pa.array([self.node_id] * out.num_rows, pa.string()))
+
+
+@dataclass
+class EmbedReport:
+    seconds: float
+    pool: ActorPool
+    rows_by_node: dict[str, int] = field(default_factory=dict)
+
+    def manifest_entry(self) -> dict:
+        return {"actors": self.pool.describe(), "model_via": "ray object store", "rows_by_node": self.rows_by_node}
+
+
+def embed_with_ray(corpus, files: list[str], model_state: dict, sink, known, *, batch_size: int = 64,
+                   actors: tuple[int, int] = (0, 0), threads: int = 0, use_gpu: bool = False,
+                   delay_s: float = 0.0) -> EmbedReport:
+    """Embed ``files`` of ``corpus`` with the checkpoint ``model_state`` (loaded by the driver,
+    shipped to the actors by ``ray.put``) into ``sink``; images in ``known`` are hashed only."""
     import ray.data
     from tqdm.auto import tqdm
-
-    from idml.index.embed import BatchEmbedder
 
     ray = ensure_ray()
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
     cluster = ray.cluster_resources()
-    res = actor_resources(int(cluster.get("CPU", 1)), int(cluster.get("GPU", 0)), actors=actors, threads=threads)
+    pool = actor_pool(int(cluster.get("CPU", 1)), int(cluster.get("GPU", 0)), actors=actors, threads=threads,
+                      use_gpu=use_gpu)
+    refs = {"model": ray.put(model_state), "known": ray.put(known)}
+    nodes: Counter = Counter()
     with block_size(corpus, batch_size):
-        ds, id_prefix = _read(corpus)
+        ds, id_prefix = _read(corpus, files)
         embedded = ds.map_batches(
-            BatchEmbedder,
-            fn_constructor_args=(checkpoint,),
-            fn_constructor_kwargs={"known": known, "id_prefix": id_prefix, "threads": res["threads"], "delay_s": delay_s},
+            ObjectStoreEmbedder,
+            fn_constructor_args=(refs,),
+            fn_constructor_kwargs={"id_prefix": id_prefix, "threads": pool.threads, "delay_s": delay_s},
             batch_size=batch_size,
             batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=res["actors"]),
-            num_cpus=res["num_cpus"],
-            num_gpus=res["num_gpus"],
+            compute=pool.strategy(),
+            num_cpus=pool.num_cpus,
+            num_gpus=pool.num_gpus,
         )
-        log.info("embedding %d images with %d actor(s) (%s)", corpus.num_rows, res["actors"],
-                 f"{res['num_gpus']} GPU each" if res["num_gpus"] else f"{res['threads']} threads each")
+        log.info("embedding %d file(s) with %s", len(files), pool.describe())
         start = time.time()
         with tqdm(total=corpus.num_rows, desc="embed", unit="img", disable=not sys.stderr.isatty()) as bar:
             for batch in embedded.iter_batches(batch_size=None, batch_format="pyarrow"):
-                sink.add(batch)
+                nodes.update(batch.column("node").to_pylist())
+                sink.add(batch.drop_columns(["node"]))
                 bar.update(batch.num_rows)
         sink.close()
-    return time.time() - start
+    return EmbedReport(time.time() - start, pool, dict(nodes))
 
 
 def listing_with_ray(corpus):
     """(id, content_hash) of every corpus image, hashed in Ray tasks."""
-    import pyarrow as pa
-
     from idml.index.embed import hash_batch
 
     ensure_ray()
-    ds, id_prefix = _read(corpus)
+    ds, id_prefix = _read(corpus, corpus.files)
     hashed = ds.map_batches(hash_batch, fn_kwargs={"id_prefix": id_prefix}, batch_format="pyarrow", batch_size=256)
     tables = list(hashed.iter_batches(batch_size=None, batch_format="pyarrow"))
     schema = pa.schema([("id", pa.string()), ("content_hash", pa.string())])

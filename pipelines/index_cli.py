@@ -1,5 +1,10 @@
-"""``idml index build|update|query|verify``: the command line of batch indexing (the Ray side
-is ``pipelines.index``; everything else is ``idml.index``)."""
+"""``idml index build|update|query|verify|versions|publish|prune``: the command line of batch
+indexing (the Ray side is ``pipelines.index``; everything else is ``idml.index``).
+
+Exit codes: 0 done (a version published, or nothing to do for publish/prune/query/verify);
+1 failure (or ``verify`` found problems); 2 bad input; 3 ``update`` found nothing changed in the
+corpus and published nothing; 4 another writer (build, update, publish, prune) holds the index
+folder (``--wait SECONDS`` waits for it); 130 Ctrl-C."""
 
 from __future__ import annotations
 
@@ -13,11 +18,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ._errors import run_command
-from .index import DELAY_ENV, embed_with_ray, listing_with_ray
 
 log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "idml-index"
+UP_TO_DATE = 3  # `update`: nothing changed in the corpus, nothing published
+INDEX_BUSY = 4  # another writer holds the index folder
 
 
 def _at_least(minimum: int):
@@ -48,10 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logs, Ray's own logs, and tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def add_wait_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--wait", type=_at_least(0), default=0, metavar="SECONDS",
+                       help=f"wait up to this long for another writer of the index folder (default: exit {INDEX_BUSY} at once)")
+
     def add_writer_args(p: argparse.ArgumentParser, *, update: bool) -> None:
         default = " (default: the one the published version used)" if update else ""
         p.add_argument("--index-dir", required=True, help="folder holding the index versions")
-        p.add_argument("--checkpoint", required=not update, help="trained idml checkpoint" + default)
+        p.add_argument("--checkpoint", required=not update,
+                       help="trained idml checkpoint: a path, a shared-storage URI (s3://...) or an MLflow model "
+                            "(models:/NAME@alias, models:/NAME/3, runs:/RUN_ID/model); read on the driver only" + default)
         p.add_argument("--corpus", required=not update,
                        help="dataset folder (sharded Parquet format) or folder/URI of raw images" + default)
         p.add_argument("--split", nargs="*", default=None, help="dataset splits to index (default: all)" + default)
@@ -61,8 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--recall-sample", type=_at_least(1), default=256, help="stored vectors used to measure recall@10 against exact search")
         p.add_argument("--target-recall", type=_recall, default=0.95, help="recall@10 the nprobe tuning aims for")
         p.add_argument("--batch-size", type=_at_least(1), default=64, help="images per embedding batch")
-        p.add_argument("--actors", type=_at_least(0), default=0, help="embedding actors (default: one per GPU, or CPUs / threads)")
+        p.add_argument("--actors", default="0", metavar="N|MIN-MAX",
+                       help="embedding actors: N (a fixed pool) or MIN-MAX (autoscaling: Ray Data adds actors while "
+                            "work is queued, the Ray autoscaler adds nodes for them); default: one per GPU, or what fits the CPUs now")
         p.add_argument("--threads", type=_at_least(0), default=0, help="torch threads per CPU actor (default: min(4, CPUs))")
+        p.add_argument("--gpu", action="store_true",
+                       help="one GPU per actor (mixed precision), also on a cluster with no GPU node running yet "
+                            "(default: GPU actors only when the cluster has GPUs now)")
+        add_wait_arg(p)
         p.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment")
         p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///./mlflow.db)")
         p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
@@ -75,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--train-size", type=_at_least(1), help="vectors sampled to train the IVF quantizer (default: 64 * nlist)")
     build.add_argument("--shards", type=_at_least(1), help="index shards = embedding partitions (default: one per 250k images)")
 
-    update = sub.add_parser("update", help="embed only new and changed images, drop removed ones, publish a new version")
+    update = sub.add_parser("update", help="embed only new and changed images, drop removed ones, publish a new version "
+                                           f"(exit {UP_TO_DATE}: nothing changed, nothing published)")
     add_writer_args(update, update=True)
 
     query = sub.add_parser("query", help="top-k neighbours of query images or indexed ids")
@@ -94,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--combine", choices=("auto", "shards", "ondisk"), default="auto",
                        help="search shards in memory, or merge IVF shards on disk once (cached) and mmap them")
     query.add_argument("--json", help="also write the results here")
+    query.add_argument("--gpu", action="store_true", help="search an exact (Flat) index on the GPUs faiss sees (faiss-gpu)")
 
     verify = sub.add_parser("verify", help="check a version's files, checksums, counts and ids")
     verify.add_argument("--index-dir", required=True, help="folder holding the index versions")
@@ -102,6 +122,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also check that every corpus image is indexed with its current content "
                              "(no value: the corpus the version was built from)")
     verify.add_argument("--no-checksums", action="store_true", help="skip hashing the files (faster)")
+
+    versions = sub.add_parser("versions", help="list the index versions: created, vectors, model, parent, which is CURRENT")
+    versions.add_argument("--index-dir", required=True, help="folder holding the index versions")
+    versions.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    publish = sub.add_parser("publish", help="point CURRENT at an existing, sound version (a rollback, or forward again)")
+    publish.add_argument("version", help="the version to publish, e.g. v000002 (see `idml index versions`)")
+    publish.add_argument("--index-dir", required=True, help="folder holding the index versions")
+    add_wait_arg(publish)
+
+    prune = sub.add_parser("prune", help="delete all but the newest versions (never CURRENT; shared files stay)")
+    prune.add_argument("--index-dir", required=True, help="folder holding the index versions")
+    prune.add_argument("--keep", type=_at_least(1), required=True, help="newest versions to keep (CURRENT is kept in any case)")
+    prune.add_argument("--dry-run", action="store_true", help="only say what would be deleted")
+    add_wait_arg(prune)
     return parser
 
 
@@ -113,33 +148,48 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         for noisy in ("ray", "ray.data", "faiss.loader"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
-    handlers = {"build": _build_or_update, "update": _build_or_update, "query": _query, "verify": _verify}
-    return run_command(lambda: handlers[args.command](args), prog="idml index", verbose=args.verbose)
+    handlers = {"build": _build_or_update, "update": _build_or_update, "query": _query, "verify": _verify,
+                "versions": _versions, "publish": _publish, "prune": _prune}
+    return run_command(lambda: _unless_busy(handlers[args.command], args), prog="idml index", verbose=args.verbose)
+
+
+def _unless_busy(handler, args) -> int:
+    """Another writer holding the index is no error of the user's nor ours: a scheduled run
+    that overlaps the previous one exits with its own code and a line saying who holds it."""
+    from idml.index.store import IndexLockedError
+
+    try:
+        return handler(args)
+    except IndexLockedError as e:
+        print(f"idml index: {e}", file=sys.stderr)
+        return INDEX_BUSY
 
 
 # -- commands -------------------------------------------------------------------------------
 def _build_or_update(args) -> int:
     from idml.index import BuildRequest, IndexStore, StagedBuild, resolve_corpus
     from idml.index.corpus import OUTSIDE
-    from idml.index.embed import describe_checkpoint
     from idml.index.mlflow_log import IndexRun, index_params
+
+    from .index import DELAY_ENV, embed_with_ray, parse_actors
 
     store = IndexStore(args.index_dir)
     kind = args.command
-    checkpoint_path, corpus_uri, splits, follow_links = BuildRequest.inputs(
+    actors = parse_actors(args.actors)
+    checkpoint_ref, corpus_uri, splits, follow_links = BuildRequest.inputs(
         kind, store, checkpoint=args.checkpoint, corpus=args.corpus, splits=args.split, follow_links=args.follow_links)
     corpus = resolve_corpus(corpus_uri, splits, follow_links=follow_links)
     if corpus.outside:
         examples = ", ".join(os.path.relpath(p, corpus.root) for p in corpus.outside[:3])
         _say(f"skipped {len(corpus.outside)} image file(s) {OUTSIDE} {corpus.root} (links leading out of it: "
              f"{examples}{', ...' if len(corpus.outside) > 3 else ''}); pass --follow-links to index them")
-    checkpoint = describe_checkpoint(checkpoint_path)
+    checkpoint, model_state = _load_model(checkpoint_ref)
     build_only = {k: getattr(args, k) for k in ("index_type", "nlist", "train_size", "shards") if hasattr(args, k)}
     request = BuildRequest(kind, checkpoint["embedding_dim"], checkpoint, corpus.describe(), nprobe=args.nprobe,
                            recall_sample=args.recall_sample, target_recall=args.target_recall, **build_only)
     delay_s = float(os.environ.get(DELAY_ENV, "0") or 0)
 
-    with StagedBuild(store, request, progress=_say) as staged:
+    with StagedBuild(store, request, progress=_say, wait_s=args.wait) as staged:
         run = None
         if not args.no_mlflow:
             run = IndexRun.start(args.experiment, f"index-{kind}-{staged.key}", index_params(asdict(request)), uri=args.tracking_uri)
@@ -151,13 +201,26 @@ def _build_or_update(args) -> int:
                 if staged.resumed:
                     rows = sum(p.rows + len(p.corrupt) for p in staged.resumed)
                     _say(f"resuming an interrupted {kind}: {len(staged.resumed)} finished partition(s), {rows} images, reused")
+                plan = staged.plan_reads(corpus)
+                if plan.note:
+                    _say(plan.note)
+                if plan.unchanged:
+                    _say(f"{plan.unchanged} of {plan.total} corpus file(s) unchanged since {staged.parent_version} "
+                         "(size, mtime and checksum as recorded): not read")
                 sink = staged.sink()
-                seconds = embed_with_ray(corpus, checkpoint["path"], sink, staged.known(), batch_size=args.batch_size,
-                                         actors=args.actors, threads=args.threads, delay_s=delay_s)
+                report = None
+                if plan.files:
+                    report = embed_with_ray(corpus, plan.files, model_state, sink, staged.known(), batch_size=args.batch_size,
+                                            actors=actors, threads=args.threads, use_gpu=args.gpu, delay_s=delay_s)
+                else:
+                    sink.close()
                 embedded = sink.counts["embedded"]
-                _say(f"embedded {embedded} images in {seconds:.1f}s ({embedded / max(seconds, 1e-9):.1f} images/s); "
-                     f"{sink.counts['corrupt']} corrupt, {sink.counts['known']} already embedded")
-                manifest = staged.finish(sink.listing(), embed_seconds=seconds, embedded_this_run=embedded)
+                seconds = report.seconds if report else 0.0
+                _say(f"read {len(plan.files)} corpus file(s); embedded {embedded} images in {seconds:.1f}s "
+                     f"({embedded / max(seconds, 1e-9):.1f} images/s); {sink.counts['corrupt']} corrupt, "
+                     f"{sink.counts['known']} already embedded")
+                manifest = staged.finish(sink.listing(), embed_seconds=seconds, embedded_this_run=embedded,
+                                         embedding=report.manifest_entry() if report else None)
         except BaseException:
             if run is not None:
                 run.fail()
@@ -168,7 +231,25 @@ def _build_or_update(args) -> int:
             else:
                 run.finish({"images_embedded": embedded, "build_seconds": time.time() - staged.t_start})
     _print_summary(manifest, staged.published, embedded)
-    return 0
+    return 0 if staged.published else UP_TO_DATE
+
+
+def _load_model(ref: str):
+    """The checkpoint ``ref`` names (a path, a shared-storage URI, an MLflow model URI), loaded
+    on the driver: ``(what the manifest records, the state the actors get)``. A download lives
+    only until it is loaded: nothing downstream may depend on a file of the driver's."""
+    import tempfile
+
+    from idml.checkpoint import load_checkpoint
+    from idml.index.embed import describe_checkpoint, model_state
+    from idml.registry import describe_model, is_model_uri, resolve_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="idml-model-") as downloads:
+        local = resolve_checkpoint(ref, cache_dir=downloads)
+        state = load_checkpoint(local)
+        model = describe_model(ref) if is_model_uri(ref) else None
+        described = describe_checkpoint(local, state, ref=ref, model=model)
+    return described, model_state(state)
 
 
 def _print_summary(manifest: dict, published: bool, embedded: int) -> None:
@@ -178,11 +259,14 @@ def _print_summary(manifest: dict, published: bool, embedded: int) -> None:
     print(f"  vectors {c['vectors']} in {c['shards']} shard(s), {spec['factory']}"
           + (f", nprobe {spec['nprobe']}" if spec["index_type"] == "ivf" else ""))
     if not published:
-        print(f"  nothing changed in the corpus: reused all {c['vectors']} vectors; corrupt {c['corrupt']}")
+        print(f"  nothing changed in the corpus: reused all {c['vectors']} vectors; corrupt {c['corrupt']} "
+              f"(exit {UP_TO_DATE}: nothing published)")
     else:
         m = manifest["metrics"]
         changes = "".join(f", {k} {c[k]}" for k in ("added", "changed", "removed") if k in c)
         print(f"  images embedded {embedded} (this run){changes}; {_reused(manifest)}; corrupt {c['corrupt']}")
+        if "files_read" in c:
+            print(f"  corpus files read {c['files_read']}, unchanged and not read {c['files_unchanged']}")
         recall = (f"recall@10 vs exact {manifest['recall']['recall']:.4f} on {manifest['recall']['queries']} sampled vectors"
                   if spec["index_type"] == "ivf" else "exact search (recall 1)")
         print(f"  {recall}; index {m['index_bytes'] / 2**20:.1f} MiB; {m['build_seconds']:.1f}s")
@@ -211,7 +295,7 @@ def _query(args) -> int:
 
     if args.json:  # a bad output path is refused before the work, not after it
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    searcher = IndexSearcher(args.index_dir, args.version, combine=args.combine, nprobe=args.nprobe)
+    searcher = IndexSearcher(args.index_dir, args.version, combine=args.combine, nprobe=args.nprobe, gpu=args.gpu)
     if args.ids:
         mu, u = searcher.lookup(args.ids)
         names, exclude = list(args.ids), list(args.ids)
@@ -234,17 +318,11 @@ def _query(args) -> int:
 def _embed_query_images(manifest: dict, images: list[str], checkpoint: str | None):
     import numpy as np
 
-    from idml.data.source import file_sha256
     from idml.index.embed import BatchEmbedder
+    from idml.search_service import checkpoint_for_index
 
     blobs = [_read_query_image(image) for image in images]  # a wrong path is refused before the model loads
-    path = checkpoint or manifest["checkpoint"]["path"]
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist" + (
-            "" if checkpoint else f" (index {manifest['version']} was built with it); pass a copy with --checkpoint"))
-    if file_sha256(path) != manifest["checkpoint"]["sha256"]:
-        raise ValueError(f"checkpoint {path} is not the one index {manifest['version']} was built with "
-                         f"(sha256 {manifest['checkpoint']['sha256'][:12]}…); pass that checkpoint with --checkpoint")
+    path = checkpoint_for_index(manifest, checkpoint)
     mu, sigma = BatchEmbedder(path).embed_images(blobs, names=[f"query image {i}" for i in images])
     return mu, np.square(sigma).sum(axis=1)
 
@@ -276,6 +354,8 @@ def _verify(args) -> int:
         same_corpus = uri == manifest["corpus"]["uri"]
         splits = manifest["corpus"].get("splits") if same_corpus else None
         corpus = resolve_corpus(uri, splits or None, follow_links=same_corpus and manifest["corpus"].get("follow_links", False))
+        from .index import listing_with_ray
+
         problems += verify_against_corpus(manifest, args.index_dir, listing_with_ray(corpus))
     if problems:
         print(f"verify {version}: FAILED")
@@ -283,6 +363,55 @@ def _verify(args) -> int:
             print(f"  {p}")
         return 1
     print(f"verify {version}: OK")
+    return 0
+
+
+def _versions(args) -> int:
+    from idml.index import IndexStore
+
+    store = IndexStore(args.index_dir)
+    rows = store.describe_versions()
+    if args.json:
+        print(json.dumps([asdict(r) for r in rows], indent=2))
+        return 0
+    if not rows:
+        print(f"no index versions in {store.root}")
+        return 0
+    print(f"  {'VERSION':<9} {'CREATED':<25} {'KIND':<6} {'VECTORS':>9}  {'PARENT':<8}  MODEL")
+    for r in rows:
+        mark = "*" if r.current else " "
+        vectors = "" if r.vectors is None else str(r.vectors)
+        print(f"{mark} {r.version:<9} {r.created_at or '?':<25} {r.kind or '?':<6} {vectors:>9}  {r.parent or '-':<8}  "
+              f"{r.model or '?'}" + ("  CURRENT" if r.current else "") + (f"\n    DAMAGED: {r.problem}" if r.problem else ""))
+    if not any(r.current for r in rows):
+        print(f"(nothing published: `idml index publish --index-dir {store.root} VERSION`)")
+    return 0
+
+
+def _publish(args) -> int:
+    from idml.index import IndexStore
+
+    store = IndexStore(args.index_dir)
+    previous = store.publish_existing(args.version, wait_s=args.wait)
+    vectors = store.read_manifest(args.version)["counts"]["vectors"]
+    if previous == args.version:
+        print(f"{args.version} is already the published version ({vectors} vectors)")
+    else:
+        print(f"published {args.version} ({vectors} vectors); CURRENT was {previous or 'not set'}")
+    return 0
+
+
+def _prune(args) -> int:
+    from idml.index import IndexStore
+
+    result = IndexStore(args.index_dir).prune(args.keep, dry_run=args.dry_run, wait_s=args.wait)
+    verb = "would delete" if args.dry_run else "deleted"
+    if result.removed:
+        print(f"{verb} {len(result.removed)} version(s): {', '.join(result.removed)} "
+              f"({result.freed_bytes / 2**20:.1f} MiB no kept version shares)")
+    else:
+        print("nothing to delete")
+    print(f"kept: {', '.join(result.kept) or 'none'}")
     return 0
 
 

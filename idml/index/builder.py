@@ -3,8 +3,10 @@
 A run is identified by its *build key* (hash of checkpoint, corpus fingerprint, options and
 parent version) and works in ``staging/<key>/``:
 
-1. embedding: embedder output is routed into partitions (``PartitionSink``); finished partitions
-   survive a crash, and a rerun with the same key skips their images (``known()``);
+1. embedding: ``plan_reads`` picks the corpus files to read (an update skips files whose size,
+   mtime and dataset checksum match the parent version's record of them, ``corpus.parquet``);
+   embedder output is routed into partitions (``PartitionSink``); finished partitions survive a
+   crash, and a rerun with the same key skips their images (``known()``);
 2. ``finish()``: decides where every corpus image's vectors come from (an unchanged row of the
    parent version, or a partition), plans the shards (reuse parent shards untouched, rewrite
    parent shards that lost rows, one new shard per partition), builds the faiss shards, measures
@@ -21,6 +23,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,8 +38,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import faiss_index as fx
+from .corpus import FILE_STATS_SCHEMA, UNKNOWN_MTIME, Corpus
+from .embed import STATUS_KNOWN
 from .partitions import (
     KEY_SCHEMA,
+    LISTING_SCHEMA,
     Partition,
     PartitionSink,
     done_partitions,
@@ -51,6 +57,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_ROWS = 250_000
 RECALL_K = 10
+# Every corpus image with its file's size, mtime and checksum when this version was built.
+CORPUS_RECORD = "corpus.parquet"
+CORPUS_RECORD_SCHEMA = pa.schema([("id", pa.string()), ("content_hash", pa.string()), *FILE_STATS_SCHEMA])
 
 
 @dataclass
@@ -102,6 +111,21 @@ class BuildRequest:
 
 
 @dataclass
+class ReadPlan:
+    """Which corpus files a run reads. The images of the files it skips keep the identity
+    (id, content hash) the parent version recorded for them."""
+
+    files: list[str]  # paths inside the corpus filesystem: new files, and files whose stats differ
+    unchanged: int  # files skipped: size, mtime (and a dataset shard's checksum) as recorded
+    carried: pa.Table  # LISTING_SCHEMA rows of the skipped files' images
+    note: str = ""  # why every file is read, when that is not obvious
+
+    @property
+    def total(self) -> int:
+        return len(self.files) + self.unchanged
+
+
+@dataclass
 class _ShardPlan:
     shard: int
     source: str  # "reused" (parent shard, untouched), "rewritten" (parent shard minus rows), "new" (a partition)
@@ -140,9 +164,12 @@ class StagedBuild:
     store: IndexStore
     request: BuildRequest
     progress: Callable[[str], None] = field(default=lambda msg: log.info("%s", msg))
+    wait_s: float = 0.0  # how long to wait for another writer of the index folder
 
     def __enter__(self) -> "StagedBuild":
-        self._lock = self.store.lock()
+        self._lock = self.store.lock(wait_s=self.wait_s, holder=f"idml index {self.request.kind}")
+        self._corpus: Corpus | None = None
+        self.read_plan: ReadPlan | None = None
         self._lock.__enter__()
         try:
             self.t_start = time.time()
@@ -193,6 +220,43 @@ class StagedBuild:
                                     "content_hash": pa.array([c["content_hash"] for c in corrupt], pa.string())}))
         return pa.concat_tables([t.cast(KEY_SCHEMA) for t in tables]).combine_chunks()
 
+    def plan_reads(self, corpus: Corpus) -> ReadPlan:
+        """The files of ``corpus`` to read: all of them for a build; for an update, those that are
+        new or whose size, mtime (or, for a dataset shard, the checksum its manifest records)
+        differ from the parent version's record. Stat first, read only on change: a changed file
+        is still identified by content hash, so one rewritten with the same bytes is hashed
+        again but not embedded again. ``finish`` adds the skipped files' images to the listing
+        and records this corpus's stats for the next update."""
+        self._corpus = corpus
+        stats = corpus.file_stats if corpus.file_stats is not None else FILE_STATS_SCHEMA.empty_table()
+        previous, note = self._parent_record(corpus)
+        empty = LISTING_SCHEMA.empty_table()
+        if previous is None:
+            self.read_plan = ReadPlan(list(corpus.files), 0, empty, note)
+            return self.read_plan
+        keys = ["file", "size", "mtime_ns", "sha256"]
+        recorded = previous.select(keys).group_by(keys).aggregate([])
+        trusted = pc.not_equal(recorded.column("mtime_ns"), UNKNOWN_MTIME)
+        same = stats.join(recorded.filter(trusted), keys=keys, join_type="left semi")
+        unchanged = pc.is_in(stats.column("file"), value_set=same.column("file")).to_pylist()
+        files = [path for path, skip in zip(corpus.files, unchanged) if not skip]
+        carried = previous.join(same.select(["file"]), keys="file", join_type="left semi")
+        carried = pa.table({"id": carried.column("id"), "content_hash": carried.column("content_hash"),
+                            "status": pa.array([STATUS_KNOWN] * carried.num_rows, pa.string()),
+                            "file": carried.column("file")}, schema=LISTING_SCHEMA)
+        self.read_plan = ReadPlan(files, same.num_rows, carried, note)
+        return self.read_plan
+
+    def _parent_record(self, corpus: Corpus) -> tuple[pa.Table | None, str]:
+        """The parent version's ``corpus.parquet`` when an update may trust it, else why not."""
+        if self.request.kind != "update":
+            return None, ""
+        if self.parent["corpus"]["uri"] != corpus.uri:
+            return None, f"another corpus than {self.parent_version}'s: every file is read"
+        if CORPUS_RECORD not in self.parent.get("files", {}):
+            return None, f"{self.parent_version} records no file sizes and mtimes (an older version): every file is read"
+        return pq.read_table(self.store.version_dir(self.parent_version) / CORPUS_RECORD), ""
+
     def target_rows(self) -> int:
         if self.request.kind == "update":
             return int(self.parent["target_shard_rows"])
@@ -216,14 +280,20 @@ class StagedBuild:
         self.store.remove_staging()
         return self.store.read_manifest(version)
 
-    def finish(self, listing: pa.Table, *, embed_seconds: float = 0.0, embedded_this_run: int = 0) -> dict[str, Any]:
+    def finish(self, listing: pa.Table, *, embed_seconds: float = 0.0, embedded_this_run: int = 0,
+               embedding: dict[str, Any] | None = None) -> dict[str, Any]:
         """Assemble, index, measure, write the manifest and publish. ``listing``: (id,
-        content_hash) of every image in the corpus, as seen by this run's embedding pass."""
+        content_hash[, status, file]) of every image this run's embedding pass read; with
+        ``plan_reads``, the images of the files it skipped are added here. ``embedding``: how the
+        vectors were computed (actors, nodes), recorded in the manifest."""
         t0 = time.time()
+        listing = self._complete_listing(listing)
         src = self._sources(listing)
         plan = self._plan(src.partitions, src.parent_rows, src.from_parent, src.from_staging)
         n_vectors = sum(p.count for p in plan)
         counts = self._counts(listing, src.parent_rows, src.from_parent, src.from_staging, src.corrupt, n_vectors, len(plan))
+        if self.read_plan is not None:
+            counts["files_read"], counts["files_unchanged"] = len(self.read_plan.files), self.read_plan.unchanged
         if self.request.kind == "update" and counts["added"] == counts["changed"] == counts["removed"] == 0:
             self.store.remove_staging()
             self.published = False
@@ -248,18 +318,50 @@ class StagedBuild:
         recall, used = self._measure_recall(shards, spec, trained, queries, query_ids, query_labels, src.from_parent,
                                             n_vectors, version_dir)
         timings["recall_seconds"] = time.time() - t
+        if self._corpus is not None:
+            pq.write_table(self._corpus_record(listing), version_dir / CORPUS_RECORD, compression="zstd")
         t = time.time()
         files = self._checksums(shards, version_dir)
         timings["checksum_seconds"] = time.time() - t
         manifest = self._manifest(spec, counts, src, shards, files, recall, used, n_vectors, timings,
                                   index_seconds=time.time() - t0, embed_seconds=embed_seconds,
                                   embedded_this_run=embedded_this_run)
+        if embedding:
+            manifest["embedding"] = embedding
         self._publish(version_dir, manifest)
         self.progress(f"published {manifest['version']}: {n_vectors} vectors, recall@{RECALL_K} {recall:.3f} "
                       f"(nprobe {spec.nprobe})")
         return manifest
 
     # -- finishing steps ---------------------------------------------------------------------
+    def _complete_listing(self, listing: pa.Table) -> pa.Table:
+        """The run's listing in LISTING_SCHEMA with corpus-relative file names, plus the images of
+        the files ``plan_reads`` skipped."""
+        n = listing.num_rows
+        columns = {"id": listing.column("id"), "content_hash": listing.column("content_hash"),
+                   "status": listing.column("status") if "status" in listing.column_names else pa.nulls(n, pa.string()),
+                   "file": listing.column("file") if "file" in listing.column_names else pa.nulls(n, pa.string())}
+        if self._corpus is not None and n:
+            prefix = self._corpus.root.rstrip("/") + "/"
+            columns["file"] = pc.replace_substring_regex(columns["file"].cast(pa.string()), pattern="^" + re.escape(prefix),
+                                                         replacement="")
+        listing = pa.table(columns).cast(LISTING_SCHEMA)
+        if self.read_plan is not None and self.read_plan.carried.num_rows:
+            listing = pa.concat_tables([listing, self.read_plan.carried])
+        return listing.combine_chunks()
+
+    def _corpus_record(self, listing: pa.Table) -> pa.Table:
+        """CORPUS_RECORD rows: each image with its file's stats from this run's listing of the
+        corpus (a file the reader did not name gets size -1: the next update reads it again)."""
+        keyed = listing.select(["id", "content_hash", "file"])
+        joined = keyed.join(self._corpus.file_stats, keys="file", join_type="left outer")
+        return pa.table({
+            "id": joined.column("id"), "content_hash": joined.column("content_hash"),
+            "file": pc.fill_null(joined.column("file"), ""), "size": pc.fill_null(joined.column("size"), -1),
+            "mtime_ns": pc.fill_null(joined.column("mtime_ns"), UNKNOWN_MTIME),
+            "sha256": pc.fill_null(joined.column("sha256"), ""),
+        }, schema=CORPUS_RECORD_SCHEMA)
+
     def _sources(self, listing: pa.Table) -> "_Sources":
         """Where every listed image's vectors come from: an unchanged row of the parent version,
         a finished partition of this run, or nowhere (a corrupt image)."""
@@ -334,7 +436,7 @@ class StagedBuild:
             for rel in (entry["embeddings"], entry["index"]):
                 if rel not in files:
                     files[rel] = checksum(version_dir / rel)
-        for rel in ("trained.faiss", "recall_sample.npz"):
+        for rel in ("trained.faiss", "recall_sample.npz", CORPUS_RECORD):
             if (version_dir / rel).is_file():
                 files[rel] = checksum(version_dir / rel)
         return dict(sorted(files.items()))

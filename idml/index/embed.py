@@ -21,6 +21,7 @@ from idml.checkpoint import checkpoint_config, load_checkpoint, model_from_check
 from idml.data.source import file_sha256
 from idml.data.images import InvalidImageError, decode_image
 from idml.errors import InputError
+from idml.registry import is_model_uri
 from idml.transforms import eval_transform
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ OUTPUT_SCHEMA = pa.schema([
     pa.field("error", pa.string()),
     pa.field("mu", pa.list_(pa.float32())),
     pa.field("sigma", pa.list_(pa.float32())),
+    pa.field("file", pa.string()),  # the corpus file the row came from (null when the input does not say)
 ])
 
 
@@ -46,17 +48,45 @@ def content_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def describe_checkpoint(path: str | Path) -> dict[str, Any]:
-    """What an index records about its model (the hash pins it; the rest is for people)."""
-    state = load_checkpoint(path)
-    cfg = checkpoint_config(state)
-    return {"path": str(Path(path).resolve()), "sha256": file_sha256(path), "backbone": cfg.model.backbone,
+def describe_checkpoint(path: str | Path, state: Mapping[str, Any] | None = None, *, ref: str | None = None,
+                        model: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What an index records about its model: the sha256 of the file pins it; ``path`` is what
+    the user gave (``ref``: a path, made absolute, or a URI such as ``models:/NAME@alias`` or
+    ``s3://...``, which ``idml.registry.resolve_checkpoint`` resolves again for queries and
+    updates); ``model`` is ``idml.registry.describe_model(ref)`` (registered name, version and
+    training run of an MLflow model); the rest is for people. ``state``: the checkpoint at
+    ``path``, when already loaded."""
+    state = load_checkpoint(path) if state is None else state
+    cfg = checkpoint_config(dict(state))
+    given = model_reference(ref if ref is not None else str(path))
+    return {"path": given, "sha256": file_sha256(path), "backbone": cfg.model.backbone,
             "embedding_dim": cfg.model.embedding_dim, "image_size": cfg.data.image_size,
-            "uncertainty_weight": cfg.loss.uncertainty_weight, "epoch": state.get("epoch")}
+            "uncertainty_weight": cfg.loss.uncertainty_weight, "epoch": state.get("epoch"),
+            "model": dict(model) if model else {"model_uri": given}}
+
+
+def model_reference(ref: str) -> str:
+    """A checkpoint reference as a version records it: a URI (``models:/``, ``runs:/``, ``s3://``,
+    ``file://`` ...) as given, a local path made absolute (so an update finds it from any folder)."""
+    return ref if is_model_uri(ref) or "://" in ref else str(Path(ref).resolve())
+
+
+def model_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """What embedding needs of a checkpoint (weights and config): a ``last.pt``'s optimizer
+    state is left behind rather than shipped to every embedding actor."""
+    return {k: state[k] for k in ("model", "config", "epoch") if k in state}
 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """Mixed precision for embedding on CUDA (bf16 where the GPU has it, else fp16); None on CPU,
+    where autocast would be slower. Vectors come out float32 either way."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 class BatchEmbedder:
@@ -71,7 +101,7 @@ class BatchEmbedder:
 
     def __init__(self, checkpoint: str | Mapping[str, Any], *, known: pa.Table | None = None,
                  id_prefix: str | None = None, device: str | None = None, threads: int = 0,
-                 channels_last: bool | None = None, delay_s: float = 0.0):
+                 channels_last: bool | None = None, autocast: bool = True, delay_s: float = 0.0):
         if threads > 0:
             torch.set_num_threads(threads)
         state = checkpoint if isinstance(checkpoint, Mapping) else load_checkpoint(checkpoint)
@@ -83,6 +113,7 @@ class BatchEmbedder:
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model.eval()
+        self.autocast_dtype = autocast_dtype(self.device) if autocast else None
         self.dim = cfg.model.embedding_dim
         self.transform = eval_transform(cfg.data.image_size)
         self.known = dict(zip(known.column("id").to_pylist(), known.column("content_hash").to_pylist())) if known is not None else {}
@@ -92,6 +123,7 @@ class BatchEmbedder:
 
     def __call__(self, batch) -> pa.Table:
         ids, blobs = batch_ids_and_images(batch, self.id_prefix)
+        files = batch_files(batch, len(ids))
         n = len(ids)
         hashes = [content_hash(b) if b is not None else "" for b in blobs]
         status = [STATUS_KNOWN if self.known.get(i) == h else None for i, h in zip(ids, hashes)]
@@ -120,6 +152,7 @@ class BatchEmbedder:
             "error": pa.array(errors, pa.string()),
             "mu": _sparse_list_array(mu, mask),
             "sigma": _sparse_list_array(sigma, mask),
+            "file": pa.array(files, pa.string()),
         }, schema=OUTPUT_SCHEMA)
 
     @torch.inference_mode()
@@ -128,7 +161,11 @@ class BatchEmbedder:
         images = images.to(self.device, non_blocking=True)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        mu, sigma = self.model(images)
+        if self.autocast_dtype is not None:
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+                mu, sigma = self.model(images)
+        else:
+            mu, sigma = self.model(images)
         return mu.float().cpu().numpy(), sigma.float().cpu().numpy()
 
     def embed_images(self, blobs: list[bytes], batch_size: int = 64,
@@ -171,6 +208,15 @@ def batch_ids_and_images(batch, id_prefix: str | None = None) -> tuple[list[str]
     raise ValueError(f"batch has columns {columns}; expected id + image (dataset) or path + bytes (image files)")
 
 
+def batch_files(batch, n: int) -> list[str | None]:
+    """The ``path`` column of a batch (the file each row was read from), or nulls."""
+    columns = batch.column_names if isinstance(batch, pa.Table) else list(batch)
+    if "path" not in columns:
+        return [None] * n
+    c = batch["path"]
+    return [str(p) for p in (c.to_pylist() if isinstance(c, (pa.ChunkedArray, pa.Array)) else list(c))]
+
+
 def hash_batch(batch, id_prefix: str | None = None) -> pa.Table:
     """(id, content_hash) of every image in a batch, without decoding (``verify --corpus``)."""
     ids, blobs = batch_ids_and_images(batch, id_prefix)
@@ -188,6 +234,7 @@ def embedded_batch(ids, hashes, mu: np.ndarray, sigma: np.ndarray) -> pa.Table:
         "error": pa.nulls(len(mu), pa.string()),
         "mu": _sparse_list_array(mu, mask),
         "sigma": _sparse_list_array(sigma, mask),
+        "file": pa.nulls(len(mu), pa.string()),
     }, schema=OUTPUT_SCHEMA)
 
 

@@ -8,7 +8,12 @@ shard reused unchanged by a later version keeps its labels.
 Small corpora get exact ``Flat`` shards; large ones ``IVF<nlist>,Flat`` shards that share one
 coarse quantizer trained on a sample, searched together with ``IndexShardsIVF`` (one coarse
 search, then every shard's lists) or merged into one on-disk IVF (``faiss.contrib.ondisk``).
-``faiss-gpu``, when installed, trains the quantizer (and searches) on the GPU.
+
+GPUs (with ``faiss-gpu``: ``pip install 'idml[gpu]'``): k-means, the expensive part of an IVF
+build, runs on every GPU faiss sees; searching a Flat index runs on them when asked
+(``combine(..., gpu=True)``, ``idml index query --gpu``). IVF shards are always searched on the
+CPU: their lists are memory-mapped files, which is what keeps an index bigger than RAM (or than
+GPU memory) searchable.
 """
 
 from __future__ import annotations
@@ -185,8 +190,17 @@ class CombinedIndex:
         return self.index.search(np.ascontiguousarray(queries, np.float32), k)
 
 
-def combine(shards: list[faiss.Index], spec: IndexSpec, trained: faiss.Index | None) -> CombinedIndex:
-    """Search shards as one index (labels are global already, so no id shifting)."""
+def combine(shards: list[faiss.Index], spec: IndexSpec, trained: faiss.Index | None, *, gpu: bool = False) -> CombinedIndex:
+    """Search shards as one index (labels are global already, so no id shifting). ``gpu``: Flat
+    shards are copied to every GPU faiss sees (each shard split across them)."""
+    if gpu:
+        if not gpu_count():
+            raise ValueError("--gpu: faiss sees no GPU (faiss-cpu is installed, or no GPU is visible); "
+                             "install faiss-gpu with `pip install 'idml[gpu]'` on a CUDA 12 machine")
+        if spec.index_type != "flat":
+            raise ValueError("--gpu searches exact (Flat) indexes; this IVF index is searched on the CPU "
+                             "(its lists are memory-mapped)")
+        shards = [faiss.index_cpu_to_all_gpus(shard) for shard in shards]
     if spec.index_type == "flat":
         combined = faiss.IndexShards(spec.dim, False, False)
         parts: list[Any] = list(shards)

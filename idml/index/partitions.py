@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 # (id, content_hash): what identifies an image's content across runs and versions.
 KEY_SCHEMA = pa.schema([("id", pa.string()), ("content_hash", pa.string())])
+# What the embedding pass saw of each corpus image (``file``: where it was read, null if unknown).
+LISTING_SCHEMA = pa.schema([("id", pa.string()), ("content_hash", pa.string()), ("status", pa.string()),
+                            ("file", pa.string())])
 
 
 def embedding_schema(dim: int) -> pa.Schema:
@@ -157,7 +160,9 @@ class PartitionSink:
     def add(self, batch: pa.Table) -> None:
         if not isinstance(batch, pa.Table):
             batch = pa.Table.from_pydict(batch)
-        self._listing.append(batch.select(["id", "content_hash", "status"]))
+        listed = batch.select(["id", "content_hash", "status"])
+        files = batch.column("file") if "file" in batch.column_names else pa.nulls(batch.num_rows, pa.string())
+        self._listing.append(listed.append_column("file", files))
         status = batch.column("status")
         for row in batch.filter(pc.equal(status, STATUS_CORRUPT)).select(["id", "content_hash", "error"]).to_pylist():
             self._corrupt.append({"id": row["id"], "content_hash": row["content_hash"], "reason": row["error"] or ""})
@@ -190,7 +195,8 @@ class PartitionSink:
         return self.finished
 
     def listing(self) -> pa.Table:
-        schema = pa.schema([("id", pa.string()), ("content_hash", pa.string()), ("status", pa.string())])
+        """(id, content_hash, status, file) of every row seen."""
+        schema = LISTING_SCHEMA
         return pa.concat_tables([t.cast(schema) for t in self._listing] or [schema.empty_table()]).combine_chunks()
 
     def _open(self) -> None:

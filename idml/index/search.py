@@ -42,11 +42,12 @@ class IndexSearcher:
 
     ``combine``: ``shards`` searches the shard files in memory (IndexShards / IndexShardsIVF);
     ``ondisk`` (IVF only) merges them once into ``cache/<version>/`` with faiss's on-disk
-    inverted lists and memory-maps that; ``auto`` is ``shards``.
+    inverted lists and memory-maps that; ``auto`` is ``shards``. ``gpu``: search a Flat index on
+    the GPUs faiss sees (``faiss_index.combine``).
     """
 
     def __init__(self, index_dir: str | os.PathLike, version: str | None = None, *, combine: str = "auto",
-                 nprobe: int | None = None):
+                 nprobe: int | None = None, gpu: bool = False):
         if combine not in COMBINE_MODES:
             raise ValueError(f"combine must be one of {', '.join(COMBINE_MODES)}, got {combine!r}")
         self.store = IndexStore(index_dir)
@@ -69,12 +70,14 @@ class IndexSearcher:
             self.uncertainty[entry["shard"]] = table.column("uncertainty").to_numpy()
         shard_paths = [self.dir / e["index"] for e in self.manifest["shards"]]
         if combine == "ondisk":
+            if gpu:
+                raise ValueError("--gpu searches exact (Flat) indexes in memory, not a merged on-disk IVF")
             self.index = fx.merge_ondisk(self.dir / "trained.faiss", shard_paths, self.store.cache_dir / self.version, self.spec)
         else:
             trained = fx.read_index(self.dir / "trained.faiss") if self.spec.index_type == "ivf" else None
             # IVF shards are memory-mapped: opening is instant and a query reads only its lists.
             self.index = fx.combine([fx.read_index(p, mmap=self.spec.index_type == "ivf") for p in shard_paths],
-                                    self.spec, trained)
+                                    self.spec, trained, gpu=gpu)
         self._where: dict[str, int] | None = None
 
     @property

@@ -7,10 +7,13 @@ Layout::
     <index_dir>/staging/<build key>/        work/ (resumable embedding partitions) and version/
     <index_dir>/cache/<version>/            derived files (the merged on-disk IVF), safe to delete
     <index_dir>/cache/<version>.checked.json  files found sound, by stat (see ``IndexStore.checked_manifest``)
-    <index_dir>/.lock                       held (flock) by the one build/update writing here
+    <index_dir>/.lock                       held (flock) by the one writer (build, update, publish, prune)
+    <index_dir>/trash/                      versions being deleted by ``prune`` (renamed out of versions/ first)
 
 A version folder is complete before it is renamed into ``versions/`` and it is published only by
-replacing ``CURRENT`` afterwards, so readers only ever see a finished version.
+replacing ``CURRENT`` afterwards, so readers only ever see a finished version. Versions share
+unchanged files by hard links: deleting one version's folder removes only its names, never a
+file another version still links.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import re
 import shutil
 import stat
 import time
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -101,7 +106,36 @@ def _read_stamps(path: Path) -> dict[str, list]:
 
 
 class IndexLockedError(RuntimeError):
-    pass
+    """Another writer holds the index folder (the CLI exits with its own code for it)."""
+
+
+@dataclass
+class VersionInfo:
+    """One line of ``idml index versions``."""
+
+    version: str
+    current: bool
+    created_at: str | None = None
+    kind: str | None = None
+    parent: str | None = None
+    vectors: int | None = None
+    model: str | None = None
+    problem: str | None = None  # unreadable manifest, missing file or wrong size (sizes only: cheap)
+
+
+@dataclass
+class PruneResult:
+    removed: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    freed_bytes: int = 0  # files no kept version links any more
+
+
+def model_label(checkpoint: dict[str, Any]) -> str:
+    """A version's model in a word: the registered name and version when it came from MLflow."""
+    model = checkpoint.get("model") or {}
+    if model.get("registered_model"):
+        return f"{model['registered_model']} v{model['version']}" + (f" (@{model['alias']})" if model.get("alias") else "")
+    return str(model.get("model_uri") or checkpoint.get("path"))
 
 
 class IndexStore:
@@ -209,7 +243,8 @@ class IndexStore:
     def checked_manifest(self, version: str | None = None, *, purpose: str = "query") -> tuple[str, dict[str, Any]]:
         """``(version, manifest)`` of ``version`` (default: the published one) once every file it
         lists has its recorded size and sha256; DamagedFileError naming the damaged file and the
-        newest sound version otherwise. ``purpose`` ("query", "update" or "publish") picks the advice."""
+        newest sound version otherwise. ``purpose`` ("query", "update", "publish": a version an interrupted
+        run finished, "republish": ``idml index publish``) picks the advice."""
         version = self.resolve_version(version)
         manifest = self.read_manifest(version)
         problems = self.file_problems(version, manifest, remember=True)
@@ -240,6 +275,8 @@ class IndexStore:
         elsewhere = (f"the newest sound version is {sound} (`idml index query --version {sound}` reads it)" if sound
                      else "no other version is sound (versions share unchanged files)")
         details = f"`idml index verify --index-dir {self.root} --version {version}` lists every problem"
+        if purpose == "republish":
+            return f"cannot publish index version {version}: it is damaged: {damage}; {elsewhere}; {details}"
         if purpose == "update":
             return (f"cannot update index version {version}: it is damaged: {damage}; an update would carry the damage "
                     f"into the next version, so {rebuild}; {elsewhere}; {details}")
@@ -247,21 +284,39 @@ class IndexStore:
 
     # -- writing ---------------------------------------------------------------------------
     @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
-        """One writer per index folder. flock is released by the kernel when the holder dies,
-        so a killed build never leaves a stale lock behind."""
+    def lock(self, *, wait_s: float = 0.0, holder: str = "idml index") -> Iterator[None]:
+        """One writer per index folder (build, update, publish, prune). flock is released by the
+        kernel when the holder dies, so a killed build never leaves a stale lock behind.
+        ``wait_s``: how long to wait for another writer before IndexLockedError."""
         self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        path = self.root / ".lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise IndexLockedError(
-                    f"another `idml index build/update` is writing to {self.root}; wait for it to finish"
-                ) from None
+            deadline = time.monotonic() + max(0.0, wait_s)
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise IndexLockedError(self._locked_message(path, wait_s)) from None
+                    time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+            # Who holds it, for the message another writer gets (the lock itself is the flock).
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{holder} (pid {os.getpid()}, since {datetime.now().isoformat(timespec='seconds')})\n".encode(), 0)
             yield
         finally:
             os.close(fd)
+
+    def _locked_message(self, path: Path, wait_s: float) -> str:
+        try:
+            held_by = path.read_text().strip()
+        except OSError:
+            held_by = ""
+        waited = f" (waited {wait_s:g}s)" if wait_s > 0 else ""
+        return (f"another writer holds {self.root}{waited}: {held_by or 'an idml index build/update/publish/prune'}; "
+                "wait for it to finish, or pass --wait SECONDS")
 
     def staging(self, build_key: str) -> Path:
         path = self.staging_dir / build_key
@@ -279,9 +334,102 @@ class IndexStore:
         return target
 
     def publish(self, version: str) -> None:
+        """Point ``CURRENT`` at ``version`` (the caller holds the lock and has checked it)."""
         if not (self.version_dir(version) / MANIFEST_NAME).is_file():
             raise FileNotFoundError(f"cannot publish {version}: {self.version_dir(version)} has no manifest")
         write_json_atomic(self.current_path, {"version": version})
+
+    # -- managing versions -------------------------------------------------------------------
+    def describe_versions(self) -> list[VersionInfo]:
+        """Every version, oldest first, with what ``idml index versions`` shows. Files are
+        checked by size only (``verify`` hashes them)."""
+        current = self._current_or_none()
+        out = []
+        for version in self.versions():
+            info = VersionInfo(version, version == current)
+            try:
+                manifest = self.read_manifest(version)
+            except (FileNotFoundError, ValueError) as e:
+                info.problem = str(e)
+                out.append(info)
+                continue
+            info.created_at, info.kind, info.parent = manifest.get("created_at"), manifest.get("kind"), manifest.get("parent")
+            info.vectors = manifest.get("counts", {}).get("vectors")
+            info.model = model_label(manifest.get("checkpoint", {}))
+            problems = self.file_problems(version, manifest, checksums=False)
+            if problems:
+                info.problem = next(iter(problems.values())) + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+            out.append(info)
+        return out
+
+    def publish_existing(self, version: str, *, wait_s: float = 0.0) -> str | None:
+        """Point ``CURRENT`` at an existing version (a rollback, or forward again) once all its
+        files have their recorded sizes and checksums; returns the version it replaced. Under the
+        lock, so it never interleaves with a build's own publish."""
+        with self.lock(wait_s=wait_s, holder=f"idml index publish {version}"):
+            self.version_dir(version)  # a bad name is refused before anything else
+            if version not in self.versions():
+                known = ", ".join(self.versions()) or "none"
+                raise FileNotFoundError(f"index version {version} does not exist in {self.versions_dir} (versions: {known})")
+            self.checked_manifest(version, purpose="republish")
+            previous = self._current_or_none()
+            if previous != version:
+                self.publish(version)
+            return previous
+
+    def prune(self, keep: int, *, dry_run: bool = False, wait_s: float = 0.0) -> PruneResult:
+        """Delete all but the ``keep`` newest versions, never the published one.
+
+        Under the lock, so no build or update is running: none can be reading a version as its
+        parent (a build's parent is always the published version, which is kept). Each version
+        is renamed out of ``versions/`` first (atomic: a reader sees it whole or not at all),
+        then deleted; a prune killed half-way leaves only ``trash/``, emptied by the next one.
+        Files a kept version shares (hard links) stay: only the pruned version's names go."""
+        if keep < 1:
+            raise ValueError(f"--keep must be >= 1, got {keep}")
+        with self.lock(wait_s=wait_s, holder=f"idml index prune --keep {keep}"):
+            current = self.current_version()  # a damaged pointer is refused: what to keep would be a guess
+            versions = self.versions()
+            kept = set(versions[-keep:]) | ({current} if current else set())
+            result = PruneResult(removed=[v for v in versions if v not in kept], kept=[v for v in versions if v in kept])
+            result.freed_bytes = self._bytes_freed_by_removing(result.removed)
+            if dry_run:
+                return result
+            self._empty_trash()
+            trash = self.root / "trash"
+            for version in result.removed:
+                trash.mkdir(exist_ok=True)
+                os.rename(self.version_dir(version), trash / f"{version}.{os.getpid()}")
+                fsync_dir(self.versions_dir)
+                shutil.rmtree(self.cache_dir / version, ignore_errors=True)
+                with contextlib.suppress(FileNotFoundError):
+                    (self.cache_dir / f"{version}.checked.json").unlink()
+            self._empty_trash()
+            return result
+
+    def _bytes_freed_by_removing(self, versions: list[str]) -> int:
+        """Bytes of the files whose every hard link lies in ``versions`` (only those are freed)."""
+        links: dict[int, list] = {}  # inode -> [size, links found, links in all]
+        for version in versions:
+            for path in self.version_dir(version).rglob("*"):
+                st = path.lstat()
+                if stat.S_ISREG(st.st_mode):
+                    entry = links.setdefault(st.st_ino, [st.st_size, 0, st.st_nlink])
+                    entry[1] += 1
+        return sum(size for size, found, total in links.values() if found >= total)
+
+    def _empty_trash(self) -> None:
+        trash = self.root / "trash"
+        if trash.is_dir():
+            shutil.rmtree(trash, ignore_errors=True)
+
+    def _current_or_none(self) -> str | None:
+        """The published version, or None when the pointer is missing or damaged (publishing
+        another version is how a damaged pointer is repaired)."""
+        try:
+            return self.current_version()
+        except ValueError:
+            return None
 
     def remove_staging(self, keep: str | None = None) -> None:
         """Drop staging folders (called under the lock, after publishing): no other writer can

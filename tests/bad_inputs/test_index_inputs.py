@@ -15,7 +15,7 @@ from support import build_in_process, make_checkpoint, make_image_folder, make_i
 from idml.index import BuildRequest, IndexStore, StagedBuild, resolve_corpus
 from idml.index.embed import describe_checkpoint
 from idml.index.store import RACY_SECONDS
-from pipelines.index_cli import main
+from pipelines.index_cli import UP_TO_DATE, main
 
 BAD_INPUT = 2
 
@@ -161,10 +161,10 @@ def test_an_update_of_an_unchanged_corpus_says_what_it_reused(ray_local, tmp_pat
     assert main(["build", "--index-dir", str(idx), "--checkpoint", checkpoint, "--corpus", ds, "--threads", "1",
                  "--no-mlflow"]) == 0
     capsys.readouterr()
-    assert main(["update", "--index-dir", str(idx), "--threads", "1", "--no-mlflow"]) == 0
+    assert main(["update", "--index-dir", str(idx), "--threads", "1", "--no-mlflow"]) == UP_TO_DATE
     out = capsys.readouterr().out
     assert "index v000001 unchanged (up to date)" in out
-    assert "nothing changed in the corpus: reused all 19 vectors; corrupt 1" in out
+    assert "nothing changed in the corpus: reused all 19 vectors; corrupt 1 (exit 3: nothing published)" in out
     assert IndexStore(idx).versions() == ["v000001"]
 
 

@@ -17,8 +17,8 @@ import pytest
 from support import make_checkpoint, make_image_folder, make_index_dataset, shape_image
 
 from idml.index import IndexStore
-from pipelines.index import DELAY_ENV, actor_resources
-from pipelines.index_cli import main
+from pipelines.index import DELAY_ENV, actor_pool, parse_actors
+from pipelines.index_cli import UP_TO_DATE, main
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -138,6 +138,10 @@ def test_update_embeds_only_new_and_changed_and_drops_removed(built, tiny, tmp_p
         assert (c["added"], c["changed"], c["removed"], c["vectors"], c["corrupt"]) == (4, 1, 2, 41, 1)
         assert m["metrics"]["images_embedded"] == 5  # 4 new + 1 changed, nothing else re-embedded
         assert main(["verify", "--index-dir", str(index_dir), "--corpus"]) == 0
+        # Every image's file and its stats are recorded for the next update's comparison.
+        record = pq.read_table(store.version_dir("v000002") / "corpus.parquet")
+        assert record.num_rows == 42 and min(record.column("size").to_pylist()) > 0
+        assert all(f.endswith(".parquet") and not f.startswith("/") for f in record.column("file").to_pylist())
 
         def embeddings(version):
             vdir = store.version_dir(version)
@@ -159,6 +163,11 @@ def test_update_embeds_only_new_and_changed_and_drops_removed(built, tiny, tmp_p
 
         _, runs = _runs(tiny["uri"], "index-upd")
         assert len(runs) == 1 and runs[0].data.metrics["images_embedded"] == 5
+
+        # A scheduled rerun with nothing changed: its own exit code, no new version.
+        capsys.readouterr()
+        assert main(["update", "--index-dir", str(index_dir), "--threads", "1", "--no-mlflow"]) == UP_TO_DATE
+        assert "exit 3: nothing published" in capsys.readouterr().out and store.versions() == ["v000001", "v000002"]
     finally:
         make_index_dataset(Path(tiny["dataset"]), 40, corrupt=(3,))
 
@@ -205,8 +214,13 @@ def test_raw_image_folder_counts_corrupt_files(ray_local, tmp_path, tiny):
     folder = Path(make_image_folder(tmp_path / "imgs", 12, corrupt=(5,)))
     index_dir = tmp_path / "index"
     assert main(["build", "--index-dir", str(index_dir), "--checkpoint", tiny["checkpoint"], "--corpus", f"file://{folder}",
-                 "--threads", "1", "--no-mlflow"]) == 0
+                 "--threads", "1", "--actors", "1-2", "--no-mlflow"]) == 0
     m = IndexStore(index_dir).read_manifest()
+    # An autoscaling pool of 1 to 2 actors did the work; the model reached them through the object store.
+    assert m["embedding"]["actors"].startswith("1-2 actor(s)") and m["embedding"]["model_via"] == "ray object store"
+    assert sum(m["embedding"]["rows_by_node"].values()) == 12
+    record = pq.read_table(IndexStore(index_dir).version_dir("v000001") / "corpus.parquet").to_pylist()
+    assert sorted(r["file"] for r in record) == sorted(r["id"] for r in record) and min(r["size"] for r in record) > 0
     assert m["counts"]["vectors"] == 11 and m["counts"]["corpus_images"] == 12  # notes.txt is not an image
     assert [c["id"] for c in m["corrupt"]] == ["group1/pic-05.png"]
     assert main(["query", "--index-dir", str(index_dir), "--ids", "group0/pic-00.png", "--k", "2"]) == 0
@@ -222,10 +236,20 @@ def test_cli_forwards_to_the_pipeline(tmp_path, capsys):
     assert "build" in capsys.readouterr().out
 
 
-def test_actor_resources_leave_room_for_reads():
-    assert actor_resources(2, 0) == {"actors": 1, "num_gpus": 0, "num_cpus": 1, "threads": 2}
-    one_thread = actor_resources(2, 0, threads=1)  # two actors, one CPU between them
-    assert one_thread["actors"] == 2 and one_thread["actors"] * one_thread["num_cpus"] <= 1
-    big = actor_resources(16, 0)
-    assert big["actors"] == 4 and big["actors"] * big["num_cpus"] <= 15
-    assert actor_resources(16, 2) == {"actors": 2, "num_gpus": 1, "num_cpus": 1, "threads": 0}
+def test_actor_pool_leaves_room_for_reads_and_autoscales_between_min_and_max():
+    pool = actor_pool(2, 0)
+    assert (pool.min_actors, pool.max_actors, pool.num_cpus, pool.num_gpus, pool.threads) == (1, 1, 1, 0, 2)
+    one_thread = actor_pool(2, 0, threads=1)  # two actors, one CPU between them
+    assert one_thread.max_actors == 2 and one_thread.max_actors * one_thread.num_cpus <= 1
+    big = actor_pool(16, 0)
+    assert big.max_actors == 4 and big.max_actors * big.num_cpus <= 15
+    assert actor_pool(16, 2) == actor_pool(16, 0, use_gpu=True, actors=(2, 2))
+    gpu = actor_pool(16, 0, use_gpu=True)  # no GPU node yet: one GPU actor, for the autoscaler to place
+    assert (gpu.min_actors, gpu.max_actors, gpu.num_gpus) == (1, 1, 1)
+    scaling = actor_pool(16, 0, actors=(1, 8), threads=2)
+    strategy = scaling.strategy()
+    assert (strategy.min_size, strategy.max_size) == (1, 8) and scaling.describe() == "1-8 actor(s), 1.875 CPU, 2 threads each"
+    assert parse_actors("3") == (3, 3) and parse_actors("1-8") == (1, 8) and parse_actors("0") == (0, 0)
+    for bad in ("8-1", "x", "0-4", "-2"):
+        with pytest.raises(ValueError, match="--actors"):
+            parse_actors(bad)

@@ -1,0 +1,84 @@
+"""Scheduled re-indexing: `idml index update` runs that overlap (a cron or CronJob firing while
+the previous run still works) on the same index folder, as real processes. One publishes; one
+started without --wait refuses at once with its own exit code; one with --wait waits, then
+finds nothing left to do. Never a broken or a duplicate version."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from support import make_checkpoint, make_image_folder, shape_image
+
+from idml.index import IndexStore
+from pipelines.index import DELAY_ENV
+from pipelines.index_cli import INDEX_BUSY, UP_TO_DATE, main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_overlapping_updates_publish_one_sound_version(ray_local, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    checkpoint = make_checkpoint(tmp_path / "ckpt.pt")
+    folder = Path(make_image_folder(tmp_path / "imgs", 12))
+    idx = tmp_path / "idx"
+    assert main(["build", "--index-dir", str(idx), "--checkpoint", checkpoint, "--corpus", str(folder),
+                 "--threads", "1", "--no-mlflow"]) == 0
+
+    # The corpus changes; then three scheduled runs overlap.
+    (folder / "group0" / "pic-00.png").write_bytes(shape_image(900))
+    (folder / "group1" / "new.png").write_bytes(shape_image(901))
+    update = [sys.executable, "-m", "pipelines.index_cli", "update", "--index-dir", str(idx), "--threads", "1",
+              "--actors", "1", "--batch-size", "1", "--no-mlflow"]
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO)}
+    log = tmp_path / "first.log"
+    # The first run embeds slowly (10 s a batch), so it still holds the index while the others start.
+    first = subprocess.Popen(update, cwd=tmp_path, env={**env, DELAY_ENV: "10"}, stdout=open(log, "w"),
+                             stderr=subprocess.STDOUT)
+    third = None
+    try:
+        deadline = time.time() + 180
+        while f"idml index update (pid {first.pid}" not in ((idx / ".lock").read_text() if (idx / ".lock").exists() else ""):
+            assert first.poll() is None, log.read_text()[-3000:]
+            assert time.time() < deadline, "the first update never took the index lock"
+            time.sleep(0.2)
+
+        second = subprocess.run(update, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert first.poll() is None, "the first update finished before the second one started: the overlap was not tested"
+        assert second.returncode == INDEX_BUSY, second.stdout + second.stderr
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and "another writer holds" in lines[0] and f"(pid {first.pid}" in lines[0]
+
+        third = subprocess.Popen(update + ["--wait", "600"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)
+        assert first.wait(timeout=600) == 0, log.read_text()[-3000:]
+        out, _ = third.communicate(timeout=600)
+        # It waited for the first, then found the corpus already indexed: nothing published.
+        assert third.returncode == UP_TO_DATE, out[-3000:]
+        assert "unchanged (up to date)" in out
+    finally:
+        for proc in (first, third):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+
+    store = IndexStore(idx)
+    assert store.versions() == ["v000001", "v000002"] and store.current_version() == "v000002"
+    counts = store.read_manifest()["counts"]
+    assert (counts["changed"], counts["added"], counts["vectors"]) == (1, 1, 13)
+    assert not (idx / "staging").exists()
+    assert main(["verify", "--index-dir", str(idx), "--corpus"]) == 0
