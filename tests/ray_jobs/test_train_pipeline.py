@@ -170,7 +170,7 @@ def test_killed_worker_resumes_from_last_checkpoint(cluster, tmp_path):
 
 @pytest.mark.slow
 def test_ctrl_c_says_where_the_ray_run_stopped(cluster, dataset, tmp_path):
-    # Ray Train's own SIGINT handler aborts the run and ended the driver with a silent exit 0.
+    # Ray Train's own SIGINT handler aborted the run and ended the driver with exit 1 and no message.
     import subprocess
 
     out, uri = tmp_path / "stopped", sqlite_uri(tmp_path)
