@@ -53,6 +53,8 @@ def train_local(cfg: Config, *, progress: bool = True, resume: bool = True) -> d
     configure_threads(cfg.train.threads)
     source = open_dataset(cfg.data.dataset)
     source.check_local()
+    # Every split, the test split too: a damaged one is found before training, not after.
+    source.check_shards([s for s in (cfg.data.train_split, cfg.data.val_split, cfg.data.test_split) if source.has_split(s)])
     size = cfg.data.image_size
     train_ds = ImageShardDataset(source.root, cfg.data.train_split, transform=train_transform(size))
     val_ds = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from importlib.metadata import PackageNotFoundError, version
@@ -60,6 +61,13 @@ def _add_train_args(p: argparse.ArgumentParser, *, ray_flag: bool = True) -> Non
     ray.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a new local instance)")
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from idml.data.converters import CONVERTERS
 
@@ -81,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("dst", help="output folder (created; must be new, empty, or a dataset with --overwrite)")
     convert.add_argument("--val-fraction", type=float, default=0.1,
                          help="fraction of training classes held out for model selection (0 disables; default: 0.1)")
-    convert.add_argument("--shard-mb", type=float, default=64.0, help="shard size in MiB of image data (default: 64)")
+    convert.add_argument("--shard-mb", type=_positive_float, default=64.0, help="shard size in MiB of image data (default: 64)")
     convert.add_argument("--with-domains", action="store_true", help="image-folder: src/<domain>/<class>/<image>")
     convert.add_argument("--follow-links", action="store_true",
                          help="read files that symbolic links bring in from outside src (default: skipped and counted)")

@@ -111,6 +111,8 @@ def plan(cfg: Config, options: RayOptions, *, resume: bool = True) -> Plan:
     for split in (d.train_split, d.test_split):
         if not source.has_split(split):
             raise ValueError(f"dataset {cfg.data.dataset} has no images in split {split!r}")
+    # A damaged shard fails here, not as a WorkerGroupError after the workers started.
+    source.check_shards([s for s in (d.train_split, d.val_split, d.test_split) if source.has_split(s)])
     num_classes = len(source.label_to_target(d.train_split))
     per_batch = t.batch_size // t.images_per_class
     if num_classes < per_batch:

@@ -148,10 +148,18 @@ def test_refusal_comes_before_reading_the_images(idml, tmp_path, monkeypatch):
 @pytest.mark.parametrize("args, phrase", [
     (["--val-fraction", "1.5"], "val_fraction (--val-fraction) must be in [0, 1), got 1.5"),
     (["--val-fraction", "nan"], "val_fraction (--val-fraction) must be in [0, 1), got nan"),
-    (["--shard-mb", "0"], "shard_bytes must be > 0 (--shard-mb)"),
 ])
 def test_bad_convert_options_are_refused(idml, tmp_path, args, phrase):
     refused(idml("data", "convert", "image-folder", image_folder(tmp_path / "src"), tmp_path / "dst", *args), phrase)
+    assert not (tmp_path / "dst").exists()
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
+def test_shard_size_must_be_a_positive_number(idml, tmp_path, value, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        idml("data", "convert", "image-folder", image_folder(tmp_path / "src"), tmp_path / "dst", "--shard-mb", value)
+    assert exit_.value.code == BAD_INPUT
+    assert f"argument --shard-mb: must be a positive number, got {value}" in capsys.readouterr().err
     assert not (tmp_path / "dst").exists()
 
 
@@ -341,6 +349,27 @@ def test_train_refuses_a_manifest_whose_counts_disagree(idml, tmp_path, dataset,
     (dataset / "manifest.json").write_text(json.dumps(manifest))
     refused(train_locally(idml, dataset, tmp_path / "run"), f"dataset {dataset} is damaged", phrase)
     assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_train_refuses_a_damaged_test_split_before_training(idml, tmp_path, dataset):
+    shard = dataset / "test" / "part-00000.parquet"
+    pq.write_table(pq.read_table(shard).drop_columns(["image"]), shard)
+    refused(train_locally(idml, dataset, tmp_path / "run"), f"test: {shard} has no 'image' column")
+    assert not (tmp_path / "run" / "last.pt").exists()  # found before training, not after
+
+
+def test_ray_training_refuses_a_damaged_dataset_on_the_driver(tmp_path, dataset):
+    """pipelines.train.plan runs before Ray starts a worker (used to be a 194-line WorkerGroupError)."""
+    from idml.config import load_config
+    from idml.errors import DamagedFileError
+    from pipelines.train import RayOptions, plan
+
+    shard = dataset / "train" / "part-00000.parquet"
+    pq.write_table(pq.read_table(shard).drop_columns(["image"]), shard)
+    cfg = load_config(overrides=[*TRAIN_OVERRIDES, f"data.dataset={dataset}", "train.batch_size=4",
+                                 "train.images_per_class=2", f"output_dir={tmp_path / 'run'}"])
+    with pytest.raises(DamagedFileError, match="has no 'image' column"):
+        plan(cfg, RayOptions())
 
 
 def test_train_refuses_an_unreadable_shard(idml, tmp_path, dataset):
