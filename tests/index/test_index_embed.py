@@ -1,0 +1,42 @@
+"""The embedder and what a version records of its model."""
+
+import numpy as np
+import torch
+from support import make_image_folder, shape_image
+
+from idml.checkpoint import load_checkpoint
+from idml.index import resolve_corpus
+from idml.index.corpus import read_ids_and_images
+from idml.index.embed import BatchEmbedder, autocast_dtype, describe_checkpoint, model_reference, model_state
+
+
+def test_mixed_precision_only_on_cuda():
+    assert autocast_dtype(torch.device("cpu")) is None
+    assert BatchEmbedder.__init__.__kwdefaults__["autocast"] is True
+
+
+def test_an_embedder_from_the_shipped_state_embeds_like_one_from_the_file(checkpoint):
+    state = load_checkpoint(checkpoint)
+    shipped = model_state({**state, "optimizer": {"big": torch.zeros(10)}})  # a last.pt's extras stay behind
+    assert set(shipped) == {"model", "config", "epoch"}
+    images = [shape_image(1), shape_image(2)]
+    a, _ = BatchEmbedder(shipped, device="cpu", threads=1).embed_images(images)
+    b, _ = BatchEmbedder(checkpoint, device="cpu", threads=1).embed_images(images)
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_a_version_records_the_model_as_given(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert model_reference("models:/tiny@champion") == "models:/tiny@champion"
+    assert model_reference("s3://bucket/best.pt") == "s3://bucket/best.pt"
+    assert model_reference("best.pt") == str(tmp_path / "best.pt")  # a local path, absolute
+    described = describe_checkpoint(checkpoint, ref="runs:/abc/model", model={"model_uri": "runs:/abc/model", "run_id": "abc"})
+    assert described["path"] == "runs:/abc/model" and described["model"]["run_id"] == "abc"
+    assert describe_checkpoint(checkpoint)["model"] == {"model_uri": checkpoint}
+
+
+def test_output_rows_name_their_file(checkpoint, tmp_path):
+    corpus = resolve_corpus(make_image_folder(tmp_path / "imgs", 2))
+    embedder = BatchEmbedder(checkpoint, id_prefix=corpus.root, threads=1)
+    out = embedder(read_ids_and_images(corpus, corpus.files[0]))
+    assert out.column("file").to_pylist() == [corpus.files[0]]
