@@ -7,4 +7,4 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e '.[test,onnx]'
+.venv/bin/python -m pip install -q -e '.[test,onnx,cpu]'  # cpu: faiss-cpu (GPU machines: gpu)

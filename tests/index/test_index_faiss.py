@@ -76,3 +76,27 @@ def test_flat_shards_are_exact():
     shard, row = fx.split_labels(labels[:, 0])
     assert (shard == 0).all() and (row == np.arange(50)).all()
     np.testing.assert_allclose(d[:, 0], 1.0, atol=1e-5)
+
+
+def test_without_faiss_the_import_names_the_extras():
+    import subprocess
+    import sys
+
+    # sys.modules[name] = None makes `import name` fail as if the package were not installed.
+    code = "import sys; sys.modules['faiss'] = None\ntry:\n    import idml.index\nexcept ImportError as e:\n    print(e)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300).stdout
+    assert "pip install 'idml[cpu]'" in out and "pip install 'idml[gpu]'" in out and "not both" in out
+
+
+def test_gpu_search_is_refused_without_a_gpu_or_for_ivf():
+    import numpy as np
+    import pytest
+
+    from idml.index import faiss_index as fx
+
+    spec = fx.IndexSpec("flat", 4)
+    shard = fx.build_shard(np.eye(4, dtype=np.float32), 0, spec, None)
+    if fx.gpu_count():
+        pytest.skip("this machine's faiss sees a GPU (benchmarks/gpu_check.sh covers that case)")
+    with pytest.raises(ValueError, match="faiss sees no GPU.*idml\\[gpu\\]"):
+        fx.combine([shard], spec, None, gpu=True)
