@@ -19,6 +19,7 @@ epoch loop (``idml.fit.fit``).
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -134,10 +135,9 @@ def _restore(state, out: Path, rank: int):
     with restored.as_directory() as folder:
         # The driver checked that this checkpoint's config matches (pipelines.train.check_resume).
         progress = Progress.resume(state, load_checkpoint(Path(folder) / "last.pt"))
-        if rank == 0:
-            for name in ("last.pt", "best.pt"):
-                if (Path(folder) / name).exists():
-                    shutil.copyfile(Path(folder) / name, out / name)
+        if rank == 0:  # what _report leaves in the output folder
+            name = "best.pt" if (Path(folder) / "best.pt").exists() else "last.pt"
+            shutil.copyfile(Path(folder) / name, out / name)
     log.info("rank %d resumed from %s at epoch %d", rank, restored.path, progress.start_epoch)
     return progress, True
 
@@ -246,9 +246,14 @@ def _report(record: dict[str, Any], epoch: int, rank: int, last_path: Path, best
     if rank != 0:
         ray.train.report(metrics)
         return
-    with tempfile.TemporaryDirectory() as folder:
-        shutil.copyfile(last_path, Path(folder) / "last.pt")
+    # Beside the output folder's files, so that moving last.pt is a rename.
+    with tempfile.TemporaryDirectory(dir=last_path.parent, prefix=".report-") as folder:
         if best_path is not None:
+            # The resume point (with the optimizer state, ~3x the weights) is kept once: in Ray's
+            # storage. The output folder keeps best.pt, the model that gets evaluated.
+            os.replace(last_path, Path(folder) / "last.pt")
             shutil.copyfile(best_path, Path(folder) / "best.pt")
+        else:  # no validation: the last epoch is the model that gets evaluated
+            shutil.copyfile(last_path, Path(folder) / "last.pt")
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
                          checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}")

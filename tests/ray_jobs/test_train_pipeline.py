@@ -68,11 +68,14 @@ def test_two_workers_train_track_and_resume_by_name(cluster, dataset, tmp_path, 
     assert summary["selected_epoch"] == max(history, key=lambda h: h["val/recall@1"])["epoch"]
     assert all("test/recall@1" in h for h in history)  # test evaluated every epoch, reported only
     assert 0 <= summary["test"]["recall@1"] <= 1 and "uncertainty_auroc_mixed" in summary["test"]
-    for name in ("best.pt", "last.pt", "metrics.json", "retrieval_grid.png", "uncertainty.png", "config.yaml"):
+    for name in ("best.pt", "metrics.json", "retrieval_grid.png", "uncertainty.png", "config.yaml"):
         assert (tmp_path / "run" / name).stat().st_size > 0, name
+    # The optimizer state is kept once: in Ray's checkpoint, not also in the output folder.
+    assert not (tmp_path / "run" / "last.pt").exists()
+    assert not list((tmp_path / "run").glob(".report-*"))
     model, trained = model_from_checkpoint(tmp_path / "run" / "best.pt")
     assert trained.model.embedding_dim == 32
-    # Ray keeps the latest checkpoint only: it holds the one other copy of the optimizer state.
+    # Ray keeps the latest checkpoint only: it holds the one copy of the optimizer state.
     kept = sorted(p.name for p in (Path(summary["storage_path"]) / "run").glob("checkpoint_epoch_*"))
     assert kept == ["checkpoint_epoch_0001"] and (Path(summary["storage_path"]) / "run" / kept[0] / "last.pt").exists()
     assert "optimizer" not in load_checkpoint(tmp_path / "run" / "best.pt")
@@ -99,7 +102,9 @@ def test_two_workers_train_track_and_resume_by_name(cluster, dataset, tmp_path, 
     printed = capsys.readouterr().out
     assert "recall@1" in printed and "Ray run 'run'" in printed
     assert [h["epoch"] for h in json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]] == [0, 1, 2]
-    assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 2
+    storage = Path(summary["storage_path"]) / "run"
+    assert [p.name for p in storage.glob("checkpoint_epoch_*")] == ["checkpoint_epoch_0002"]
+    assert load_checkpoint(storage / "checkpoint_epoch_0002" / "last.pt")["epoch"] == 2
     client, runs = mlflow_runs(sqlite_uri(tmp_path))
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert metric_steps(client, runs[0].info.run_id, "train/loss") == [0, 1, 2]
