@@ -28,6 +28,27 @@ def tracking_uri(project_dir: str | Path | None = None) -> str:
     return f"sqlite:///{(base / DEFAULT_DB).resolve()}"
 
 
+def source_tags(entrypoint: str, *, job: bool = True) -> dict[str, str]:
+    """MLflow's own source tags: what ran (``mlflow.source.name``), and the git commit of this
+    code when it runs from a checkout, so a model leads back to the code that trained it."""
+    import getpass
+    import subprocess
+
+    tags = {"mlflow.source.name": entrypoint, "mlflow.source.type": "JOB" if job else "LOCAL"}
+    try:
+        tags["mlflow.user"] = getpass.getuser()
+    except (KeyError, OSError):
+        pass
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return tags
+    if commit.returncode == 0:
+        tags["mlflow.source.git.commit"] = commit.stdout.strip()
+    return tags
+
+
 def metric_name(name: str) -> str:
     """MLflow accepts only [\\w-. /:] in names: ``recall@1`` -> ``recall_at_1``."""
     return _BAD_CHARS.sub("_", name.replace("@", "_at_"))

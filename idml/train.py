@@ -80,3 +80,37 @@ def train_local(cfg: Config, *, progress: bool = True, resume: bool = True) -> d
                steps_per_epoch=len(loader))
     test_ds = ImageShardDataset(source.root, cfg.data.test_split, transform=eval_transform(size))
     return evaluate_and_summarize(cfg, done.selected(out), test_ds, done.history, progress=progress)[0]
+
+
+def track_local_run(cfg: Config, summary: dict[str, Any], *, experiment: str = "idml", register_model: str | None = None,
+                    uri: str | None = None) -> dict[str, Any]:
+    """Record a finished local run in MLflow as ``--ray`` does: the run named after the output
+    folder (found again on resume), params, per-epoch and final test metrics, plots, and the
+    selected checkpoint as an MLflow model (registered as ``register_model`` when given).
+    Returns ``{"run_id", "model_uri"[, "registered_model", "version"]}``."""
+    from .registry import log_model
+    from .tracking import MlflowRun, source_tags, tracking_uri
+
+    out = Path(cfg.output_dir)
+    run = MlflowRun.open(uri or tracking_uri(), experiment, out.resolve().name,
+                         tags={"idml.entrypoint": "idml train", **source_tags("idml train", job=False)})
+    try:
+        run.log_params(cfg.flat())
+        logged = run.logged_steps("train/loss")
+        for record in summary["history"]:
+            if record["epoch"] not in logged:  # a resumed run logs only its new epochs
+                run.log_metrics(record, step=record["epoch"])
+        run.log_metrics({f"final_test/{k}": v for k, v in summary["test"].items()} | {"selected_epoch": summary["selected_epoch"]},
+                        step=cfg.train.epochs)
+        selected = out / ("best.pt" if (out / "best.pt").exists() else "last.pt")
+        for path, folder in ((out / "metrics.json", None), (out / "recall_curves.png", "plots"),
+                             (out / "uncertainty.png", "plots"), (out / "selective_retrieval.png", "plots")):
+            run.log_artifact(path, folder)
+        model = log_model(run.uri, run.run_id, selected, registered_name=register_model,
+                          example_images=open_dataset(cfg.data.dataset).sample_images(cfg.data.test_split))
+        run.client.set_tag(run.run_id, "idml.model_uri", model["model_uri"])
+    except BaseException:
+        run.fail()
+        raise
+    run.finish()
+    return {"run_id": run.run_id, **model}

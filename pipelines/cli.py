@@ -17,8 +17,11 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from idml.errors import InputError
+
 from ._errors import run_command
 from .export_cli import add_export_args, run_export
+from .model_cli import add_model_args, run_model
 from .serve_cli import add_serve_args, run_serve
 from .tune_cli import add_tune_args, run_tune
 
@@ -46,6 +49,11 @@ def _add_train_args(p: argparse.ArgumentParser, *, ray_flag: bool = True) -> Non
     _add_config_args(p)
     p.add_argument("--no-resume", action="store_true",
                    help="start over even if output_dir has last.pt (with --ray: a new run name with a timestamp)")
+    track = p.add_argument_group("MLflow (every run logs its selected checkpoint as the model runs:/<run id>/model)")
+    track.add_argument("--experiment", default="idml", help="MLflow experiment (default: idml)")
+    track.add_argument("--register-model", metavar="NAME",
+                       help="also register the model as a new version of NAME (then: idml model alias NAME champion N)")
+    track.add_argument("--no-mlflow", action="store_true", help="local runs only: log nothing to MLflow")
     ray = p.add_argument_group("distributed training on Ray (pipelines.train)")
     if ray_flag:
         ray.add_argument("--ray", action="store_true", help="train with Ray Data + Ray Train DDP workers, tracked in MLflow")
@@ -57,7 +65,6 @@ def _add_train_args(p: argparse.ArgumentParser, *, ray_flag: bool = True) -> Non
     ray.add_argument("--storage-path", help="Ray checkpoints; shared storage (NFS, s3://...) on a multi-node cluster "
                                             "(default: <output_dir>/ray)")
     ray.add_argument("--max-failures", type=int, default=2, help="worker-group restarts from the last checkpoint (default: 2)")
-    ray.add_argument("--experiment", default="idml", help="MLflow experiment (default: idml)")
     ray.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a new local instance)")
 
 
@@ -105,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate a checkpoint (or the frozen pretrained backbone)")
     _add_config_args(ev)
     source = ev.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="a checkpoint written by idml train (best.pt, last.pt)")
+    source.add_argument("--checkpoint", help="a checkpoint written by idml train (best.pt, last.pt), a path on shared "
+                                             "storage (s3://...), or an MLflow model: models:/NAME@alias, runs:/<run id>/model")
     source.add_argument("--frozen-backbone", action="store_true", help="evaluate the pretrained backbone's pooled features")
     ev.add_argument("--split", default=None, help="split to evaluate (default: data.test_split)")
     ev.add_argument("--json", help="write the metrics here")
@@ -117,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_args(serve)
     export = sub.add_parser("export", help="write a checkpoint as a TorchScript or ONNX file")
     add_export_args(export)
+    model = sub.add_parser("model", help="MLflow model registry: register a logged model, move an alias, list versions")
+    add_model_args(model)
 
     # Everything after `index` goes to pipelines.index_cli (Ray is imported only when it runs).
     # prefix_chars="+": this parser claims no options, so --help and -v reach the index CLI too.
@@ -161,7 +171,7 @@ def train_main(argv: list[str] | None = None, *, prog: str = "python -m pipeline
 def _run(args: argparse.Namespace) -> int:
     _configure_logging(args.verbose)
     command = {"data": _data, "train": _train, "eval": _eval, "index": _index, "tune": run_tune,
-               "serve": run_serve, "export": run_export}[args.command]
+               "serve": run_serve, "export": run_export, "model": run_model}[args.command]
     args.where_stopped = None  # a command may set it: () -> a line saying where its work stopped (Ctrl-C)
     return run_command(lambda: command(args), prog="idml", verbose=args.verbose,
                        on_interrupt=lambda: args.where_stopped() if args.where_stopped else None)
@@ -231,7 +241,10 @@ def _train(args) -> int:
 
         options = RayOptions(num_workers=args.num_workers, cpus_per_worker=args.cpus_per_worker, use_gpu=args.gpu,
                              run_name=args.run_name, storage_path=args.storage_path, max_failures=args.max_failures,
-                             experiment=args.experiment, address=args.address, verbose=args.verbose)
+                             experiment=args.experiment, register_model=args.register_model, address=args.address,
+                             verbose=args.verbose)
+        if args.no_mlflow:
+            raise InputError("--no-mlflow applies to local runs: a Ray run is tracked in MLflow (the workers log to it)")
         p = plan(cfg, options, resume=not args.no_resume)
         args.where_stopped = lambda: where_stopped(p)
         summary = train_planned(p)
@@ -239,12 +252,16 @@ def _train(args) -> int:
         import time
 
         from idml.checkpoint import describe_last_checkpoint
-        from idml.train import train_local
+        from idml.train import track_local_run, train_local
 
         # Without resuming, a last.pt older than this command is the earlier run's.
         since = time.time() if args.no_resume else None
         args.where_stopped = lambda: describe_last_checkpoint(Path(cfg.output_dir) / "last.pt", since=since)
+        if args.no_mlflow and args.register_model:
+            raise InputError("--register-model needs MLflow; drop --no-mlflow")
         summary = train_local(cfg, resume=not args.no_resume)
+        if not args.no_mlflow:
+            summary.update(track_local_run(cfg, summary, experiment=args.experiment, register_model=args.register_model))
     print()
     print(format_metrics_table({f"test (epoch {summary['selected_epoch']})": summary["test"]}, _table_metrics(cfg, summary["test"])))
     _print_cross_domain(summary.get("cross_domain"))
@@ -257,6 +274,11 @@ def _train(args) -> int:
     if args.ray:
         print(f"Ray run {summary['run_name']!r} (checkpoints in {summary['storage_path']}); "
               f"MLflow run {summary['mlflow_run_id']}, also retrieval_grid.png")
+        summary.update(model_uri=f"runs:/{summary['mlflow_run_id']}/model")
+    if summary.get("model_uri"):
+        registered = (f"; registered as models:/{args.register_model}" + (f"/{summary['version']}" if summary.get("version") else "")
+                      if args.register_model else "")
+        print(f"MLflow model: {summary['model_uri']}{registered}")
     return 0
 
 
@@ -274,10 +296,12 @@ def _eval(args) -> int:
 
     cfg = _load(args)
     if args.checkpoint:
-        model, trained_cfg = model_from_checkpoint(args.checkpoint)
+        from idml.registry import is_model_uri, resolve_checkpoint
+
+        model, trained_cfg = model_from_checkpoint(resolve_checkpoint(args.checkpoint))
         # The checkpoint decides the model and preprocessing; the CLI may pick data and eval options.
         cfg.model, cfg.data.image_size = trained_cfg.model, trained_cfg.data.image_size
-        name = Path(args.checkpoint).name
+        name = args.checkpoint if is_model_uri(args.checkpoint) else Path(args.checkpoint).name
     else:
         validate_config(cfg)
         model = build_model(cfg.model.backbone, embedding_dim=cfg.model.embedding_dim,

@@ -33,7 +33,7 @@ from idml.checkpoint import resume_checkpoint
 from idml.config import Config, config_from_dict, validate_config
 from idml.errors import InputError
 from idml.data.source import DatasetSource, open_dataset
-from idml.tracking import MlflowRun, tracking_uri
+from idml.tracking import MlflowRun, source_tags, tracking_uri
 
 from ._data import class_chunk_counts, eval_datasets, max_batches, train_dataset
 from ._ray import init_ray
@@ -57,6 +57,8 @@ class RayOptions:
     checkpoints_to_keep: int = 1  # each holds last.pt with the optimizer state; restarts need only the latest
     experiment: str = DEFAULT_EXPERIMENT
     tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
+    register_model: str | None = None  # register the logged model (runs:/<run>/model) as a new version of this name
+    log_model: bool = True  # log the selected checkpoint as an MLflow model (search trials do not)
     address: str | None = None  # Ray cluster; default: $RAY_ADDRESS or a new local instance
     verbose: bool = False  # Ray Data's execution lines and library debug logs in the job's output
 
@@ -174,7 +176,8 @@ def build_trainer(p: Plan, datasets: dict[str, Any], callbacks: Sequence[Any] = 
         train_loop_config={
             "config": p.cfg.to_dict(), "source": p.source, "num_classes": p.num_classes, "has_val": p.has_val,
             "threads": p.cfg.train.threads or o.threads, "tracking_uri": p.tracking_uri, "run_id": run_id,
-            "verbose": o.verbose, "has_test": "test" in datasets,
+            "verbose": o.verbose, "has_test": "test" in datasets, "log_model": o.log_model,
+            "register_model": o.register_model,
             "params": {**p.cfg.flat(), **{f"ray.{k}": v for k, v in dataclasses.asdict(o).items()},
                        "ray.run_name": p.run_name, "ray.storage_path": p.storage_path},
         },
@@ -215,7 +218,7 @@ def train_planned(p: Plan) -> dict[str, Any]:
     check_resume(p)
     init_ray(p.options.address, dashboard=True, verbose=p.options.verbose)
     _check_cpus(p.options)
-    run = MlflowRun.open(p.tracking_uri, p.options.experiment, p.run_name, tags={"idml.entrypoint": "pipelines.train"})
+    run = MlflowRun.open(p.tracking_uri, p.options.experiment, p.run_name, tags={"idml.entrypoint": "pipelines.train", **source_tags("pipelines.train")})
     trainer = build_trainer(p, build_datasets(p), run_id=run.run_id)
     log.info("training run %r (storage %s, MLflow run %s at %s)", p.run_name, p.storage_path, run.run_id, p.tracking_uri)
     started = time.time()

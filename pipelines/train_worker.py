@@ -95,7 +95,7 @@ def train_worker(config: dict[str, Any]) -> None:
     fit(state, cfg, batches, out_dir=out, val=val, reported={"test": test} if test else {}, progress=progress,
         hooks=hooks, main_process=rank == 0, eval_cfg=eval_cfg, device=device, show_progress=False)
     if rank == 0 and test is not None:
-        _finish(run, eval_cfg, progress, test, device)
+        _finish(run, eval_cfg, progress, test, device, config)
     elif rank == 0:
         _finish_without_test(run, eval_cfg, progress)
 
@@ -152,7 +152,7 @@ def _backfill(run: MlflowRun, progress) -> None:
     run.log_metrics({"resumed_from_epoch": progress.start_epoch}, step=progress.start_epoch)
 
 
-def _finish(run: MlflowRun | None, cfg, progress, test: StreamedSplit, device) -> None:
+def _finish(run: MlflowRun | None, cfg, progress, test: StreamedSplit, device, job: dict[str, Any]) -> None:
     """Rank 0, after the last epoch: the selected checkpoint on test, plots, MLflow artifacts."""
     from idml.evaluation.plots import save_retrieval_grid
     from idml.fit import evaluate_and_summarize
@@ -172,6 +172,15 @@ def _finish(run: MlflowRun | None, cfg, progress, test: StreamedSplit, device) -
                          (out / "recall_curves.png", "plots"), (out / "uncertainty.png", "plots"),
                          (out / "selective_retrieval.png", "plots"), (grid, "plots")):
         run.log_artifact(path, folder)
+    if job["log_model"]:
+        from idml.data import open_dataset
+        from idml.registry import log_model
+
+        model = log_model(run.uri, run.run_id, progress.selected(out), registered_name=job["register_model"],
+                          example_images=open_dataset(cfg.data.dataset).sample_images(cfg.data.test_split))
+        run.client.set_tag(run.run_id, "idml.model_uri", model["model_uri"])
+        if "version" in model:
+            run.client.set_tag(run.run_id, "idml.registered_model", f"{model['registered_model']}/{model['version']}")
     run.finish()
 
 

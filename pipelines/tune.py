@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from idml.config import config_from_dict
-from idml.tracking import MlflowRun, metric_name, tracking_uri
+from idml.tracking import MlflowRun, metric_name, source_tags, tracking_uri
 
 from ._ray import init_ray
 from ._tune_report import finish_search, retrain
@@ -104,7 +104,7 @@ def tune_search(space: Space, options: TuneOptions | None = None) -> dict[str, A
     init_ray(search.options.address, dashboard=True, verbose=search.options.verbose)
     check_cpus(space)
     parent = MlflowRun.open(search.uri, search.options.experiment, search.name,
-                            tags={"idml.entrypoint": "pipelines.tune", "idml.search": search.name})
+                            tags={"idml.entrypoint": "pipelines.tune", "idml.search": search.name, **source_tags("pipelines.tune")})
     parent.log_params({"space_file": str(space.path), "objective": space.objective, "mode": space.mode,
                        "trials": len(space.trials), "concurrency": space.concurrency,
                        "scheduler": json.dumps(space.scheduler), "space": json.dumps(space.params),

@@ -3,8 +3,17 @@ trains on it in seconds on a CPU."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from support import make_class_dataset
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _mlflow_in_a_temp_folder(tmp_path_factory):
+    """Local `idml train` runs log to MLflow: into one throwaway database, never the checkout's."""
+    if "MLFLOW_TRACKING_URI" not in os.environ:
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
 
 
 @pytest.fixture(scope="session")

@@ -91,3 +91,38 @@ def test_cli_data_convert_and_inspect(tmp_path, capsys):
     assert "train" in printed and "test" in printed and "not an image" in printed
     assert main(["data", "inspect", str(dst), "--verify", "--grid", str(tmp_path / "grid.png")]) == 0
     assert "verify: OK" in capsys.readouterr().out and (tmp_path / "grid.png").stat().st_size > 1000
+
+
+def test_local_run_is_tracked_and_its_model_registered_and_used_by_uri(tiny_overrides, tmp_path, capsys, monkeypatch):
+    """idml train logs params, per-epoch metrics and the selected checkpoint as an MLflow model;
+    --register-model registers it; eval takes models:/NAME@alias."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    out = tmp_path / "tracked"
+    assert main(["train", "--set", *tiny_overrides, "--output-dir", str(out), "--register-model", "tiny-local"]) == 0
+    printed = capsys.readouterr().out
+    client = MlflowClient(uri)
+    [run] = client.search_runs([client.get_experiment_by_name("idml").experiment_id])
+    assert f"MLflow model: runs:/{run.info.run_id}/model; registered as models:/tiny-local/1" in printed
+    assert run.info.run_name == "tracked" and run.info.status == "FINISHED"
+    assert run.data.params["model.backbone"] == "resnet18" and "final_test/recall_at_1" in run.data.metrics
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [0, 1]
+    assert run.data.tags["mlflow.source.name"] == "idml train" and run.data.tags["idml.model_uri"].endswith("/model")
+    assert [v.run_id for v in client.search_model_versions("name = 'tiny-local'")] == [run.info.run_id]
+
+    assert main(["model", "alias", "tiny-local", "champion", "1"]) == 0
+    assert main(["eval", "--checkpoint", "models:/tiny-local@champion", "--set", *tiny_overrides,
+                 "--output-dir", str(tmp_path / "eval"), "--json", str(tmp_path / "m.json")]) == 0
+    by_uri = json.loads((tmp_path / "m.json").read_text())["metrics"]
+    assert main(["eval", "--checkpoint", str(out / "best.pt"), "--set", *tiny_overrides,
+                 "--output-dir", str(tmp_path / "eval"), "--json", str(tmp_path / "p.json")]) == 0
+    assert json.loads((tmp_path / "p.json").read_text())["metrics"]["map@r"] == by_uri["map@r"]
+    assert main(["model", "list", "tiny-local"]) == 0 and "champion" in capsys.readouterr().out
+
+
+def test_no_mlflow_logs_nothing(tiny_overrides, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert main(["train", "--set", *tiny_overrides, "train.epochs=1", "--output-dir", str(tmp_path / "x"), "--no-mlflow"]) == 0
+    assert not (tmp_path / "mlflow.db").exists()

@@ -70,6 +70,13 @@ class DatasetSource:
         """The shard files of ``split``, in order (paths inside ``filesystem``)."""
         return [f"{self.root}/{shard['path']}" for shard in self.shards(split)]
 
+    def sample_images(self, split: str, n: int = 2) -> list[bytes]:
+        """The first ``n`` encoded images of ``split`` (an MLflow model's input example)."""
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(self.paths(split)[0], columns=["image"], filesystem=self.filesystem)
+        return [bytes(b) for b in table.column("image").to_pylist()[:n]]
+
     def label_to_target(self, split: str) -> dict[int, int]:
         return contiguous_targets(self.manifest, split)
 

@@ -93,6 +93,14 @@ def test_two_workers_train_track_and_resume_by_name(cluster, dataset, tmp_path, 
     assert "final_test/recall_at_1" in run.data.metrics and "final_test/uncertainty_auroc_mixed" in run.data.metrics
     assert run.data.metrics["corrupt_images_skipped_test"] == 1
     assert EXPECTED_ARTIFACTS <= artifact_paths(client, run.info.run_id)
+    # Rank 0 logged the selected checkpoint as the run's MLflow model, with the source tags.
+    assert run.data.tags["idml.model_uri"] == f"runs:/{run.info.run_id}/model"
+    assert run.data.tags["mlflow.source.name"] == "pipelines.train"
+    from idml.registry import resolve_checkpoint
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", sqlite_uri(tmp_path))
+    assert resolve_checkpoint(f"runs:/{run.info.run_id}/model", cache_dir=tmp_path / "dl").read_bytes() == \
+        (tmp_path / "run" / "best.pt").read_bytes()
 
     # The same run name again (the CLI's default: the output folder's name), one more epoch:
     # resumes from the latest checkpoint and appends to the same MLflow run.
