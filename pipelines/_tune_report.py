@@ -139,6 +139,9 @@ def retrain(search, summary: dict[str, Any], parent: MlflowRun) -> dict[str, Any
 
     out: dict[str, Any] = {}
     for label, index in (("best", summary["best_trial"]), ("lambda0", 0)):
+        if label == "lambda0" and index == summary["best_trial"]:
+            out[label] = out["best"]  # lambda = 0 won the search: the same runs answer both
+            continue
         scores = []
         for seed in range(search.options.retrain_seeds):
             cfg = search.space.trial_config(search.space.trials[index])

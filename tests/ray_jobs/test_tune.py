@@ -73,9 +73,14 @@ def test_search_killed_and_resumed_tracks_every_trial_once(cluster, dataset, tmp
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)
-    assert main(["tune", *args]) == 0
+    assert main(["tune", *args, "--retrain-seeds", "1"]) == 0
     printed = capsys.readouterr().out
     assert "search 'smoke-test': 4 trials" in printed and "best_config.yaml" in printed
+    # The best and the lambda = 0 config retrained and evaluated once on test.
+    assert "retrained on 1 seed(s), test split" in printed
+    retrained = yaml.safe_load((out / "search.json").read_text())["retrain"]
+    assert set(retrained) == {"best", "lambda0"} and retrained["lambda0"]["trial"] == 0
+    assert all(0 <= r["recall@1_mean"] <= 1 and len(r["seeds"]) == 1 for r in retrained.values())
 
     # The table: 5 trials, sorted by the objective, ASHA stopped at least one early.
     rows = yaml.safe_load((out / "search.json").read_text())["rows"]  # JSON is YAML
