@@ -82,3 +82,44 @@ def test_overlapping_updates_publish_one_sound_version(ray_local, tmp_path, monk
     assert (counts["changed"], counts["added"], counts["vectors"]) == (1, 1, 13)
     assert not (idx / "staging").exists()
     assert main(["verify", "--index-dir", str(idx), "--corpus"]) == 0
+
+
+@pytest.mark.slow
+def test_the_documented_job_submit_recipe_treats_nothing_changed_as_success(tmp_path):
+    """docs/indexing.md's cron entrypoint through a real job server: `ray job submit` fails any
+    job that exits non-zero, so the recipe maps 3 (nothing changed) and 4 (busy) to success."""
+    from ray_jobs.ray_helpers import RayCluster, free_port
+
+    class OwnAgentPort(RayCluster):
+        # The job server submits through the node's dashboard agent, whose port (52365) another
+        # Ray instance on the machine may already hold: then no agent starts, no job runs.
+        def _start(self, name, args, timeout=120):
+            super()._start(name, [*args, f"--dashboard-agent-listen-port={free_port()}"], timeout)
+
+    checkpoint = make_checkpoint(tmp_path / "ckpt.pt")
+    folder = make_image_folder(tmp_path / "imgs", 6)
+    idx = tmp_path / "idx"
+    cluster = OwnAgentPort(tmp_path / "ray", cpus=2, dashboard=True)
+    try:
+        def submit(entrypoint: list[str]) -> subprocess.CompletedProcess:
+            cmd = [str(REPO / ".venv/bin/ray"), "job", "submit", "--address", cluster.dashboard_url, "--", *entrypoint]
+            deadline = time.time() + 120
+            while True:
+                job = subprocess.run(cmd, env=cluster.env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+                # A fresh head's job agent takes a moment to register; the job server says so.
+                if "No available agent" not in job.stderr or time.time() > deadline:
+                    return job
+                time.sleep(2)
+
+        index_cli = f"{sys.executable} -m pipelines.index_cli"
+        build = submit([*index_cli.split(), "build", "--index-dir", str(idx), "--checkpoint", checkpoint,
+                        "--corpus", folder, "--threads", "1", "--no-mlflow"])
+        assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-2000:]
+        recipe = (f"{index_cli} update --index-dir {idx} --threads 1 --no-mlflow; rc=$?; "
+                  "case $rc in 3|4) exit 0;; esac; exit $rc")
+        update = submit(["bash", "-c", recipe])
+        assert update.returncode == 0, update.stdout[-3000:] + update.stderr[-2000:]
+        assert "exit 3: nothing published" in update.stdout and "succeeded" in update.stdout
+    finally:
+        cluster.stop()
+    assert IndexStore(idx).versions() == ["v000001"]
