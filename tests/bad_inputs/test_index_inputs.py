@@ -297,3 +297,39 @@ def test_build_refuses_a_damaged_dataset_corpus(tmp_path, checkpoint, capsys):
     assert main(["build", "--index-dir", str(idx), "--checkpoint", checkpoint, "--corpus", str(ds), "--no-mlflow"]) == BAD_INPUT
     assert split in _error_line(capsys)
     assert not idx.exists()  # refused before anything was embedded or written
+
+
+# -- issue 12: version commands, pool sizes, GPU search without a GPU ---------------------------------------
+@pytest.mark.parametrize("actors", ["8-1", "many", "0-3"])
+def test_build_refuses_an_actor_range_that_is_not_one(tmp_path, checkpoint, capsys, actors):
+    ds = make_index_dataset(tmp_path / "ds", 6)
+    assert main(["build", "--index-dir", str(tmp_path / "idx"), "--checkpoint", checkpoint, "--corpus", ds,
+                 "--actors", actors, "--no-mlflow"]) == BAD_INPUT
+    assert f"--actors {actors!r}" in _error_line(capsys)
+    assert not (tmp_path / "idx").exists()
+
+
+def test_publish_of_a_version_that_is_not_there(index_copy, capsys):
+    idx, _ = index_copy
+    assert main(["publish", "v000007", "--index-dir", str(idx)]) == BAD_INPUT
+    assert "index version v000007 does not exist" in _error_line(capsys)
+    assert main(["publish", "latest", "--index-dir", str(idx)]) == BAD_INPUT
+    assert "'latest' is not a version name" in _error_line(capsys)
+    assert IndexStore(idx).current_version() == "v000002"
+
+
+def test_prune_must_keep_at_least_one(index_copy, capsys):
+    idx, _ = index_copy
+    with pytest.raises(SystemExit) as exit_:
+        main(["prune", "--index-dir", str(idx), "--keep", "0"])
+    assert exit_.value.code == BAD_INPUT and "argument --keep: must be >= 1" in capsys.readouterr().err
+
+
+def test_query_on_gpu_without_faiss_gpu(index_copy, capsys):
+    from idml.index.faiss_index import gpu_count
+
+    if gpu_count():
+        pytest.skip("faiss sees a GPU here")
+    idx, _ = index_copy
+    assert main(["query", "--index-dir", str(idx), "--ids", "img-000", "--gpu"]) == BAD_INPUT
+    assert "faiss sees no GPU" in _error_line(capsys)

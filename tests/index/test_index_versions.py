@@ -168,3 +168,13 @@ def test_commands_refuse_a_damaged_version_and_a_held_lock(three_versions, capsy
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "another writer holds" in err[0] and "idml index update (pid" in err[0]
     assert three_versions.versions() == ["v000001", "v000002", "v000003"]
+
+
+def test_an_update_after_a_rollback_builds_on_the_published_version(three_versions, checkpoint):
+    store = three_versions
+    store.publish_existing("v000001")
+    ds = str(store.root.parent / "ds")
+    make_index_dataset(store.root.parent / "ds", 40, extra=5)
+    m = build_in_process(store.root, ds, checkpoint, kind="update")
+    assert (m["version"], m["parent"], m["counts"]["added"], m["counts"]["vectors"]) == ("v000004", "v000001", 5, 45)
+    assert verify_index(store.root) == []
