@@ -175,7 +175,9 @@ def embed_with_ray(corpus, files: list[str], model_state: dict, sink, known, *, 
         )
         log.info("embedding %d file(s) with %s", len(files), pool.describe())
         start = time.time()
-        with tqdm(total=corpus.num_rows, desc="embed", unit="img", disable=not sys.stderr.isatty()) as bar:
+        # Rows per file are known only when every file is read (or each file is one image).
+        total = corpus.num_rows if len(files) == len(corpus.files) else len(files) if corpus.kind == "images" else None
+        with tqdm(total=total, desc="embed", unit="img", disable=not sys.stderr.isatty()) as bar:
             for batch in embedded.iter_batches(batch_size=None, batch_format="pyarrow"):
                 nodes.update(batch.column("node").to_pylist())
                 sink.add(batch.drop_columns(["node"]))

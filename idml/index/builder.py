@@ -228,7 +228,7 @@ class StagedBuild:
         again but not embedded again. ``finish`` adds the skipped files' images to the listing
         and records this corpus's stats for the next update."""
         self._corpus = corpus
-        stats = corpus.file_stats if corpus.file_stats is not None else FILE_STATS_SCHEMA.empty_table()
+        self._file_stats = stats = corpus.file_stats if corpus.file_stats is not None else FILE_STATS_SCHEMA.empty_table()
         previous, note = self._parent_record(corpus)
         empty = LISTING_SCHEMA.empty_table()
         if previous is None:
@@ -238,8 +238,8 @@ class StagedBuild:
         recorded = previous.select(keys).group_by(keys).aggregate([])
         trusted = pc.not_equal(recorded.column("mtime_ns"), UNKNOWN_MTIME)
         same = stats.join(recorded.filter(trusted), keys=keys, join_type="left semi")
-        unchanged = pc.is_in(stats.column("file"), value_set=same.column("file")).to_pylist()
-        files = [path for path, skip in zip(corpus.files, unchanged) if not skip]
+        unchanged = pc.is_in(stats.column("file"), value_set=same.column("file")).to_numpy(zero_copy_only=False)
+        files = np.asarray(corpus.files, dtype=object)[~unchanged].tolist()
         carried = previous.join(same.select(["file"]), keys="file", join_type="left semi")
         carried = pa.table({"id": carried.column("id"), "content_hash": carried.column("content_hash"),
                             "status": pa.array([STATUS_KNOWN] * carried.num_rows, pa.string()),
@@ -354,7 +354,7 @@ class StagedBuild:
         """CORPUS_RECORD rows: each image with its file's stats from this run's listing of the
         corpus (a file the reader did not name gets size -1: the next update reads it again)."""
         keyed = listing.select(["id", "content_hash", "file"])
-        joined = keyed.join(self._corpus.file_stats, keys="file", join_type="left outer")
+        joined = keyed.join(self._file_stats, keys="file", join_type="left outer")
         return pa.table({
             "id": joined.column("id"), "content_hash": joined.column("content_hash"),
             "file": pc.fill_null(joined.column("file"), ""), "size": pc.fill_null(joined.column("size"), -1),
