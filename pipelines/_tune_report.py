@@ -150,6 +150,7 @@ def retrain(search, summary: dict[str, Any], parent: MlflowRun) -> dict[str, Any
             name = f"{search.name}-{label}-seed{seed}"
             result = train_ray(cfg, search.ray_options(name, f"{search.storage}/{search.name}-retrain"))
             parent.client.set_tag(result["mlflow_run_id"], "mlflow.parentRunId", parent.run_id)
+            parent.client.set_tag(result["mlflow_run_id"], "idml.retrain", f"{label}-seed{seed}")
             scores.append({"seed": seed, "recall@1": result["test"]["recall@1"], "map@r": result["test"]["map@r"]})
         out[label] = {"trial": index, "seeds": scores,
                       **{f"{m}_{stat}": fn([s[m] for s in scores]) for m in ("recall@1", "map@r")
