@@ -45,7 +45,7 @@ class UncertaintyNorm(nn.Module):
         if self.training:
             mean = raw.pow(2).sum(dim=1).mean()
             with torch.no_grad():
-                self.running_uncertainty.lerp_(mean.detach(), self.momentum)
+                self.running_uncertainty.lerp_(mean.detach().float(), self.momentum)  # fp32 buffer, also under autocast
         else:
             mean = self.running_uncertainty
         return raw * torch.rsqrt(mean.clamp_min(1e-12))

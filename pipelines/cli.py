@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Everything after `index` goes to pipelines.index_cli (Ray is imported only when it runs).
     # prefix_chars="+": this parser claims no options, so --help and -v reach the index CLI too.
-    index = sub.add_parser("index", help="build|update|query|verify versioned faiss indexes (Ray)", add_help=False,
+    index = sub.add_parser("index", help="build|update|query|verify|versions|publish|prune versioned faiss indexes (Ray)", add_help=False,
                            prefix_chars="+")
     index.add_argument("index_args", nargs=argparse.REMAINDER, help="see `idml index --help`")
     return parser

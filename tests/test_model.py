@@ -3,6 +3,7 @@ import torch
 
 from idml.backbones import WeightsMismatchError, create_backbone
 from idml.model import IDMLModel, UncertaintyNorm, build_model
+from idml.errors import DamagedFileError
 
 
 def test_efficientnet_lite0_loads_packaged_imagenet_weights():
@@ -134,5 +135,5 @@ def test_checkpoints_from_before_the_uncertainty_budget_load_with_the_raw_head(t
     # anything else missing is still an error
     del state["semantic_head.weight"]
     save_checkpoint(path, {"model": state, "config": cfg, "epoch": 0})
-    with pytest.raises(RuntimeError, match="semantic_head.weight"):
+    with pytest.raises(DamagedFileError, match="semantic_head.weight"):
         model_from_checkpoint(path)

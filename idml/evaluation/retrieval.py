@@ -22,9 +22,10 @@ import logging
 from collections.abc import Hashable, Sequence
 from typing import Any
 
-import faiss
 import numpy as np
 from sklearn.metrics import normalized_mutual_info_score
+
+from ..faiss_import import faiss
 
 logger = logging.getLogger(__name__)
 

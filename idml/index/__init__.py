@@ -1,13 +1,7 @@
 """Batch indexing: versioned, sharded faiss indexes of embedded image corpora (no Ray here;
 ``pipelines.index`` runs the embedding on Ray Data)."""
 
-try:
-    import faiss  # noqa: F401
-except ImportError as e:  # neither extra installed: say which to choose, not just the missing name
-    raise ImportError("idml's indexes need faiss, which comes with an extra: `pip install 'idml[cpu]'` (faiss-cpu), "
-                      "or `pip install 'idml[gpu]'` on a CUDA 12 machine (faiss-gpu-cu12); not both: they share "
-                      "the `faiss` package") from e
-
+from ..faiss_import import faiss  # noqa: F401  (first: a missing faiss names the extras)
 from .builder import BuildRequest, StagedBuild
 from .corpus import Corpus, resolve_corpus
 from .embed import BatchEmbedder, content_hash

@@ -26,8 +26,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
+
+from ..faiss_import import faiss
 
 log = logging.getLogger(__name__)
 
