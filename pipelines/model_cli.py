@@ -12,11 +12,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     reg.add_argument("model_uri", help="runs:/<run id>/model (printed by idml train)")
     reg.add_argument("name", help="registered model name")
     alias = sub.add_parser("alias", help="point models:/NAME@ALIAS at a version (e.g. champion)")
-    alias.add_argument("name")
-    alias.add_argument("alias")
-    alias.add_argument("version")
+    alias.add_argument("name", help="registered model name")
+    alias.add_argument("alias", help="alias to set or move, e.g. champion")
+    alias.add_argument("version", help="the version it points at")
     ls = sub.add_parser("list", help="the versions of a registered model with their aliases and runs")
-    ls.add_argument("name")
+    ls.add_argument("name", help="registered model name")
 
 
 def run_model(args: argparse.Namespace) -> int:
