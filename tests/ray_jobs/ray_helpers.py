@@ -108,6 +108,9 @@ class RayCluster:
         import subprocess
         import time
 
+        # The job server submits through each node's dashboard agent, whose default port (52365)
+        # another Ray instance on the machine may hold: then no agent starts and no job runs.
+        args = [*args, f"--dashboard-agent-listen-port={free_port()}"]
         log = self.workdir / f"ray-{name}.log"
         proc = subprocess.Popen([str(REPO / ".venv/bin/ray"), "start", "--block", *args], env=self.env,
                                 stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=REPO)

@@ -88,18 +88,12 @@ def test_overlapping_updates_publish_one_sound_version(ray_local, tmp_path, monk
 def test_the_documented_job_submit_recipe_treats_nothing_changed_as_success(tmp_path):
     """docs/indexing.md's cron entrypoint through a real job server: `ray job submit` fails any
     job that exits non-zero, so the recipe maps 3 (nothing changed) and 4 (busy) to success."""
-    from ray_jobs.ray_helpers import RayCluster, free_port
-
-    class OwnAgentPort(RayCluster):
-        # The job server submits through the node's dashboard agent, whose port (52365) another
-        # Ray instance on the machine may already hold: then no agent starts, no job runs.
-        def _start(self, name, args, timeout=120):
-            super()._start(name, [*args, f"--dashboard-agent-listen-port={free_port()}"], timeout)
+    from ray_jobs.ray_helpers import RayCluster
 
     checkpoint = make_checkpoint(tmp_path / "ckpt.pt")
     folder = make_image_folder(tmp_path / "imgs", 6)
     idx = tmp_path / "idx"
-    cluster = OwnAgentPort(tmp_path / "ray", cpus=2, dashboard=True)
+    cluster = RayCluster(tmp_path / "ray", cpus=2, dashboard=True)
     try:
         def submit(entrypoint: list[str]) -> subprocess.CompletedProcess:
             cmd = [str(REPO / ".venv/bin/ray"), "job", "submit", "--address", cluster.dashboard_url, "--", *entrypoint]
