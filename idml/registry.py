@@ -140,13 +140,9 @@ def resolve_checkpoint(ref: str | Path, *, cache_dir: str | Path | None = None) 
         return _download_model(ref, cache_dir)
     if _is_remote(ref):
         return _copy_from_storage(ref, cache_dir)
-    path = Path(ref[len("file://"):] if ref.startswith("file://") else ref)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {ref} does not exist (give a file written by idml train, "
-                                "a path on shared storage such as s3://..., or models:/NAME@alias)")
-    if path.is_dir():
-        raise InputError(f"checkpoint {ref} is a folder; give the file (best.pt or last.pt) inside it")
-    return path
+    # A local path as it is: idml.checkpoint.load_checkpoint says what is wrong with it (missing,
+    # a folder and which file inside to pass, damaged).
+    return Path(ref[len("file://"):] if ref.startswith("file://") else ref)
 
 
 def _download_model(ref: str, cache_dir) -> Path:
