@@ -49,6 +49,25 @@ def _recall(text: str) -> float:
     return value
 
 
+def _memory(text: str) -> int:
+    from idml.index.faiss_index import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _milliseconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of milliseconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="idml index", description="Embed image corpora and build versioned, sharded faiss indexes")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logs, Ray's own logs, and tracebacks on errors")
@@ -70,8 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--follow-links", action="store_true", default=None,
                        help="also index images linked from outside the corpus folder (skipped and counted otherwise)" + default)
         p.add_argument("--nprobe", type=_at_least(1), help="IVF lists probed per query (default: tuned to --target-recall)")
+        p.add_argument("--max-query-ms", type=_milliseconds, metavar="MS",
+                       help="latency budget of the tuning: nprobe (IVF) or efSearch (HNSW) stops growing when one query "
+                            "would take longer, even below --target-recall (default: no budget)")
         p.add_argument("--recall-sample", type=_at_least(1), default=256, help="stored vectors used to measure recall@10 against exact search")
-        p.add_argument("--target-recall", type=_recall, default=0.95, help="recall@10 the nprobe tuning aims for")
+        p.add_argument("--target-recall", type=_recall, default=0.95,
+                       help="recall@10 (vs exact search, on --recall-sample vectors) the nprobe/efSearch tuning aims for")
         p.add_argument("--batch-size", type=_at_least(1), default=64, help="images per embedding batch")
         p.add_argument("--actors", default="0", metavar="N|MIN-MAX",
                        help="embedding actors: N (a fixed pool) or MIN-MAX (autoscaling: Ray Data adds actors while "
@@ -87,9 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     build = sub.add_parser("build", help="embed the whole corpus and publish a new index version")
     add_writer_args(build, update=False)
-    build.add_argument("--index-type", choices=("auto", "flat", "ivf"), default="auto",
-                       help="auto: exact Flat up to 200k vectors, IVF above")
-    build.add_argument("--nlist", type=_at_least(1), help="IVF lists (default: ~sqrt(n), a power of two)")
+    build.add_argument("--index", dest="index_type", default="auto", metavar="auto|flat|ivf|FACTORY",
+                       help="auto: exact Flat up to 200k vectors, IVF-Flat above (with --max-index-memory: Flat, IVF-Flat "
+                            "or IVF-PQ, whichever fits); flat; ivf (IVF-Flat); or a faiss index_factory string searching "
+                            "by inner product, e.g. 'IVF4096,PQ64', 'IVF1024,SQ8', 'HNSW32' (checked before embedding)")
+    build.add_argument("--max-index-memory", dest="max_index_bytes", type=_memory, metavar="SIZE",
+                       help="memory budget of the index, e.g. 8GB or 512MiB: --index auto picks the best index that "
+                            "fits it; any other --index is refused if its estimate exceeds it")
+    build.add_argument("--nlist", type=_at_least(1), help="IVF lists for --index auto/ivf (default: ~sqrt(n), a power of two)")
     build.add_argument("--train-size", type=_at_least(1), help="vectors sampled to train the IVF quantizer (default: 64 * nlist)")
     build.add_argument("--shards", type=_at_least(1), help="index shards = embedding partitions (default: one per 250k images)")
 
@@ -184,9 +212,10 @@ def _build_or_update(args) -> int:
         _say(f"skipped {len(corpus.outside)} image file(s) {OUTSIDE} {corpus.root} (links leading out of it: "
              f"{examples}{', ...' if len(corpus.outside) > 3 else ''}); pass --follow-links to index them")
     checkpoint, model_state = _load_model(checkpoint_ref)
-    build_only = {k: getattr(args, k) for k in ("index_type", "nlist", "train_size", "shards") if hasattr(args, k)}
+    build_only = {k: getattr(args, k) for k in ("index_type", "max_index_bytes", "nlist", "train_size", "shards") if hasattr(args, k)}
     request = BuildRequest(kind, checkpoint["embedding_dim"], checkpoint, corpus.describe(), nprobe=args.nprobe,
-                           recall_sample=args.recall_sample, target_recall=args.target_recall, **build_only)
+                           recall_sample=args.recall_sample, target_recall=args.target_recall,
+                           max_query_ms=args.max_query_ms, **build_only)
     delay_s = float(os.environ.get(DELAY_ENV, "0") or 0)
 
     with StagedBuild(store, request, progress=_say, wait_s=args.wait) as staged:
@@ -253,11 +282,16 @@ def _load_model(ref: str):
 
 
 def _print_summary(manifest: dict, published: bool, embedded: int) -> None:
+    from idml.index.faiss_index import format_bytes
+
     c, spec = manifest["counts"], manifest["faiss"]
     state = "published" if published else "unchanged (up to date)"
     print(f"\nindex {manifest['version']} {state}")
-    print(f"  vectors {c['vectors']} in {c['shards']} shard(s), {spec['factory']}"
-          + (f", nprobe {spec['nprobe']}" if spec["index_type"] == "ivf" else ""))
+    tuned = {"ivf": f", nprobe {spec['nprobe']}", "hnsw": f", efSearch {spec.get('ef_search', 0)}"}.get(spec["index_type"], "")
+    print(f"  vectors {c['vectors']} in {c['shards']} shard(s), {spec['factory']}{tuned}")
+    if spec.get("choice"):
+        budget = f" (budget {format_bytes(spec['max_index_bytes'])})" if spec.get("max_index_bytes") else ""
+        print(f"  index chosen: {spec['choice']}; estimated memory {format_bytes(spec.get('estimated_bytes', 0))}{budget}")
     if not published:
         print(f"  nothing changed in the corpus: reused all {c['vectors']} vectors; corrupt {c['corrupt']} "
               f"(exit {UP_TO_DATE}: nothing published)")
@@ -267,8 +301,14 @@ def _print_summary(manifest: dict, published: bool, embedded: int) -> None:
         print(f"  images embedded {embedded} (this run){changes}; {_reused(manifest)}; corrupt {c['corrupt']}")
         if "files_read" in c:
             print(f"  corpus files read {c['files_read']}, unchanged and not read {c['files_unchanged']}")
-        recall = (f"recall@10 vs exact {manifest['recall']['recall']:.4f} on {manifest['recall']['queries']} sampled vectors"
-                  if spec["index_type"] == "ivf" else "exact search (recall 1)")
+        r = manifest["recall"]
+        if spec["index_type"] == "flat":
+            recall = "exact search (recall 1)"
+        else:
+            target = (f" (target {r['target_recall']:g}{', within ' + format(r['max_query_ms'], 'g') + ' ms' if r.get('max_query_ms') else ''}"
+                      f"{'' if r.get('reached', True) else ': NOT reached'})" if "target_recall" in r else "")
+            latency = f"; {r['query_ms']:.2f} ms/query" if r.get("query_ms") is not None else ""
+            recall = f"recall@10 vs exact {r['recall']:.4f} on {r['queries']} sampled vectors{target}{latency}"
         print(f"  {recall}; index {m['index_bytes'] / 2**20:.1f} MiB; {m['build_seconds']:.1f}s")
         for bad in manifest.get("corrupt", [])[:10]:
             print(f"  corrupt: {bad['id']}: {bad['reason']}")

@@ -31,12 +31,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ..faiss_import import faiss
 from . import faiss_index as fx
 from .corpus import FILE_STATS_SCHEMA, UNKNOWN_MTIME, Corpus
 from .embed import STATUS_KNOWN
@@ -68,19 +68,30 @@ class BuildRequest:
     dim: int
     checkpoint: dict[str, Any]  # path, sha256, backbone, image_size, uncertainty_weight
     corpus: dict[str, Any]  # uri, kind, splits, fingerprint, num_rows
-    index_type: str = "auto"
+    index_type: str = "auto"  # auto, flat, ivf, or a faiss factory string (IVF4096,PQ64, HNSW32, ...)
     nlist: int | None = None
     nprobe: int | None = None
     train_size: int | None = None
     shards: int | None = None  # build only; default: one per DEFAULT_SHARD_ROWS images
     recall_sample: int = 256
     target_recall: float = 0.95
+    max_index_bytes: int | None = None  # build only: choose (auto) or check the index against this memory
+    max_query_ms: float | None = None  # latency budget of the nprobe/efSearch tuning
 
     def __post_init__(self):
         if self.kind not in ("build", "update"):
             raise ValueError(f"kind must be build or update, got {self.kind!r}")
-        if self.index_type not in fx.INDEX_TYPES:
-            raise ValueError(f"index type {self.index_type!r} is not one of {', '.join(fx.INDEX_TYPES)}")
+        if self.index_type not in fx.INDEX_SHORTHANDS:
+            fx.check_factory(self.index_type, self.dim)  # a bad string is refused before any embedding
+        if self.max_index_bytes is not None and self.max_index_bytes <= 0:
+            raise ValueError(f"--max-index-memory must be positive, got {self.max_index_bytes} bytes")
+        if self.max_query_ms is not None and self.max_query_ms <= 0:
+            raise ValueError(f"--max-query-ms must be positive, got {self.max_query_ms}")
+        if self.kind == "build" and self.max_index_bytes and self.corpus.get("num_rows"):
+            # A budget nothing fits is refused before the embedding, not after it (corrupt
+            # images only shrink the index).
+            fx.resolve_spec(self.index_type, int(self.corpus["num_rows"]), self.dim, nlist=self.nlist,
+                            max_index_bytes=self.max_index_bytes)
         if self.shards is not None and self.shards < 1:
             raise ValueError(f"--shards must be >= 1, got {self.shards}")
         if self.recall_sample < 1:
@@ -201,7 +212,8 @@ class StagedBuild:
                 "embeddings of two models cannot share an index: run `idml index build` instead"
             )
         spec = self.parent["faiss"]
-        if self.request.index_type not in ("auto", spec["index_type"]) or (self.request.nlist and self.request.nlist != spec["nlist"]):
+        same_type = self.request.index_type in ("auto", spec["index_type"], spec["factory"], spec.get("index_factory"))
+        if not same_type or (self.request.nlist and self.request.nlist != spec["nlist"]) or self.request.max_index_bytes:
             raise ValueError(
                 f"version {self.parent_version} is {spec['factory']}; an update keeps the index spec, "
                 "run `idml index build` to change it"
@@ -315,22 +327,23 @@ class StagedBuild:
         del train_sample
         shards = self._write_shards(plan, spec, trained, version_dir, queries, timings)
         t = time.time()
-        recall, used = self._measure_recall(shards, spec, trained, queries, query_ids, query_labels, src.from_parent,
-                                            n_vectors, version_dir)
+        tuning = self._measure_recall(shards, spec, trained, queries, query_ids, query_labels, src.from_parent,
+                                      n_vectors, version_dir)
+        recall, used = tuning.recall, tuning.queries
         timings["recall_seconds"] = time.time() - t
         if self._corpus is not None:
             pq.write_table(self._corpus_record(listing), version_dir / CORPUS_RECORD, compression="zstd")
         t = time.time()
         files = self._checksums(shards, version_dir)
         timings["checksum_seconds"] = time.time() - t
-        manifest = self._manifest(spec, counts, src, shards, files, recall, used, n_vectors, timings,
+        manifest = self._manifest(spec, counts, src, shards, files, tuning, n_vectors, timings,
                                   index_seconds=time.time() - t0, embed_seconds=embed_seconds,
                                   embedded_this_run=embedded_this_run)
         if embedding:
             manifest["embedding"] = embedding
         self._publish(version_dir, manifest)
-        self.progress(f"published {manifest['version']}: {n_vectors} vectors, recall@{RECALL_K} {recall:.3f} "
-                      f"(nprobe {spec.nprobe})")
+        tuned = f", {spec.search_param} {spec.search_value}" if spec.search_param else ""
+        self.progress(f"published {manifest['version']}: {n_vectors} vectors, recall@{RECALL_K} {recall:.3f}{tuned}")
         return manifest
 
     # -- finishing steps ---------------------------------------------------------------------
@@ -416,18 +429,18 @@ class StagedBuild:
         return out
 
     def _measure_recall(self, shards: "_Shards", spec: fx.IndexSpec, trained, queries, query_ids, query_labels,
-                        from_parent: pa.Table, n_vectors: int, version_dir: Path) -> tuple[float, int]:
-        """recall@10 of the combined index against exact search, nprobe tuned; the sample is
-        saved with the version (``verify`` measures it again)."""
+                        from_parent: pa.Table, n_vectors: int, version_dir: Path) -> fx.Tuning:
+        """recall@10 of the combined index against exact search and its query latency, nprobe or
+        efSearch tuned; the sample is saved with the version (``verify`` measures it again)."""
         combined = fx.combine(shards.indexes, spec, trained)
         scores, labels = shards.exact.result()
         if query_ids is None:  # build: the queries are stored vectors, named once all shards are known
             query_ids = _labels_to_ids(query_labels, shards.ids_by_shard)
         sample = self._recall_sample(queries, query_ids, scores, _labels_to_ids(labels, shards.ids_by_shard),
                                      from_parent, n_vectors)
-        recall, used = self._tune(combined, spec, sample, shards.ids_by_shard)
+        tuning = self._tune(combined, spec, sample, shards.ids_by_shard)
         sample.save(version_dir / "recall_sample.npz")
-        return recall, used
+        return tuning
 
     def _checksums(self, shards: "_Shards", version_dir: Path) -> dict[str, dict[str, Any]]:
         """Size and sha256 of every file of the version (reused shards keep the parent's)."""
@@ -442,7 +455,7 @@ class StagedBuild:
         return dict(sorted(files.items()))
 
     def _manifest(self, spec: fx.IndexSpec, counts: dict[str, int], src: "_Sources", shards: "_Shards",
-                  files: dict[str, Any], recall: float, used: int, n_vectors: int, timings: dict[str, float], *,
+                  files: dict[str, Any], tuning: fx.Tuning, n_vectors: int, timings: dict[str, float], *,
                   index_seconds: float, embed_seconds: float, embedded_this_run: int) -> dict[str, Any]:
         req = self.request
         return {
@@ -458,9 +471,13 @@ class StagedBuild:
             "faiss": spec.to_dict(),
             "target_shard_rows": self.target_rows(),
             "counts": {**counts, "embedded": sum(p.rows for p in src.partitions)},
-            "recall": {"k": RECALL_K, "recall": recall, "queries": used, "nprobe": spec.nprobe},
+            "recall": {"k": RECALL_K, "recall": tuning.recall, "queries": tuning.queries, "nprobe": spec.nprobe,
+                       "ef_search": spec.ef_search, "query_ms": tuning.query_ms, "target_recall": spec.target_recall,
+                       "max_query_ms": spec.max_query_ms, "reached": tuning.reached, "tried": tuning.tried},
             "metrics": {
-                f"recall_at_{RECALL_K}": recall,
+                f"recall_at_{RECALL_K}": tuning.recall,
+                **({"query_ms": tuning.query_ms} if tuning.query_ms is not None else {}),
+                "estimated_index_bytes": spec.estimated_bytes,
                 "images_embedded": embedded_this_run,
                 "embed_seconds": embed_seconds,
                 "embed_images_per_s": embedded_this_run / embed_seconds if embed_seconds > 0 else 0.0,
@@ -537,25 +554,33 @@ class StagedBuild:
         if req.kind == "update":
             spec = fx.IndexSpec.from_dict(self.parent["faiss"])
             if req.nprobe is not None:
+                if spec.index_type != "ivf":
+                    raise ValueError(f"--nprobe applies to IVF indexes; {self.parent_version} is {spec.factory}")
                 spec.nprobe, spec.nprobe_auto = req.nprobe, False
+            if req.max_query_ms is not None:
+                spec.max_query_ms = req.max_query_ms
+            if spec.estimated_bytes:  # the same bytes per vector, for the new count
+                spec.estimated_bytes = fx.check_factory(spec.factory, spec.dim).estimated_bytes(n_vectors)
             if n_vectors < 1:
                 raise ValueError("nothing to index: every image was removed from the corpus or is corrupt")
             if spec.index_type == "flat" and req.index_type == "auto" and n_vectors > fx.FLAT_MAX_VECTORS:
                 self.progress(f"note: {n_vectors} vectors in a Flat index; `idml index build` would switch to IVF")
             return spec
         return fx.resolve_spec(req.index_type, n_vectors, req.dim, nlist=req.nlist, nprobe=req.nprobe,
-                               train_size=req.train_size, target_recall=req.target_recall)
+                               train_size=req.train_size, target_recall=req.target_recall,
+                               max_index_bytes=req.max_index_bytes, max_query_ms=req.max_query_ms)
 
     def _samples(self, spec: fx.IndexSpec, plan: list[_ShardPlan]):
         """One pass over the new shards: recall queries (build; an update keeps its parent's)
-        and the IVF training sample (build), drawn uniformly."""
-        build, ivf = self.request.kind == "build", spec.index_type == "ivf"
+        and the training sample (build), drawn uniformly."""
+        build, approximate = self.request.kind == "build", spec.index_type != "flat"
         n = sum(p.count for p in plan)
         rng = np.random.default_rng(spec.seed)
         # A Flat index is exact: its recall is 1 by construction, so it needs no sample.
         query_rows = (np.sort(rng.choice(n, size=min(n, self.request.recall_sample), replace=False))
-                      if build and ivf else np.zeros(0, int))
-        train_rows = np.sort(rng.choice(n, size=min(n, spec.train_size), replace=False)) if build and ivf else np.zeros(0, int)
+                      if build and approximate else np.zeros(0, int))
+        train_rows = (np.sort(rng.choice(n, size=min(n, spec.train_size), replace=False))
+                      if build and spec.train_size else np.zeros(0, int))
         queries, query_labels, train, start = [], [], [], 0
         for p in plan:
             q = query_rows[(query_rows >= start) & (query_rows < start + p.count)] - start
@@ -576,7 +601,7 @@ class StagedBuild:
         return queries, None, query_labels, (np.concatenate(train) if train else None)
 
     def _trained(self, spec: fx.IndexSpec, sample: np.ndarray | None, version_dir: Path) -> faiss.Index | None:
-        if spec.index_type != "ivf":
+        if spec.index_type == "flat":
             return None
         path = version_dir / "trained.faiss"
         if self.request.kind == "update":
@@ -584,8 +609,9 @@ class StagedBuild:
             return fx.read_index(path)
         cached = self.dir / "work" / f"trained-{spec.factory}-{spec.train_size}-{spec.niter}-{spec.seed}.faiss"
         if not cached.is_file():
-            self.progress(f"training {spec.factory} on {len(sample)} vectors")
-            fx.write_index_atomic(fx.train_ivf(sample, spec), cached)
+            if spec.train_size:
+                self.progress(f"training {spec.factory} on {len(sample)} vectors")
+            fx.write_index_atomic(fx.train_index(sample, spec), cached)
         link_or_copy(cached, path)
         return fx.read_index(path)
 
@@ -601,27 +627,42 @@ class StagedBuild:
         sample = sample.without(old_ids - kept)
         return sample.merged(scores, ids)
 
-    def _tune(self, combined: fx.CombinedIndex, spec: fx.IndexSpec, sample: RecallSample, ids_by_shard) -> tuple[float, int]:
-        """recall@10 of the index on the sample; with nprobe_auto, the smallest power-of-two
-        nprobe reaching target_recall (an update starts from its parent's nprobe)."""
-        if spec.index_type != "ivf":
-            return 1.0, 0  # exact search
+    def _tune(self, combined: fx.CombinedIndex, spec: fx.IndexSpec, sample: RecallSample, ids_by_shard) -> fx.Tuning:
+        """recall@10 of the index on the sample and its single-query latency; with nprobe_auto,
+        the smallest nprobe (IVF) or efSearch (HNSW) reaching target_recall within max_query_ms
+        (an update starts from its parent's value)."""
+        if spec.index_type == "flat":
+            return fx.Tuning(0, 1.0, 0, None, True, [])  # exact search: nothing to measure
 
-        def measure(nprobe: int) -> tuple[float, int]:
-            _, labels = combined.search(sample.queries, RECALL_K + 1, nprobe=nprobe)
+        def apply(value: int) -> None:
+            fx.set_search_param(combined.index, spec.search_param, value)
+
+        def measure(value: int) -> tuple[float, int]:
+            apply(value)
+            _, labels = combined.search(sample.queries, RECALL_K + 1)
             return sample.recall(_labels_to_ids(labels, ids_by_shard), RECALL_K)
 
-        if not spec.nprobe_auto:
-            return measure(spec.nprobe)
-        nprobe = spec.nprobe if self.request.kind == "update" and spec.nprobe else 1
-        while True:
-            recall, used = measure(nprobe)
-            if recall >= spec.target_recall or nprobe >= spec.nlist or math.isnan(recall):
-                break
-            nprobe = min(spec.nlist, nprobe * 2)
-        spec.nprobe = nprobe
-        fx.set_nprobe(combined.index, nprobe)
-        return recall, used
+        def latency(value: int) -> float:
+            apply(value)
+            return fx.query_latency_ms(combined.index, sample.queries, RECALL_K)
+
+        if spec.nprobe_auto:
+            start = spec.search_value if self.request.kind == "update" else 0
+            values = fx.search_values(spec, start)
+        else:
+            values = [spec.search_value]
+        tuning = fx.tune_search(measure, latency, values, spec.target_recall, spec.max_query_ms)
+        if spec.index_type == "ivf":
+            spec.nprobe = tuning.value
+        elif spec.index_type == "hnsw":
+            spec.ef_search = tuning.value
+        apply(tuning.value)
+        if not tuning.reached and not math.isnan(tuning.recall):
+            budget = f" within {spec.max_query_ms:g} ms/query" if spec.max_query_ms else ""
+            self.progress(f"note: recall@{RECALL_K} {tuning.recall:.3f} is below the target {spec.target_recall:g}{budget} "
+                          f"({spec.factory}, {spec.search_param or 'nothing to tune'} {tuning.value or ''}); "
+                          "a larger index (more bytes per vector) or a larger --max-query-ms would reach it")
+        return tuning
 
     def _counts(self, listing, parent_rows, from_parent, from_staging, corrupt, n_vectors, n_shards) -> dict[str, int]:
         resumed = pa.array([p.index for p in self.resumed], pa.int64())

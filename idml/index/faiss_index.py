@@ -8,6 +8,11 @@ shard reused unchanged by a later version keeps its labels.
 Small corpora get exact ``Flat`` shards; large ones ``IVF<nlist>,Flat`` shards that share one
 coarse quantizer trained on a sample, searched together with ``IndexShardsIVF`` (one coarse
 search, then every shard's lists) or merged into one on-disk IVF (``faiss.contrib.ondisk``).
+Any faiss factory string searching by inner product works too (``check_factory``): IVF ones
+(``IVF4096,PQ64``, ``IVF1024,SQ8``) share one trained index as above; others (``HNSW32``,
+``PQ32``) get one IDMap-wrapped copy of a trained template per shard (an HNSW graph per shard),
+searched together with ``IndexShards``. Under a memory budget ``choose_index`` picks Flat,
+IVF-Flat or IVF-PQ; ``tune_search`` sets nprobe/efSearch for a recall target and latency budget.
 
 GPUs (with ``faiss-gpu``: ``pip install 'idml[gpu]'``): k-means, the expensive part of an IVF
 build, runs on every GPU faiss sees; searching a Flat index runs on them when asked
@@ -18,21 +23,29 @@ GPU memory) searchable.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
+import re
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
+from ..errors import InputError
 from ..faiss_import import faiss
 
 log = logging.getLogger(__name__)
 
-INDEX_TYPES = ("auto", "flat", "ivf")
+INDEX_SHORTHANDS = ("auto", "flat", "ivf")
+# flat: exact; ivf: inverted lists, one trained index cloned into every shard and searched
+# together (one coarse search); hnsw: a graph per shard; scan: compressed codes (PQ, SQ) scanned
+# in full, per shard. hnsw and scan shards are IDMap-wrapped copies of one trained template.
+INDEX_KINDS = ("flat", "ivf", "hnsw", "scan")
 # Up to here exact search costs ~n*d flops per query (about 3 ms on two CPU cores at d=512),
 # cheap enough to keep every answer exact.
 FLAT_MAX_VECTORS = 200_000
@@ -40,24 +53,50 @@ SHARD_BITS = 32
 ROW_MASK = (1 << SHARD_BITS) - 1
 # faiss warns below 39 training points per centroid; 64 gives stabler centroids at little cost.
 TRAIN_POINTS_PER_LIST = 64
+# A PQ/SQ codebook (2^8 centroids per sub-quantizer) trained on fewer points is noisy.
+CODEC_TRAIN_POINTS = TRAIN_POINTS_PER_LIST * 256
+# Random vectors a factory string is built and searched on to check it (and to measure its bytes).
+CHECK_SAMPLE = 1024
+IDS_BYTES = 8  # every stored vector carries an int64 label
+EF_SEARCH_VALUES = (16, 32, 64, 128, 256, 512, 1024)
+LATENCY_QUERIES = 32
+_BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
 @dataclass
 class IndexSpec:
-    index_type: str  # "flat" or "ivf"
+    index_type: str  # one of INDEX_KINDS
     dim: int
     nlist: int = 0
     nprobe: int = 0  # 0 = not yet tuned
-    nprobe_auto: bool = True  # tuned on the recall sample (to target_recall) at every build/update
-    train_size: int = 0
+    nprobe_auto: bool = True  # nprobe (IVF) or efSearch (HNSW) tuned on the recall sample at every build/update
+    train_size: int = 0  # 0: nothing to train (Flat, HNSW over full vectors)
     niter: int = 10
     seed: int = 1234
     metric: str = "inner_product"
     target_recall: float = 0.95
+    index_factory: str = ""  # the faiss factory string; "" = the plain Flat/IVF-Flat of `factory` (older versions)
+    ef_search: int = 0  # HNSW only; 0 = not yet tuned
+    max_query_ms: float | None = None  # latency budget of the tuning (ms per single query)
+    max_index_bytes: int | None = None  # --max-index-memory
+    estimated_bytes: int = 0  # memory of the index for the vectors it was built for
+    choice: str = ""  # why this index
 
     @property
     def factory(self) -> str:
+        if self.index_factory:
+            return self.index_factory
         return "IDMap,Flat" if self.index_type == "flat" else f"IVF{self.nlist},Flat"
+
+    @property
+    def search_param(self) -> str | None:
+        """The faiss parameter that trades recall for speed, tuned at build time."""
+        return {"ivf": "nprobe", "hnsw": "efSearch"}.get(self.index_type)
+
+    @property
+    def search_value(self) -> int:
+        return self.nprobe if self.index_type == "ivf" else self.ef_search
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "factory": self.factory, "faiss_version": faiss.__version__}
@@ -66,6 +105,22 @@ class IndexSpec:
     def from_dict(cls, data: dict[str, Any]) -> "IndexSpec":
         names = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def parse_bytes(text: str | int) -> int:
+    """``8GB`` (powers of 1000), ``8GiB`` (of 1024), or a number of bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _BYTE_UNITS or float(match.group(1)) <= 0:
+        raise InputError(f"memory size {text!r}: write a positive number with a unit, e.g. 8GB, 512MiB or 1.5TB")
+    return int(float(match.group(1)) * _BYTE_UNITS[unit])
+
+
+def format_bytes(n: float) -> str:
+    for unit, size in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
 
 
 def default_nlist(n: int) -> int:
@@ -79,26 +134,228 @@ def default_nlist(n: int) -> int:
     return int(max(1, min(nlist, n // TRAIN_POINTS_PER_LIST)))
 
 
-def resolve_spec(index_type: str, n: int, dim: int, *, nlist: int | None = None, nprobe: int | None = None,
-                 train_size: int | None = None, target_recall: float = 0.95) -> IndexSpec:
-    """Pick the index for ``n`` vectors: ``auto`` is Flat up to FLAT_MAX_VECTORS, IVF above."""
-    if index_type not in INDEX_TYPES:
-        raise ValueError(f"index type {index_type!r} is not one of {', '.join(INDEX_TYPES)}")
+# -- factory strings ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FactoryCheck:
+    """What building a factory string on CHECK_SAMPLE random unit vectors showed."""
+
+    factory: str  # without a leading IDMap (every shard gets its labels anyway)
+    kind: str  # one of INDEX_KINDS
+    nlist: int  # IVF lists, 0 otherwise
+    trains_codes: bool  # PQ, SQ codes need training (IVF-Flat, HNSW over full vectors do not)
+    fixed_bytes: int  # serialized size with no vectors (quantizer, codebooks)
+    bytes_per_vector: float  # codes, label and (HNSW) links per added vector
+
+    def estimated_bytes(self, n: int) -> int:
+        return int(self.fixed_bytes + n * self.bytes_per_vector)
+
+
+def _faiss_reason(err: Exception) -> str:
+    """faiss's message without its C++ location prefix, on one line."""
+    text = " ".join(str(err).split())
+    return re.sub(r"^Error in .*? at \S+:\d+: (Error: )?", "", text)
+
+
+def _components(index: faiss.Index):
+    """The index and the indexes it wraps (IDMap, pre-transforms, HNSW storage)."""
+    index = faiss.downcast_index(index)
+    yield index
+    for attr in ("index", "storage"):
+        inner = getattr(index, attr, None)
+        if isinstance(inner, faiss.Index):
+            yield from _components(inner)
+
+
+def _no_polysemous_training(index: faiss.Index) -> None:
+    # index_factory turns polysemous training on for IVF-PQ: minutes of CPU for a code ordering
+    # only polysemous search (which idml does not use) benefits from.
+    for part in _components(index):
+        if hasattr(part, "do_polysemous_training"):
+            part.do_polysemous_training = False
+
+
+def _kind_of(index: faiss.Index) -> str:
+    if faiss.try_extract_index_ivf(index) is not None:
+        return "ivf"
+    parts = list(_components(index))
+    if any(isinstance(p, faiss.IndexHNSW) for p in parts):
+        return "hnsw"
+    top = parts[0]
+    return "flat" if type(top) in (faiss.IndexFlat, faiss.IndexFlatIP) else "scan"
+
+
+def _template_factory(name: str, kind: str) -> str:
+    """What every shard is a copy of: IVF carries labels in its lists, the rest get an IDMap."""
+    return name if kind == "ivf" else f"IDMap,{name}"
+
+
+@functools.lru_cache(maxsize=32)
+def check_factory(factory: str, dim: int) -> FactoryCheck:
+    """Build ``factory`` for ``dim``-d inner-product search on a tiny random sample: a string
+    faiss cannot parse, build for this dimension, train, fill or search by inner product is
+    refused (InputError, faiss's reason in one line). IVF lists are filled with random
+    centroids instead of k-means, so the check costs well under a second even for IVF65536."""
+    name = re.sub(r"^IDMap2?,", "", factory.replace(" ", ""))
+    where = f"--index {factory!r}"
+    try:
+        index = faiss.index_factory(dim, name, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise InputError(f"{where}: faiss cannot build it for {dim}-d vectors: {_faiss_reason(e)}; "
+                         "see https://github.com/facebookresearch/faiss/wiki/The-index-factory") from None
+    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        raise InputError(f"{where}: faiss builds it with the L2 metric only, but idml searches by inner product "
+                         "(cosine); choose another type (e.g. IVF4096,PQ64 or HNSW32)")
+    kind = _kind_of(index)
+    if kind == "ivf" and not isinstance(faiss.downcast_index(index), faiss.IndexIVF):
+        # Shards share one coarse search (IndexShardsIVF) and merge on disk only as bare IVF indexes.
+        raise InputError(f"{where}: idml shards IVF indexes without a pre-transform (OPQ, PCA, ...); "
+                         "drop the transform (e.g. IVF4096,PQ64)")
+    if kind == "flat":
+        name = "Flat"
+    index = faiss.index_factory(dim, _template_factory(name, kind), faiss.METRIC_INNER_PRODUCT)
+    ivf = faiss.try_extract_index_ivf(index)
+    rng = np.random.default_rng(0)
+    sample = rng.standard_normal((CHECK_SAMPLE, dim)).astype(np.float32)
+    faiss.normalize_L2(sample)
+    labels = np.arange(CHECK_SAMPLE, dtype=np.int64) + (np.int64(3) << SHARD_BITS)
+    try:
+        if ivf is not None and ivf.quantizer.is_trained and ivf.quantizer.ntotal == 0:
+            centroids = rng.standard_normal((ivf.nlist, dim)).astype(np.float32)
+            faiss.normalize_L2(centroids)
+            ivf.quantizer.add(centroids)  # train() then skips k-means and trains only the codes
+        _no_polysemous_training(index)
+        for part in _components(index):
+            if hasattr(part, "pq"):
+                part.pq.cp.niter = 2  # the check needs codebooks that work, not good ones
+        # Codes that need training (PQ, SQ); IVF-Flat and HNSW over full vectors need none.
+        needs_codec = not index.is_trained and not isinstance(faiss.downcast_index(index), faiss.IndexIVFFlat)
+        if not index.is_trained:
+            index.train(sample)
+        empty = len(faiss.serialize_index(index))
+        index.add_with_ids(sample, labels)
+        _, found = index.search(sample[:8], 4)
+    except RuntimeError as e:
+        raise InputError(f"{where}: faiss cannot build it on a sample of {CHECK_SAMPLE} {dim}-d vectors: "
+                         f"{_faiss_reason(e)}") from None
+    if not np.isin(found[:, 0], labels).all():
+        raise InputError(f"{where}: searching it found nothing on a sample of {CHECK_SAMPLE} vectors; "
+                         "choose another type")
+    if ivf is not None:
+        # Per list, the stored lists carry an 8-byte size; a sample filling few lists would skew a
+        # measured difference, so IVF is counted from its code size.
+        return FactoryCheck(name, kind, int(ivf.nlist), bool(needs_codec), empty + 8 * int(ivf.nlist),
+                            float(ivf.code_size + IDS_BYTES))
+    full = len(faiss.serialize_index(index))
+    return FactoryCheck(name, kind, 0, bool(needs_codec), empty, (full - empty) / CHECK_SAMPLE)
+
+
+# -- choosing an index under a memory budget ---------------------------------------------------
+def pq_code_sizes(dim: int) -> list[int]:
+    """Bytes per vector of the IVF-PQ candidates, largest first: PQ needs M to divide d; at
+    least 2 dimensions per sub-quantizer (M = d would cost as much as SQ8)."""
+    return [m for m in range(dim // 2, 0, -1) if dim % m == 0]
+
+
+def estimated_index_bytes(factory: str, n: int, dim: int) -> int:
+    """Memory of ``n`` vectors in ``Flat``, ``IVF<nlist>,Flat`` or ``IVF<nlist>,PQ<M>`` (8-bit
+    codes): vectors or codes plus an int64 label each, the coarse centroids and the PQ
+    codebooks. The same as ``check_factory(...).estimated_bytes(n)`` to within a few lists'
+    headers (tests check it)."""
+    if factory == "Flat":
+        return n * (4 * dim + IDS_BYTES)
+    match = re.fullmatch(r"IVF(\d+),(Flat|PQ(\d+))", factory)
+    if match is None:
+        raise ValueError(f"no memory formula for {factory!r}: use check_factory(...).estimated_bytes")
+    centroids = int(match.group(1)) * dim * 4
+    if match.group(2) == "Flat":
+        return centroids + n * (4 * dim + IDS_BYTES)
+    return centroids + 256 * dim * 4 + n * (int(match.group(3)) + IDS_BYTES)
+
+
+@dataclass(frozen=True)
+class IndexChoice:
+    factory: str
+    estimated_bytes: int
+    reason: str
+
+
+def choose_index(n: int, dim: int, max_bytes: int, *, nlist: int | None = None) -> IndexChoice:
+    """autofaiss-like: exact ``Flat`` when the corpus is small enough for exact search
+    (FLAT_MAX_VECTORS) and fits ``max_bytes``; else ``IVF-Flat`` if it fits; else ``IVF-PQ`` with
+    the largest code that fits (best recall for the memory). Refused when even the smallest does
+    not fit."""
     if n < 1:
         raise ValueError("nothing to index: the corpus has no readable images")
-    kind = index_type if index_type != "auto" else ("flat" if n <= FLAT_MAX_VECTORS else "ivf")
-    if kind == "flat":
-        return IndexSpec("flat", dim, nprobe=0, nprobe_auto=False, target_recall=target_recall)
-    nlist = int(nlist or default_nlist(n))
-    if nlist < 1 or nlist > n:
+    budget = format_bytes(max_bytes)
+    flat = estimated_index_bytes("Flat", n, dim)
+    if n <= FLAT_MAX_VECTORS and flat <= max_bytes:
+        return IndexChoice("Flat", flat, f"exact search: {n} vectors (<= {FLAT_MAX_VECTORS}) fit {budget}")
+    lists = int(nlist or default_nlist(n))
+    ivf_flat = f"IVF{lists},Flat"
+    if estimated_index_bytes(ivf_flat, n, dim) <= max_bytes:
+        why = "more vectors than exact search serves fast" if flat <= max_bytes else f"Flat needs {format_bytes(flat)}"
+        return IndexChoice(ivf_flat, estimated_index_bytes(ivf_flat, n, dim), f"{why}; IVF-Flat fits {budget}")
+    for m in pq_code_sizes(dim):
+        factory = f"IVF{lists},PQ{m}"
+        size = estimated_index_bytes(factory, n, dim)
+        if size <= max_bytes:
+            return IndexChoice(factory, size, f"IVF-Flat needs {format_bytes(estimated_index_bytes(ivf_flat, n, dim))}; "
+                                              f"the largest PQ code ({m} bytes/vector) that fits {budget}")
+    raise InputError(f"--max-index-memory {budget}: even {factory} needs about {format_bytes(size)} for {n} "
+                     f"{dim}-d vectors; raise the budget or index fewer vectors")
+
+
+def resolve_spec(index_type: str, n: int, dim: int, *, nlist: int | None = None, nprobe: int | None = None,
+                 train_size: int | None = None, target_recall: float = 0.95, max_index_bytes: int | None = None,
+                 max_query_ms: float | None = None) -> IndexSpec:
+    """The index for ``n`` vectors. ``index_type``: ``auto`` (Flat up to FLAT_MAX_VECTORS, IVF-Flat
+    above; with ``max_index_bytes``, ``choose_index``), ``flat``, ``ivf`` (IVF-Flat, ``nlist``
+    lists), or a faiss factory string (``IVF4096,PQ64``, ``HNSW32``, ...; ``check_factory``)."""
+    if n < 1:
+        raise ValueError("nothing to index: the corpus has no readable images")
+    if nlist is not None and not 1 <= nlist <= n:
         raise ValueError(f"nlist={nlist} must be between 1 and the number of vectors ({n})")
-    train = int(min(n, train_size or TRAIN_POINTS_PER_LIST * nlist))
-    if train < nlist:
-        raise ValueError(f"train_size={train} is below nlist={nlist}; k-means needs at least one point per list")
-    if nprobe is not None and not 1 <= nprobe <= nlist:
-        raise ValueError(f"nprobe={nprobe} must be between 1 and nlist={nlist}")
-    return IndexSpec("ivf", dim, nlist=nlist, nprobe=int(nprobe or 0), nprobe_auto=nprobe is None,
-                     train_size=train, target_recall=target_recall)
+    if index_type == "auto" and max_index_bytes:
+        choice = choose_index(n, dim, max_index_bytes, nlist=nlist)
+        factory, reason = choice.factory, choice.reason
+    elif index_type == "auto":
+        factory = "Flat" if n <= FLAT_MAX_VECTORS else f"IVF{nlist or default_nlist(n)},Flat"
+        reason = f"auto: {n} vectors, {'<=' if n <= FLAT_MAX_VECTORS else '>'} {FLAT_MAX_VECTORS} (the most searched exactly)"
+    elif index_type == "flat":
+        factory, reason = "Flat", "--index flat"
+    elif index_type == "ivf":
+        factory, reason = f"IVF{nlist or default_nlist(n)},Flat", "--index ivf"
+    else:
+        if nlist is not None:
+            raise InputError(f"--nlist applies to --index auto or ivf; write the lists into the factory string "
+                             f"instead (e.g. IVF{nlist},PQ64), not --index {index_type!r}")
+        factory, reason = index_type, f"--index {index_type}"
+    check = check_factory(factory, dim)
+    kind, estimate = check.kind, check.estimated_bytes(n)
+    if max_index_bytes and estimate > max_index_bytes:
+        raise InputError(f"--index {index_type}: {check.factory} needs about {format_bytes(estimate)} for {n} vectors, "
+                         f"over --max-index-memory {format_bytes(max_index_bytes)}; raise the budget, or leave "
+                         "--index auto to choose a smaller index")
+    if check.nlist > n:
+        raise InputError(f"--index {check.factory}: {check.nlist} IVF lists for {n} vectors; use at most one list "
+                         f"per vector (about {default_nlist(n)} is typical)")
+    common = dict(target_recall=target_recall, max_query_ms=max_query_ms, estimated_bytes=estimate,
+                  max_index_bytes=max_index_bytes, choice=reason)
+    if kind == "flat":
+        return IndexSpec("flat", dim, nprobe=0, nprobe_auto=False, **common)
+    if nprobe is not None and kind != "ivf":
+        raise InputError(f"--nprobe applies to IVF indexes; {check.factory} is {kind} "
+                         f"({'efSearch is tuned instead' if kind == 'hnsw' else 'nothing to tune'})")
+    wanted = TRAIN_POINTS_PER_LIST * check.nlist
+    if check.trains_codes:
+        wanted = max(wanted, CODEC_TRAIN_POINTS)
+    train = int(min(n, train_size or wanted)) if wanted or train_size else 0
+    if kind == "ivf" and train < check.nlist:
+        raise ValueError(f"train_size={train} is below nlist={check.nlist}; k-means needs at least one point per list")
+    if nprobe is not None and not 1 <= nprobe <= check.nlist:
+        raise ValueError(f"nprobe={nprobe} must be between 1 and nlist={check.nlist}")
+    return IndexSpec(kind, dim, nlist=check.nlist, nprobe=int(nprobe or 0), nprobe_auto=nprobe is None and kind != "scan",
+                     train_size=train, index_factory=check.factory, **common)
 
 
 def gpu_count() -> int:
@@ -115,21 +372,33 @@ def split_labels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return labels >> SHARD_BITS, labels & ROW_MASK
 
 
-def train_ivf(sample: np.ndarray, spec: IndexSpec) -> faiss.Index:
-    """An empty IVF index whose coarse quantizer is trained on ``sample`` (k-means)."""
-    index = faiss.index_factory(spec.dim, spec.factory, faiss.METRIC_INNER_PRODUCT)
-    ivf = faiss.extract_index_ivf(index)
-    ivf.cp.niter = spec.niter
-    ivf.cp.seed = spec.seed
-    ivf.cp.max_points_per_centroid = max(1, math.ceil(len(sample) / spec.nlist))
+def train_index(sample: np.ndarray | None, spec: IndexSpec) -> faiss.Index:
+    """The empty index every shard is a copy of, trained on ``sample``: IVF's coarse quantizer
+    (k-means) and any codes (PQ, SQ). An index with nothing to train needs no sample."""
+    index = faiss.index_factory(spec.dim, _template_factory(spec.factory, spec.index_type), faiss.METRIC_INNER_PRODUCT)
+    _no_polysemous_training(index)
+    if index.is_trained:
+        return index
+    if sample is None or not len(sample):
+        raise ValueError(f"{spec.factory} needs training vectors")
+    ivf = faiss.try_extract_index_ivf(index)
     clustering = None
-    if gpu_count():
-        # k-means is the expensive part of an IVF build; the GPU clusters ~100x faster.
-        clustering = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(spec.dim))
-        ivf.clustering_index = clustering
-    index.train(np.ascontiguousarray(sample, np.float32))
-    if clustering is not None:
-        ivf.clustering_index = None
+    if ivf is not None:
+        ivf.cp.niter = spec.niter
+        ivf.cp.seed = spec.seed
+        ivf.cp.max_points_per_centroid = max(1, math.ceil(len(sample) / spec.nlist))
+        if gpu_count():
+            # k-means is the expensive part of an IVF build; the GPU clusters ~100x faster.
+            clustering = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(spec.dim))
+            ivf.clustering_index = clustering
+    try:
+        index.train(np.ascontiguousarray(sample, np.float32))
+    except RuntimeError as e:  # e.g. fewer vectors than a PQ codebook has centroids
+        raise InputError(f"--index {spec.factory}: faiss cannot train it on {len(sample)} vectors: {_faiss_reason(e)}; "
+                         "choose a smaller index (fewer lists, PQ<M>x4 codes) for this corpus") from None
+    finally:
+        if clustering is not None:
+            ivf.clustering_index = None
     return index
 
 
@@ -137,7 +406,7 @@ def new_shard_index(spec: IndexSpec, trained: faiss.Index | None) -> faiss.Index
     if spec.index_type == "flat":
         return faiss.IndexIDMap(faiss.IndexFlatIP(spec.dim))
     if trained is None:
-        raise ValueError("an IVF shard needs the trained quantizer")
+        raise ValueError(f"a {spec.factory} shard needs the trained index (trained.faiss)")
     return faiss.clone_index(trained)
 
 
@@ -158,17 +427,77 @@ def read_index(path: str | os.PathLike, *, mmap: bool = False) -> faiss.Index:
     return faiss.read_index(str(path), faiss.IO_FLAG_MMAP if mmap else 0)
 
 
+def set_search_param(index: faiss.Index, name: str | None, value: int) -> None:
+    """Set ``nprobe`` (IVF) or ``efSearch`` (HNSW) on an index and everything it wraps (every
+    shard of IndexShards, IDMaps); no-op for a value <= 0 or no parameter."""
+    if name and value > 0:
+        faiss.ParameterSpace().set_index_parameter(index, name, int(value))
+
+
 def set_nprobe(index: faiss.Index, nprobe: int) -> None:
-    """Set nprobe on an IVF index, on every shard of an IndexShardsIVF; no-op for Flat."""
-    if nprobe <= 0:
-        return
-    if isinstance(index, faiss.IndexShardsIVF):
-        for i in range(index.count()):
-            faiss.extract_index_ivf(index.at(i)).nprobe = nprobe
-        return
-    ivf = faiss.try_extract_index_ivf(index)
-    if ivf is not None:
-        ivf.nprobe = nprobe
+    set_search_param(index, "nprobe", nprobe)
+
+
+def apply_search_params(index: faiss.Index, spec: IndexSpec) -> None:
+    set_search_param(index, spec.search_param, spec.search_value)
+
+
+def query_latency_ms(index: faiss.Index, queries: np.ndarray, k: int) -> float:
+    """Median time of one query alone (what a search request waits), over up to LATENCY_QUERIES."""
+    queries = np.ascontiguousarray(queries[:LATENCY_QUERIES], np.float32)
+    if not len(queries):
+        return float("nan")
+    k = max(1, min(k, int(index.ntotal)))
+    index.search(queries[:1], k)  # warm: page in mmapped lists, allocate
+    times = []
+    for q in range(len(queries)):
+        t = time.perf_counter()
+        index.search(queries[q:q + 1], k)
+        times.append((time.perf_counter() - t) * 1000)
+    return float(np.median(times))
+
+
+def search_values(spec: IndexSpec, start: int = 0) -> list[int]:
+    """nprobe (powers of two up to nlist) or efSearch values tried by the tuning, from ``start``."""
+    if spec.index_type == "ivf":
+        values = sorted({min(spec.nlist, 2 ** i) for i in range(0, max(1, spec.nlist).bit_length() + 1)})
+    elif spec.index_type == "hnsw":
+        values = list(EF_SEARCH_VALUES)
+    else:
+        return [0]
+    return [v for v in values if v >= start] or [values[-1]]
+
+
+@dataclass
+class Tuning:
+    value: int  # the chosen nprobe / efSearch (0: nothing to tune)
+    recall: float
+    queries: int
+    query_ms: float | None  # None: not measured (exact search)
+    reached: bool  # recall >= target within the latency budget
+    tried: list[dict[str, float]]
+
+
+def tune_search(measure: Callable[[int], tuple[float, int]], latency: Callable[[int], float], values: list[int],
+                target: float, max_query_ms: float | None = None) -> Tuning:
+    """The smallest value (values ascending) whose recall reaches ``target``; when the latency
+    budget ``max_query_ms`` runs out first, the largest value within it (or the smallest value,
+    if none is). ``measure(v)``: (recall, queries used); ``latency(v)``: ms per query."""
+    tried: list[dict[str, float]] = []
+    best = None
+    for value in values:
+        recall, used = measure(value)
+        ms = latency(value)
+        tried.append({"value": value, "recall": recall, "query_ms": ms})
+        over = max_query_ms is not None and ms > max_query_ms
+        if over and best is not None:
+            break
+        best = (value, recall, used, ms)
+        if over or recall >= target or math.isnan(recall):
+            break
+    value, recall, used, ms = best
+    reached = recall >= target and (max_query_ms is None or ms <= max_query_ms)
+    return Tuning(value, recall, used, ms, bool(reached), tried)
 
 
 @dataclass
@@ -184,9 +513,10 @@ class CombinedIndex:
     def ntotal(self) -> int:
         return int(self.index.ntotal)
 
-    def search(self, queries: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        if nprobe:
-            set_nprobe(self.index, nprobe)
+    def search(self, queries: np.ndarray, k: int, nprobe: int | None = None,
+               ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        set_search_param(self.index, "nprobe", nprobe or 0)
+        set_search_param(self.index, "efSearch", ef_search or 0)
         k = min(k, self.ntotal)
         return self.index.search(np.ascontiguousarray(queries, np.float32), k)
 
@@ -199,19 +529,18 @@ def combine(shards: list[faiss.Index], spec: IndexSpec, trained: faiss.Index | N
             raise ValueError("--gpu: faiss sees no GPU (faiss-cpu is installed, or no GPU is visible); "
                              "install faiss-gpu with `pip install 'idml[gpu]'` on a CUDA 12 machine")
         if spec.index_type != "flat":
-            raise ValueError("--gpu searches exact (Flat) indexes; this IVF index is searched on the CPU "
-                             "(its lists are memory-mapped)")
+            raise ValueError(f"--gpu searches exact (Flat) indexes; this {spec.factory} index is searched on the CPU")
         shards = [faiss.index_cpu_to_all_gpus(shard) for shard in shards]
-    if spec.index_type == "flat":
-        combined = faiss.IndexShards(spec.dim, False, False)
-        parts: list[Any] = list(shards)
-    else:
+    if spec.index_type == "ivf":
         quantizer = faiss.extract_index_ivf(trained).quantizer
         combined = faiss.IndexShardsIVF(quantizer, spec.nlist, False, False)
-        parts = [trained, quantizer, *shards]
+        parts: list[Any] = [trained, quantizer, *shards]
+    else:  # every shard searched on its own (an HNSW graph, a code scan), results merged
+        combined = faiss.IndexShards(spec.dim, False, False)
+        parts = list(shards)
     for shard in shards:
         combined.add_shard(shard)
-    set_nprobe(combined, spec.nprobe)
+    apply_search_params(combined, spec)
     return CombinedIndex(combined, spec, parts)
 
 

@@ -22,7 +22,7 @@ def test_auto_spec_is_flat_for_small_and_ivf_for_large_corpora():
     assert fx.resolve_spec("ivf", 5000, 8, nlist=16, nprobe=4).nprobe == 4
     with pytest.raises(ValueError, match="nprobe"):
         fx.resolve_spec("ivf", 5000, 8, nlist=16, nprobe=17)
-    with pytest.raises(ValueError, match="index type"):
+    with pytest.raises(ValueError, match="faiss cannot build it"):
         fx.resolve_spec("hnsw", 5000, 8)
     with pytest.raises(ValueError, match="nothing to index"):
         fx.resolve_spec("auto", 0, 8)
@@ -38,7 +38,7 @@ def test_ivf_shards_search_like_one_index_and_merge_on_disk(tmp_path):
     x = clustered(12000)
     queries = clustered(200, seed=1)
     spec = fx.resolve_spec("ivf", len(x), 32, nlist=64)
-    trained = fx.train_ivf(x[: spec.train_size], spec)
+    trained = fx.train_index(x[: spec.train_size], spec)
     fx.write_index_atomic(trained, tmp_path / "trained.faiss")
     parts = np.array_split(np.arange(len(x)), 3)
     shards, paths = [], []

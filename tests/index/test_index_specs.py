@@ -1,0 +1,212 @@
+"""Index specs (issue 12): faiss factory strings, the choice under a memory budget, nprobe/efSearch
+tuning for a recall target within a latency budget. Tiny data, no Ray."""
+
+import numpy as np
+import pytest
+from support import build_in_process, make_index_dataset
+
+from idml.errors import InputError
+from idml.faiss_import import faiss
+from idml.index import IndexSearcher, IndexStore, verify_index
+from idml.index import faiss_index as fx
+
+
+def clustered(n, d=32, clusters=200, noise=1.0, seed=0):
+    """Loose clusters: one IVF list holds ~70% of a query's neighbours, so nprobe matters."""
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((clusters, d)).astype(np.float32)
+    x = centers[rng.integers(0, clusters, n)] + noise * rng.standard_normal((n, d)).astype(np.float32)
+    faiss.normalize_L2(x)
+    return x
+
+
+# -- factory strings -------------------------------------------------------------------------------
+@pytest.mark.parametrize("factory, kind, nlist", [
+    ("IVF16,PQ8", "ivf", 16), ("IVF16,PQ8x4fs", "ivf", 16), ("IVF16,SQ8", "ivf", 16), ("IVF16,Flat", "ivf", 16),
+    ("HNSW16", "hnsw", 0), ("PQ8", "scan", 0), ("IDMap,Flat", "flat", 0), ("Flat", "flat", 0),
+])
+def test_factory_strings_that_search_by_inner_product_are_accepted(factory, kind, nlist):
+    check = fx.check_factory(factory, 32)
+    assert (check.kind, check.nlist) == (kind, nlist)
+    assert check.bytes_per_vector > 0 and check.estimated_bytes(1000) > check.estimated_bytes(10)
+
+
+@pytest.mark.parametrize("factory, reason", [
+    ("bogus", "could not parse index string bogus"),
+    ("IVF16,PQ7", "should be a multiple of the number of subquantizers"),  # 32 % 7 != 0
+    ("HNSW16,PQ8", "L2 metric only"),  # faiss ignores the inner-product metric for HNSW-PQ
+    ("LSH", "metric == METRIC_L2"),
+    ("OPQ8,IVF16,PQ8", "without a pre-transform"),
+])
+def test_bad_factory_strings_are_refused_with_the_reason_in_one_line(factory, reason):
+    with pytest.raises(InputError, match=reason) as err:
+        fx.check_factory(factory, 32)
+    assert "\n" not in str(err.value) and f"--index {factory!r}" in str(err.value)
+
+
+def test_the_command_line_refuses_a_bad_factory_string_before_embedding(tmp_path, checkpoint, capsys):
+    from pipelines.index_cli import main
+
+    ds = make_index_dataset(tmp_path / "ds", 8)
+    code = main(["build", "--checkpoint", checkpoint, "--corpus", ds, "--index-dir", str(tmp_path / "idx"),
+                 "--index", "IVF16,PQ7", "--no-mlflow"])
+    err = capsys.readouterr().err
+    assert code == 2 and "subquantizers" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "idx" / "versions").exists()
+    with pytest.raises(SystemExit) as exit_:
+        main(["build", "--checkpoint", checkpoint, "--corpus", ds, "--index-dir", str(tmp_path / "idx"),
+              "--max-index-memory", "8XB"])
+    assert exit_.value.code == 2 and "8GB" in capsys.readouterr().err
+
+
+def test_memory_sizes_parse_with_decimal_and_binary_units():
+    assert fx.parse_bytes("8GB") == 8 * 10**9 and fx.parse_bytes("512MiB") == 512 * 2**20
+    assert fx.parse_bytes("1.5TB") == 1.5e12 and fx.parse_bytes("4096") == 4096
+    for bad in ("8XB", "-1GB", "", "GB", "0MB"):
+        with pytest.raises(InputError, match="e.g. 8GB"):
+            fx.parse_bytes(bad)
+
+
+# -- the choice under a memory budget --------------------------------------------------------------
+def test_memory_budget_choice_at_its_boundaries():
+    d, small, big = 512, fx.FLAT_MAX_VECTORS, 1_000_000
+    flat = fx.estimated_index_bytes("Flat", small, d)
+    assert fx.choose_index(small, d, flat).factory == "Flat"  # exactly fits
+    nlist_small = fx.default_nlist(small)
+    assert fx.choose_index(small, d, flat - 1).factory == f"IVF{nlist_small},PQ256"  # IVF-Flat is bigger still
+    # Above FLAT_MAX_VECTORS exact search is too slow, whatever the budget.
+    assert fx.choose_index(small + 1, d, 10**15).factory.endswith(",Flat")
+    assert fx.choose_index(small + 1, d, 10**15).factory.startswith("IVF")
+
+    ivf_flat = fx.estimated_index_bytes("IVF1024,Flat", big, d)
+    assert fx.choose_index(big, d, ivf_flat).factory == "IVF1024,Flat"
+    assert fx.choose_index(big, d, ivf_flat - 1).factory == "IVF1024,PQ256"  # the largest code that fits
+    pq64 = fx.estimated_index_bytes("IVF1024,PQ64", big, d)
+    assert fx.choose_index(big, d, pq64).factory == "IVF1024,PQ64"
+    assert fx.choose_index(big, d, pq64 - 1).factory == "IVF1024,PQ32"
+    assert fx.choose_index(big, d, pq64, nlist=4096).factory == "IVF4096,PQ32"  # more centroids, less room
+    smallest = fx.estimated_index_bytes("IVF1024,PQ1", big, d)
+    assert fx.choose_index(big, d, smallest).factory == "IVF1024,PQ1"
+    with pytest.raises(InputError, match="raise the budget"):
+        fx.choose_index(big, d, smallest - 1)
+
+    # The issue's example: 100M x 512 needs ~200 GB as IVF-Flat; 8 GB gives IVF-PQ with 64-byte codes.
+    choice = fx.choose_index(100_000_000, d, fx.parse_bytes("8GB"))
+    assert choice.factory == "IVF8192,PQ64" and choice.estimated_bytes <= 8e9 and "IVF-Flat needs 205" in choice.reason
+    assert fx.pq_code_sizes(512) == [256, 128, 64, 32, 16, 8, 4, 2, 1] and fx.pq_code_sizes(48)[:3] == [24, 16, 12]
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF64,Flat", "IVF64,PQ8"])
+def test_the_memory_formula_matches_what_faiss_stores(factory):
+    n = 100_000
+    measured = fx.check_factory(factory, 32).estimated_bytes(n)
+    assert abs(fx.estimated_index_bytes(factory, n, 32) - measured) / measured < 0.01
+
+
+def test_resolve_spec_records_the_choice_and_refuses_what_does_not_fit():
+    spec = fx.resolve_spec("auto", 1_000_000, 64, max_index_bytes=fx.parse_bytes("100MB"), max_query_ms=5)
+    assert (spec.index_type, spec.factory, spec.nlist) == ("ivf", "IVF1024,PQ32", 1024)
+    assert spec.estimated_bytes <= 10**8 and "PQ code" in spec.choice and spec.max_query_ms == 5
+    assert spec.train_size == fx.TRAIN_POINTS_PER_LIST * 1024 and spec.nprobe_auto
+    hnsw = fx.resolve_spec("HNSW16", 5000, 32)
+    assert (hnsw.index_type, hnsw.train_size, hnsw.search_param) == ("hnsw", 0, "efSearch")
+    pq = fx.resolve_spec("IVF16,PQ8", 5000, 32)
+    assert pq.train_size == 5000  # codebooks want CODEC_TRAIN_POINTS; all there are
+    with pytest.raises(InputError, match="over --max-index-memory"):
+        fx.resolve_spec("IVF16,Flat", 100_000, 32, max_index_bytes=10**6)
+    with pytest.raises(InputError, match="write the lists into the factory string"):
+        fx.resolve_spec("IVF16,PQ8", 5000, 32, nlist=32)
+    with pytest.raises(InputError, match="efSearch is tuned instead"):
+        fx.resolve_spec("HNSW16", 5000, 32, nprobe=4)
+    with pytest.raises(InputError, match="4096 IVF lists for 1000 vectors"):
+        fx.resolve_spec("IVF4096,Flat", 1000, 32)
+
+
+# -- tuning ----------------------------------------------------------------------------------------
+def test_tuning_stops_at_the_target_or_at_the_latency_budget():
+    def measure(v):
+        return min(1.0, v / 16), 100
+
+    def latency(v):
+        return float(v)  # ms grow with the value
+
+    reached = fx.tune_search(measure, latency, [1, 2, 4, 8, 16, 32], 0.5)
+    assert (reached.value, reached.recall, reached.reached) == (8, 0.5, True) and len(reached.tried) == 4
+    capped = fx.tune_search(measure, latency, [1, 2, 4, 8, 16, 32], 0.9, max_query_ms=4)
+    assert (capped.value, capped.reached) == (4, False)  # the largest value within 4 ms
+    assert capped.tried[-1]["value"] == 8  # measured, over budget, not taken
+    none_fit = fx.tune_search(measure, latency, [2, 4], 0.9, max_query_ms=1)
+    assert none_fit.value == 2 and not none_fit.reached
+
+
+def test_nprobe_tuning_reaches_the_target_on_clustered_vectors():
+    x = clustered(20_000)
+    queries = x[np.random.default_rng(3).choice(len(x), 100, replace=False)]
+    spec = fx.resolve_spec("ivf", len(x), 32, nlist=128, target_recall=0.9)
+    trained = fx.train_index(x[: spec.train_size], spec)
+    parts = np.array_split(np.arange(len(x)), 2)
+    combined = fx.combine([fx.build_shard(x[r], s, spec, trained) for s, r in enumerate(parts)], spec, trained)
+    _, exact = fx.exact_topk(queries, [(x[r], fx.labels_for(s, len(r))) for s, r in enumerate(parts)], 10)
+
+    def measure(nprobe):
+        _, found = combined.search(queries, 10, nprobe=nprobe)
+        return float(np.mean([len(set(f) & set(e)) / 10 for f, e in zip(found, exact)])), len(queries)
+
+    def latency(nprobe):
+        fx.set_nprobe(combined.index, nprobe)
+        return fx.query_latency_ms(combined.index, queries, 10)
+
+    tuning = fx.tune_search(measure, latency, fx.search_values(spec), spec.target_recall)
+    assert tuning.reached and tuning.recall >= 0.9 and 1 < tuning.value < spec.nlist and tuning.query_ms > 0
+    recalls = [t["recall"] for t in tuning.tried]
+    assert recalls == sorted(recalls) and recalls[0] < 0.9  # one list is not enough: the tuning did something
+    assert fx.search_values(spec) == [1, 2, 4, 8, 16, 32, 64, 128] and fx.search_values(spec, 16)[0] == 16
+
+
+# -- end to end through the in-process builder ----------------------------------------------------
+def test_ivf_pq_build_update_and_query(tmp_path, checkpoint, capsys):
+    ds = make_index_dataset(tmp_path / "ds", 40)
+    store = IndexStore(tmp_path / "idx")
+    # 4-bit codes: 16 centroids per sub-quantizer train on 40 vectors.
+    m = build_in_process(store.root, ds, checkpoint, index_type="IVF2,PQ8x4", shards=2, max_query_ms=1000)
+    spec, recall = m["faiss"], m["recall"]
+    assert (spec["index_type"], spec["factory"], spec["nlist"]) == ("ivf", "IVF2,PQ8x4", 2)
+    assert 1 <= spec["nprobe"] <= 2 and spec["estimated_bytes"] > 0 and spec["choice"] == "--index IVF2,PQ8x4"
+    assert recall["queries"] > 0 and recall["query_ms"] > 0 and recall["tried"] and recall["max_query_ms"] == 1000
+    assert 0 < recall["recall"] <= 1 and "trained.faiss" in m["files"] and m["metrics"]["estimated_index_bytes"] > 0
+    assert verify_index(store.root) == []
+    from pipelines.index_cli import _print_summary
+
+    _print_summary(m, True, 40)
+    summary = capsys.readouterr().out
+    assert f"IVF2,PQ8x4, nprobe {spec['nprobe']}" in summary and "index chosen: --index IVF2,PQ8x4; estimated memory" in summary
+    assert "ms/query" in summary and "(target 0.95, within 1000 ms" in summary
+
+    make_index_dataset(tmp_path / "ds", 40, drop=(1,), extra=3)
+    m2 = build_in_process(store.root, ds, checkpoint, kind="update")
+    assert m2["faiss"]["factory"] == "IVF2,PQ8x4" and m2["counts"]["vectors"] == 42
+    assert m2["files"]["trained.faiss"] == m["files"]["trained.faiss"]  # the same codebooks and quantizer
+    assert verify_index(store.root) == []
+    for combine in ("shards", "ondisk"):
+        searcher = IndexSearcher(store.root, combine=combine, nprobe=2)
+        mu, u = searcher.lookup(["img-041"])
+        assert "img-041" in [h.id for h in searcher.search(mu, u, 3)[0].hits]
+    with pytest.raises(ValueError, match="an update keeps the index spec"):
+        build_in_process(store.root, ds, checkpoint, kind="update", index_type="HNSW8")
+    # A budget nothing fits is refused before anything is embedded or written.
+    with pytest.raises(InputError, match="even IVF1,PQ1 needs about"):
+        build_in_process(tmp_path / "idx2", ds, checkpoint, max_index_bytes=5000)
+    assert not (tmp_path / "idx2").exists()
+
+
+def test_hnsw_shards_each_get_a_graph_and_efsearch_is_tuned(tmp_path, checkpoint):
+    ds = make_index_dataset(tmp_path / "ds", 40)
+    store = IndexStore(tmp_path / "idx")
+    m = build_in_process(store.root, ds, checkpoint, index_type="HNSW8", shards=2)
+    spec = m["faiss"]
+    assert (spec["index_type"], spec["factory"]) == ("hnsw", "HNSW8") and spec["ef_search"] in fx.EF_SEARCH_VALUES
+    assert m["recall"]["recall"] >= 0.95 and m["recall"]["ef_search"] == spec["ef_search"]
+    assert verify_index(store.root) == []
+    searcher = IndexSearcher(store.root)
+    mu, u = searcher.lookup(["img-007"])
+    assert searcher.search(mu, u, 1)[0].hits[0].id == "img-007"
