@@ -57,7 +57,7 @@ class IndexSearcher:
         self.spec = fx.IndexSpec.from_dict(self.manifest["faiss"])
         if nprobe is not None:
             if self.spec.index_type != "ivf":
-                log.info("--nprobe has no effect on a Flat index")
+                log.info("--nprobe has no effect on a %s index (not IVF)", self.spec.factory)
             elif not 1 <= nprobe <= self.spec.nlist:
                 raise ValueError(f"nprobe={nprobe} must be between 1 and nlist={self.spec.nlist}")
             else:

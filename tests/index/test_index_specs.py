@@ -207,6 +207,11 @@ def test_hnsw_shards_each_get_a_graph_and_efsearch_is_tuned(tmp_path, checkpoint
     assert (spec["index_type"], spec["factory"]) == ("hnsw", "HNSW8") and spec["ef_search"] in fx.EF_SEARCH_VALUES
     assert m["recall"]["recall"] >= 0.95 and m["recall"]["ef_search"] == spec["ef_search"]
     assert verify_index(store.root) == []
+    make_index_dataset(tmp_path / "ds", 40, extra=2)
+    m2 = build_in_process(store.root, ds, checkpoint, kind="update")  # new shard: a copy of the same template
+    assert m2["faiss"]["factory"] == "HNSW8" and [s["source"] for s in m2["shards"]] == ["reused", "reused", "new"]
+    assert verify_index(store.root) == []
     searcher = IndexSearcher(store.root)
-    mu, u = searcher.lookup(["img-007"])
-    assert searcher.search(mu, u, 1)[0].hits[0].id == "img-007"
+    for image in ("img-007", "img-041"):
+        mu, u = searcher.lookup([image])
+        assert searcher.search(mu, u, 1)[0].hits[0].id == image
