@@ -13,8 +13,17 @@ checksums, manifest, publish), without the embedding step. Then:
 * update with ``--update-fraction`` (1%) new vectors through ``StagedBuild`` (kind update):
   embeds nothing else, reuses every shard, adds one. Target: <= 5% of the full build. (In the
   pipeline an update also hashes the corpus to find what changed; there is no corpus here.)
+* an IVF-PQ row (``--pq``, default ``IVF<nlist>,PQ<d/8>``: 64-byte codes at d=512) built the same
+  way: memory vs IVF-Flat, recall@10 vs exact on the held-out queries, speed vs exact.
+* a paper estimate for ``--estimate-n`` (100M) vectors of that IVF-PQ on a cluster: memory per
+  shard, shards per node of ``--node-memory``, build time extrapolated from the measured rates.
 
-    .venv/bin/python benchmarks/index_scale.py [--n 1000000] [--d 512] [--shards 4]
+Two distributions (``--distribution``, both by default): ``tight`` (256 clusters, spread 1.0:
+each cluster spans a few IVF lists, which flatters IVF) and ``loose`` (10,000 clusters, spread
+1.5: neighbours scatter over many lists, closer to real embeddings). Each runs everything above.
+
+    .venv/bin/python benchmarks/index_scale.py [--n 1000000] [--d 512] [--shards 4] [--distribution loose]
+    .venv/bin/python benchmarks/index_scale.py --n 20000 --d 64 --queries 200   # a minute: checks it runs
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import resource
 import sys
 import tempfile
@@ -78,13 +88,18 @@ def listing(n: int) -> pa.Table:
     return pa.table({"id": ids, "content_hash": [f"h{i}" for i in ids]})
 
 
-def staged_run(index_dir: Path, kind: str, d: int, n_total: int, x: np.ndarray, first_id: int, args) -> tuple[dict, float]:
+DISTRIBUTIONS = {"tight": (256, 1.0), "loose": (10_000, 1.5)}  # clusters, spread
+
+
+def staged_run(index_dir: Path, kind: str, d: int, n_total: int, x: np.ndarray, first_id: int, args,
+               index: str | None = None) -> tuple[dict, float]:
     from idml.index import BuildRequest, IndexStore, StagedBuild
 
     checkpoint = {"path": "synthetic", "sha256": "synthetic", "embedding_dim": d, "uncertainty_weight": 0.0}
     corpus = {"uri": "synthetic", "kind": "synthetic", "splits": [], "num_rows": n_total, "fingerprint": str(n_total)}
-    request = BuildRequest(kind, d, checkpoint, corpus, index_type=args.index_type if kind == "build" else "auto",
-                           nlist=args.nlist if kind == "build" else None,
+    index = index or args.index
+    request = BuildRequest(kind, d, checkpoint, corpus, index_type=index if kind == "build" else "auto",
+                           nlist=args.nlist if kind == "build" and index in ("auto", "ivf") else None,
                            shards=args.shards if kind == "build" else None, recall_sample=args.recall_sample)
     start = time.perf_counter()
     with StagedBuild(IndexStore(index_dir), request, progress=lambda m: print(f"  [{kind}] {m}", flush=True)) as staged:
@@ -126,26 +141,38 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=1_000_000)
     p.add_argument("--d", type=int, default=512)
     p.add_argument("--shards", type=int, default=4)
-    p.add_argument("--index-type", default="auto", choices=("auto", "flat", "ivf"))
+    p.add_argument("--index", default="auto", help="auto, flat, ivf or a faiss factory string (as `idml index build --index`)")
     p.add_argument("--nlist", type=int, help="default: the library's auto rule")
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--recall-sample", type=int, default=256, help="the build's own recall/nprobe sample")
-    p.add_argument("--clusters", type=int, default=256,
-                   help="clusters (fewer than IVF lists: each spans several lists, so nprobe matters)")
-    p.add_argument("--spread", type=float, default=1.0,
-                   help="cluster noise norm relative to the centre norm (two members of a cluster have cosine ~ 1/(1+spread^2))")
+    p.add_argument("--distribution", nargs="+", choices=tuple(DISTRIBUTIONS), default=list(DISTRIBUTIONS),
+                   help="tight: 256 clusters, spread 1.0; loose: 10,000 clusters, spread 1.5 (each runs everything)")
+    p.add_argument("--clusters", type=int, help="override the distribution's number of clusters")
+    p.add_argument("--spread", type=float,
+                   help="override the distribution's cluster noise norm relative to the centre norm "
+                        "(two members of a cluster have cosine ~ 1/(1+spread^2))")
+    p.add_argument("--pq", default="", help="IVF-PQ row: a factory string (default IVF<nlist>,PQ<d/8>), or 'none'")
+    p.add_argument("--estimate-n", type=int, default=100_000_000, help="vectors of the paper estimate")
+    p.add_argument("--node-memory", default="64GB", help="memory of one cluster node in the paper estimate")
     p.add_argument("--update-fraction", type=float, default=0.01)
     p.add_argument("--workdir", help="where the index is written (default: a temporary folder)")
     args = p.parse_args(argv)
+    for name in args.distribution:
+        clusters, spread = DISTRIBUTIONS[name]
+        run(args, name, args.clusters or clusters, args.spread if args.spread is not None else spread)
+    return 0
 
+
+def run(args, distribution: str, clusters: int, spread: float) -> None:
     from idml.index import IndexSearcher
+    from idml.index import faiss_index as fx
 
     d, n = args.d, args.n
     n_new = max(1, int(n * args.update_fraction))
-    print(f"data: {n} x {d} float32 ({n * d * 4 / 2**30:.2f} GiB), {args.clusters} clusters, "
-          f"spread {args.spread} (cosine within a cluster ~{1 / (1 + args.spread**2):.2f}, between clusters ~0); faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads", flush=True)
+    print(f"\n##### distribution {distribution}\ndata: {n} x {d} float32 ({n * d * 4 / 2**30:.2f} GiB), {clusters} clusters, "
+          f"spread {spread} (cosine within a cluster ~{1 / (1 + spread**2):.2f}, between clusters ~0); faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads", flush=True)
     t = time.perf_counter()
-    blobs = Clusters(d, args.clusters, args.spread)
+    blobs = Clusters(d, clusters, spread)
     x = np.empty((n, d), np.float32)  # filled in chunks: no second copy at peak
     for s in range(0, n, 100_000):
         x[s:s + 100_000] = blobs.sample(min(100_000, n - s), seed=1 + s // 100_000)
@@ -200,7 +227,22 @@ def main(argv=None) -> int:
             faiss_index_with(searcher, spec["nprobe"])
         single_found, single_s = timed_search(single, queries, 10)
         single_recall = recall_at(single_found, exact)
-        del searcher
+        del searcher, single
+
+        pq_row = None
+        nlist = spec["nlist"] or fx.default_nlist(n)
+        pq_factory = args.pq or f"IVF{nlist},PQ{max(1, d // 8)}"
+        if pq_factory != "none":
+            print(f"IVF-PQ build ({pq_factory}) ...", flush=True)
+            pq_built, pq_s = staged_run(Path(tmp) / "index-pq", "build", d, n, x, 0, args, index=pq_factory)
+            pq_searcher = IndexSearcher(Path(tmp) / "index-pq")
+            # to_rows reads `rows` when called: now this index's shards
+            rows = {shard: np.char.lstrip(ids, "v").astype(np.int64) for shard, ids in pq_searcher.ids.items()}
+            pq_searcher.index.search(queries[:10], 10)
+            pq_found, pq_search_s = timed_search(pq_searcher.index, queries, 10)
+            pq_row = (pq_built, pq_s, pq_search_s, recall_at(to_rows(pq_found), exact),
+                      fx.estimated_index_bytes(f"IVF{nlist},Flat", n, d))
+            del pq_searcher
 
         print(f"update: {n_new} new vectors ({args.update_fraction:.1%}) ...", flush=True)
         updated, update_s = staged_run(index_dir, "update", d, n + n_new, new, n, args)
@@ -231,7 +273,46 @@ def main(argv=None) -> int:
     print(f"index size on disk: {m['index_bytes'] / 2**30:.2f} GiB faiss (+ Parquet embeddings with mu and sigma)")
     print(f"peak RSS: {peak_build:.2f} GiB after the sharded build (incl. the {n * d * 4 / 2**30:.2f} GiB of vectors the benchmark holds), "
           f"{peak_gib():.2f} GiB overall (adds the unsharded index and exact search)")
-    return 0
+    if pq_row is not None:
+        report_pq(args, pq_row, exact_s, len(queries), n, d)
+
+
+def report_pq(args, pq_row, exact_s: float, n_queries: int, n: int, d: int) -> None:
+    """The IVF-PQ row, and what the same index would take for ``--estimate-n`` vectors."""
+    from idml.index import faiss_index as fx
+    from idml.index.builder import DEFAULT_SHARD_ROWS
+
+    built, build_s, search_s, recall, ivf_flat_bytes = pq_row
+    spec, m = built["faiss"], built["metrics"]
+    print(f"IVF-PQ {spec['factory']}: faiss files {m['index_bytes'] / 2**20:.1f} MiB (estimated {fx.format_bytes(spec['estimated_bytes'])}) "
+          f"= {m['index_bytes'] / ivf_flat_bytes:.3f}x IVF-Flat's {fx.format_bytes(ivf_flat_bytes)}; nprobe {spec['nprobe']} "
+          f"(build sample recall@10 {built['recall']['recall']:.4f}, {built['recall']['query_ms']:.2f} ms/query alone)")
+    print(f"  held-out queries: recall@10 {recall:.4f} vs exact, {search_s / n_queries * 1e3:.3f} ms/query, "
+          f"speed-up {exact_s / search_s:.1f}x; build {build_s:.1f}s (train {m['train_seconds']:.1f}s, shards {m['shards_seconds']:.1f}s)")
+
+    # Paper estimate: the same code size at N vectors. Coarse assignment costs O(nlist) per
+    # vector and k-means O(training points * nlist): measured times are scaled by those.
+    big_n = args.estimate_n
+    code = re.search(r"PQ(\d+)", spec["factory"])
+    m_bytes = int(code.group(1)) if code else max(1, d // 8)
+    big_nlist = fx.default_nlist(big_n)
+    big = f"IVF{big_nlist},PQ{m_bytes}"
+    total = fx.estimated_index_bytes(big, big_n, d)
+    shards = math.ceil(big_n / DEFAULT_SHARD_ROWS)
+    shared = big_nlist * d * 4 + 256 * d * 4  # trained.faiss: centroids and codebooks, one copy per node
+    per_shard = (total - shared) / shards
+    node = fx.parse_bytes(args.node_memory)
+    per_node = int(node * 0.5 // per_shard)  # half a node for the index; the rest for the OS, page cache, serving
+    nlist_scale = big_nlist / max(1, spec["nlist"])
+    add_rate = n / max(m["shards_seconds"], 1e-9)  # vectors per second, this machine, this nlist
+    train_s = m["train_seconds"] * nlist_scale * (fx.TRAIN_POINTS_PER_LIST * big_nlist / max(1, spec["train_size"]))
+    add_s = big_n / add_rate * nlist_scale
+    print(f"paper estimate, {big_n:,} x {d} as {big}: {fx.format_bytes(total)} in {shards} shards of {DEFAULT_SHARD_ROWS:,} "
+          f"({fx.format_bytes(per_shard)} each + {fx.format_bytes(shared)} shared); {per_node} shards per "
+          f"{args.node_memory} node at half its memory -> {math.ceil(shards / max(per_node, 1))} node(s)")
+    print(f"  build on one driver like this machine ({os.cpu_count()} CPUs; embedding not counted): train ~{train_s / 60:.0f} min "
+          f"(scaled by nlist x training points from {m['train_seconds']:.1f}s) + add ~{add_s / 3600:.1f} h ({add_rate:,.0f} vectors/s here, "
+          f"scaled by nlist); a GPU trains k-means ~100x faster, and adds scale with the driver's cores")
 
 
 def faiss_index_with(searcher, nprobe: int):
