@@ -208,8 +208,8 @@ def check_factory(factory: str, dim: int) -> FactoryCheck:
     kind = _kind_of(index)
     if kind == "ivf" and not isinstance(faiss.downcast_index(index), faiss.IndexIVF):
         # Shards share one coarse search (IndexShardsIVF) and merge on disk only as bare IVF indexes.
-        raise InputError(f"{where}: idml shards IVF indexes without a pre-transform (OPQ, PCA, ...); "
-                         "drop the transform (e.g. IVF4096,PQ64)")
+        raise InputError(f"{where}: idml shards bare IVF indexes; a pre-transform (OPQ, PCA) or a refine stage "
+                         "(RFlat, Refine(...)) around IVF is not supported: drop it (e.g. IVF4096,PQ64)")
     if kind == "flat":
         name = "Flat"
     index = faiss.index_factory(dim, _template_factory(name, kind), faiss.METRIC_INNER_PRODUCT)

@@ -36,7 +36,8 @@ def test_factory_strings_that_search_by_inner_product_are_accepted(factory, kind
     ("IVF16,PQ7", "should be a multiple of the number of subquantizers"),  # 32 % 7 != 0
     ("HNSW16,PQ8", "L2 metric only"),  # faiss ignores the inner-product metric for HNSW-PQ
     ("LSH", "metric == METRIC_L2"),
-    ("OPQ8,IVF16,PQ8", "without a pre-transform"),
+    ("OPQ8,IVF16,PQ8", "pre-transform .* is not supported"),
+    ("IVF16,PQ8,RFlat", "refine stage .* is not supported"),
 ])
 def test_bad_factory_strings_are_refused_with_the_reason_in_one_line(factory, reason):
     with pytest.raises(InputError, match=reason) as err:
