@@ -241,7 +241,7 @@ def run(args, distribution: str, clusters: int, spread: float) -> None:
             pq_searcher.index.search(queries[:10], 10)
             pq_found, pq_search_s = timed_search(pq_searcher.index, queries, 10)
             pq_row = (pq_built, pq_s, pq_search_s, recall_at(to_rows(pq_found), exact),
-                      fx.estimated_index_bytes(f"IVF{nlist},Flat", n, d))
+                      fx.estimated_index_bytes(f"IVF{nlist},Flat", n, d, pq_built["counts"]["shards"]))
             del pq_searcher
 
         print(f"update: {n_new} new vectors ({args.update_fraction:.1%}) ...", flush=True)
@@ -297,10 +297,10 @@ def report_pq(args, pq_row, exact_s: float, n_queries: int, n: int, d: int) -> N
     m_bytes = int(code.group(1)) if code else max(1, d // 8)
     big_nlist = fx.default_nlist(big_n)
     big = f"IVF{big_nlist},PQ{m_bytes}"
-    total = fx.estimated_index_bytes(big, big_n, d)
     shards = math.ceil(big_n / DEFAULT_SHARD_ROWS)
-    shared = big_nlist * d * 4 + 256 * d * 4  # trained.faiss: centroids and codebooks, one copy per node
-    per_shard = (total - shared) / shards
+    total = fx.estimated_index_bytes(big, big_n, d, shards)
+    shared = big_nlist * d * 4 + 256 * d * 4  # centroids and codebooks: in trained.faiss and in every shard file
+    per_shard = big_n / shards * (m_bytes + fx.IDS_BYTES) + shared
     node = fx.parse_bytes(args.node_memory)
     per_node = int(node * 0.5 // per_shard)  # half a node for the index; the rest for the OS, page cache, serving
     nlist_scale = big_nlist / max(1, spec["nlist"])
@@ -308,7 +308,7 @@ def report_pq(args, pq_row, exact_s: float, n_queries: int, n: int, d: int) -> N
     train_s = m["train_seconds"] * nlist_scale * (fx.TRAIN_POINTS_PER_LIST * big_nlist / max(1, spec["train_size"]))
     add_s = big_n / add_rate * nlist_scale
     print(f"paper estimate, {big_n:,} x {d} as {big}: {fx.format_bytes(total)} in {shards} shards of {DEFAULT_SHARD_ROWS:,} "
-          f"({fx.format_bytes(per_shard)} each + {fx.format_bytes(shared)} shared); {per_node} shards per "
+          f"({fx.format_bytes(per_shard)} each, {fx.format_bytes(shared)} of it its copy of the centroids and codebooks); {per_node} shards per "
           f"{args.node_memory} node at half its memory -> {math.ceil(shards / max(per_node, 1))} node(s)")
     print(f"  build on one driver like this machine ({os.cpu_count()} CPUs; embedding not counted): train ~{train_s / 60:.0f} min "
           f"(scaled by nlist x training points from {m['train_seconds']:.1f}s) + add ~{add_s / 3600:.1f} h ({add_rate:,.0f} vectors/s here, "

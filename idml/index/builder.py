@@ -90,8 +90,9 @@ class BuildRequest:
         if self.kind == "build" and self.max_index_bytes and self.corpus.get("num_rows"):
             # A budget nothing fits is refused before the embedding, not after it (corrupt
             # images only shrink the index).
-            fx.resolve_spec(self.index_type, int(self.corpus["num_rows"]), self.dim, nlist=self.nlist,
-                            max_index_bytes=self.max_index_bytes)
+            rows = int(self.corpus["num_rows"])
+            fx.resolve_spec(self.index_type, rows, self.dim, nlist=self.nlist, max_index_bytes=self.max_index_bytes,
+                            shards=self.shards or max(1, math.ceil(rows / DEFAULT_SHARD_ROWS)))
         if self.shards is not None and self.shards < 1:
             raise ValueError(f"--shards must be >= 1, got {self.shards}")
         if self.recall_sample < 1:
@@ -311,7 +312,7 @@ class StagedBuild:
             self.published = False
             self.progress(f"{self.parent_version} is up to date with the corpus; nothing to publish")
             return self.parent
-        spec = self._spec(n_vectors)
+        spec = self._spec(n_vectors, len(plan))
         version_dir = self.dir / "version"
         shutil.rmtree(version_dir, ignore_errors=True)  # a crashed finish() is simply redone
         (version_dir / "shards").mkdir(parents=True)
@@ -549,7 +550,7 @@ class StagedBuild:
                 next_shard += 1
         return plan
 
-    def _spec(self, n_vectors: int) -> fx.IndexSpec:
+    def _spec(self, n_vectors: int, shards: int) -> fx.IndexSpec:
         req = self.request
         if req.kind == "update":
             spec = fx.IndexSpec.from_dict(self.parent["faiss"])
@@ -560,7 +561,7 @@ class StagedBuild:
             if req.max_query_ms is not None:
                 spec.max_query_ms = req.max_query_ms
             if spec.estimated_bytes:  # the same bytes per vector, for the new count
-                spec.estimated_bytes = fx.check_factory(spec.factory, spec.dim).estimated_bytes(n_vectors)
+                spec.estimated_bytes = fx.check_factory(spec.factory, spec.dim).estimated_bytes(n_vectors, shards)
             if n_vectors < 1:
                 raise ValueError("nothing to index: every image was removed from the corpus or is corrupt")
             if spec.index_type == "flat" and req.index_type == "auto" and n_vectors > fx.FLAT_MAX_VECTORS:
@@ -568,7 +569,7 @@ class StagedBuild:
             return spec
         return fx.resolve_spec(req.index_type, n_vectors, req.dim, nlist=req.nlist, nprobe=req.nprobe,
                                train_size=req.train_size, target_recall=req.target_recall,
-                               max_index_bytes=req.max_index_bytes, max_query_ms=req.max_query_ms)
+                               max_index_bytes=req.max_index_bytes, max_query_ms=req.max_query_ms, shards=shards)
 
     def _samples(self, spec: fx.IndexSpec, plan: list[_ShardPlan]):
         """One pass over the new shards: recall queries (build; an update keeps its parent's)

@@ -146,8 +146,10 @@ class FactoryCheck:
     fixed_bytes: int  # serialized size with no vectors (quantizer, codebooks)
     bytes_per_vector: float  # codes, label and (HNSW) links per added vector
 
-    def estimated_bytes(self, n: int) -> int:
-        return int(self.fixed_bytes + n * self.bytes_per_vector)
+    def estimated_bytes(self, n: int, shards: int = 1) -> int:
+        """Searched as ``shards`` shards: every shard file holds its own copy of the trained part
+        (centroids, codebooks) besides the one in trained.faiss."""
+        return int(self.fixed_bytes * (shards + 1) + n * self.bytes_per_vector)
 
 
 def _faiss_reason(err: Exception) -> str:
@@ -256,20 +258,21 @@ def pq_code_sizes(dim: int) -> list[int]:
     return [m for m in range(dim // 2, 0, -1) if dim % m == 0]
 
 
-def estimated_index_bytes(factory: str, n: int, dim: int) -> int:
+def estimated_index_bytes(factory: str, n: int, dim: int, shards: int = 1) -> int:
     """Memory of ``n`` vectors in ``Flat``, ``IVF<nlist>,Flat`` or ``IVF<nlist>,PQ<M>`` (8-bit
-    codes): vectors or codes plus an int64 label each, the coarse centroids and the PQ
-    codebooks. The same as ``check_factory(...).estimated_bytes(n)`` to within a few lists'
-    headers (tests check it)."""
+    codes) searched as ``shards`` shards: vectors or codes plus an int64 label each, and the
+    coarse centroids and PQ codebooks once per shard file plus once in trained.faiss. The same
+    as ``check_factory(...).estimated_bytes(n, shards)`` to within a few lists' headers."""
     if factory == "Flat":
         return n * (4 * dim + IDS_BYTES)
     match = re.fullmatch(r"IVF(\d+),(Flat|PQ(\d+))", factory)
     if match is None:
         raise ValueError(f"no memory formula for {factory!r}: use check_factory(...).estimated_bytes")
+    copies = shards + 1
     centroids = int(match.group(1)) * dim * 4
     if match.group(2) == "Flat":
-        return centroids + n * (4 * dim + IDS_BYTES)
-    return centroids + 256 * dim * 4 + n * (int(match.group(3)) + IDS_BYTES)
+        return copies * centroids + n * (4 * dim + IDS_BYTES)
+    return copies * (centroids + 256 * dim * 4) + n * (int(match.group(3)) + IDS_BYTES)
 
 
 @dataclass(frozen=True)
@@ -279,7 +282,7 @@ class IndexChoice:
     reason: str
 
 
-def choose_index(n: int, dim: int, max_bytes: int, *, nlist: int | None = None) -> IndexChoice:
+def choose_index(n: int, dim: int, max_bytes: int, *, nlist: int | None = None, shards: int = 1) -> IndexChoice:
     """autofaiss-like: exact ``Flat`` when the corpus is small enough for exact search
     (FLAT_MAX_VECTORS) and fits ``max_bytes``; else ``IVF-Flat`` if it fits; else ``IVF-PQ`` with
     the largest code that fits (best recall for the memory). Refused when even the smallest does
@@ -292,14 +295,14 @@ def choose_index(n: int, dim: int, max_bytes: int, *, nlist: int | None = None) 
         return IndexChoice("Flat", flat, f"exact search: {n} vectors (<= {FLAT_MAX_VECTORS}) fit {budget}")
     lists = int(nlist or default_nlist(n))
     ivf_flat = f"IVF{lists},Flat"
-    if estimated_index_bytes(ivf_flat, n, dim) <= max_bytes:
+    if estimated_index_bytes(ivf_flat, n, dim, shards) <= max_bytes:
         why = "more vectors than exact search serves fast" if flat <= max_bytes else f"Flat needs {format_bytes(flat)}"
-        return IndexChoice(ivf_flat, estimated_index_bytes(ivf_flat, n, dim), f"{why}; IVF-Flat fits {budget}")
+        return IndexChoice(ivf_flat, estimated_index_bytes(ivf_flat, n, dim, shards), f"{why}; IVF-Flat fits {budget}")
     for m in pq_code_sizes(dim):
         factory = f"IVF{lists},PQ{m}"
-        size = estimated_index_bytes(factory, n, dim)
+        size = estimated_index_bytes(factory, n, dim, shards)
         if size <= max_bytes:
-            return IndexChoice(factory, size, f"IVF-Flat needs {format_bytes(estimated_index_bytes(ivf_flat, n, dim))}; "
+            return IndexChoice(factory, size, f"IVF-Flat needs {format_bytes(estimated_index_bytes(ivf_flat, n, dim, shards))}; "
                                               f"the largest PQ code ({m} bytes/vector) that fits {budget}")
     raise InputError(f"--max-index-memory {budget}: even {factory} needs about {format_bytes(size)} for {n} "
                      f"{dim}-d vectors; raise the budget or index fewer vectors")
@@ -307,7 +310,7 @@ def choose_index(n: int, dim: int, max_bytes: int, *, nlist: int | None = None) 
 
 def resolve_spec(index_type: str, n: int, dim: int, *, nlist: int | None = None, nprobe: int | None = None,
                  train_size: int | None = None, target_recall: float = 0.95, max_index_bytes: int | None = None,
-                 max_query_ms: float | None = None) -> IndexSpec:
+                 max_query_ms: float | None = None, shards: int = 1) -> IndexSpec:
     """The index for ``n`` vectors. ``index_type``: ``auto`` (Flat up to FLAT_MAX_VECTORS, IVF-Flat
     above; with ``max_index_bytes``, ``choose_index``), ``flat``, ``ivf`` (IVF-Flat, ``nlist``
     lists), or a faiss factory string (``IVF4096,PQ64``, ``HNSW32``, ...; ``check_factory``)."""
@@ -316,7 +319,7 @@ def resolve_spec(index_type: str, n: int, dim: int, *, nlist: int | None = None,
     if nlist is not None and not 1 <= nlist <= n:
         raise ValueError(f"nlist={nlist} must be between 1 and the number of vectors ({n})")
     if index_type == "auto" and max_index_bytes:
-        choice = choose_index(n, dim, max_index_bytes, nlist=nlist)
+        choice = choose_index(n, dim, max_index_bytes, nlist=nlist, shards=shards)
         factory, reason = choice.factory, choice.reason
     elif index_type == "auto":
         factory = "Flat" if n <= FLAT_MAX_VECTORS else f"IVF{nlist or default_nlist(n)},Flat"
@@ -331,7 +334,7 @@ def resolve_spec(index_type: str, n: int, dim: int, *, nlist: int | None = None,
                              f"instead (e.g. IVF{nlist},PQ64), not --index {index_type!r}")
         factory, reason = index_type, f"--index {index_type}"
     check = check_factory(factory, dim)
-    kind, estimate = check.kind, check.estimated_bytes(n)
+    kind, estimate = check.kind, check.estimated_bytes(n, shards)
     if max_index_bytes and estimate > max_index_bytes:
         raise InputError(f"--index {index_type}: {check.factory} needs about {format_bytes(estimate)} for {n} vectors, "
                          f"over --max-index-memory {format_bytes(max_index_bytes)}; raise the budget, or leave "

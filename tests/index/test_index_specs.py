@@ -92,16 +92,20 @@ def test_memory_budget_choice_at_its_boundaries():
         fx.choose_index(big, d, smallest - 1)
 
     # The example: 100M x 512 needs ~200 GB as IVF-Flat; 8 GB gives IVF-PQ with 64-byte codes.
-    choice = fx.choose_index(100_000_000, d, fx.parse_bytes("8GB"))
-    assert choice.factory == "IVF8192,PQ64" and choice.estimated_bytes <= 8e9 and "IVF-Flat needs 205" in choice.reason
+    choice = fx.choose_index(100_000_000, d, fx.parse_bytes("8GB"), shards=25)
+    assert choice.factory == "IVF8192,PQ64" and choice.estimated_bytes <= 8e9 and "IVF-Flat needs 206" in choice.reason
+    # Every shard file carries its own copy of the 17 MB of centroids and codebooks: 400 shards
+    # (the default 250k rows each) leave room for 2-byte codes only.
+    assert fx.choose_index(100_000_000, d, fx.parse_bytes("8GB"), shards=400).factory == "IVF8192,PQ2"
     assert fx.pq_code_sizes(512) == [256, 128, 64, 32, 16, 8, 4, 2, 1] and fx.pq_code_sizes(48)[:3] == [24, 16, 12]
 
 
 @pytest.mark.parametrize("factory", ["Flat", "IVF64,Flat", "IVF64,PQ8"])
-def test_the_memory_formula_matches_what_faiss_stores(factory):
+@pytest.mark.parametrize("shards", [1, 3])
+def test_the_memory_formula_matches_what_faiss_stores(factory, shards):
     n = 100_000
-    measured = fx.check_factory(factory, 32).estimated_bytes(n)
-    assert abs(fx.estimated_index_bytes(factory, n, 32) - measured) / measured < 0.01
+    measured = fx.check_factory(factory, 32).estimated_bytes(n, shards)
+    assert abs(fx.estimated_index_bytes(factory, n, 32, shards) - measured) / measured < 0.01
 
 
 def test_resolve_spec_records_the_choice_and_refuses_what_does_not_fit():
