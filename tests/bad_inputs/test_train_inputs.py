@@ -202,8 +202,11 @@ def test_ctrl_c_says_where_the_local_run_stopped(tiny_dataset, tmp_path):
     out = tmp_path / "run"
     # Many one-step epochs, no evaluation before the last: a checkpoint every second or so.
     args = train_args(tiny_dataset, out, "train.epochs=500", "train.eval_every=500")
+    # SIGINT as a terminal delivers it: a suite started in the background (`cmd &`) ignores it,
+    # and a child that starts with SIGINT ignored never gets Python's KeyboardInterrupt.
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *map(str, args)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 180
         while not (out / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:

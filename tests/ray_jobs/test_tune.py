@@ -136,13 +136,20 @@ def test_ctrl_c_stops_the_search_without_reporting_half_of_it(cluster, dataset, 
            "PYTHONPATH": str(REPO)}
     log = tmp_path / "driver.log"
     driver = subprocess.Popen([sys.executable, "-m", "pipelines.tune", *args], env=env, cwd=tmp_path,
-                              stdout=open(log, "w"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 420
-    while not any((out / "trials").glob("*/last.pt")) and driver.poll() is None:
-        assert time.monotonic() < deadline, log.read_text()[-3000:]
-        time.sleep(0.5)
-    driver.send_signal(signal.SIGINT)
-    assert driver.wait(timeout=180) == 130, log.read_text()[-3000:]
+                              stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal delivers it
+    try:
+        deadline = time.monotonic() + 420
+        # best.pt stays in a trial's output folder (last.pt moves into Ray's checkpoint).
+        while not any((out / "trials").glob("*/best.pt")) and driver.poll() is None:
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        driver.send_signal(signal.SIGINT)
+        assert driver.wait(timeout=180) == 130, log.read_text()[-3000:]
+    finally:
+        if driver.poll() is None:  # never leave a search running on the module's cluster
+            driver.kill()
+            driver.wait()
     printed = log.read_text()
     assert "stopped (Ctrl-C)" in printed and "run the same command again to resume" in printed
     assert not (out / "search.json").exists() and not (out / "best_config.yaml").exists()
