@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,15 +13,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from ray_jobs.ray_helpers import free_port
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "mlflow_server.sh"
 PASSWORD = "a-long-test-password"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _status(url: str, auth: tuple[str, str] | None = None) -> int:
@@ -39,7 +33,7 @@ def _status(url: str, auth: tuple[str, str] | None = None) -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mlflow-auth")
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_PASSWORD": PASSWORD, "IDML_MLFLOW_AUTH_DIR": str(tmp / "auth"),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env.pop("MLFLOW_TRACKING_USERNAME", None)

@@ -15,21 +15,8 @@ import pytest
 from support import CORRUPT_BYTES, TRAIN_OVERRIDES, class_image, make_class_dataset, make_cub, make_sop, write_file
 
 from idml.data import read_manifest, read_split, select_val_classes, verify_dataset
-from pipelines.cli import main
 
 BAD_INPUT = 2
-
-
-@pytest.fixture
-def idml(capsys):
-    """Run ``idml ARGS...``; returns (exit code, stdout, stderr)."""
-
-    def run(*args) -> tuple[int, str, str]:
-        code = main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
 
 
 def image_folder(root: Path, classes="abcdef", per_class: int = 3) -> Path:

@@ -30,18 +30,6 @@ TINY = ["model.backbone=resnet18", "model.pretrained=false", "model.embedding_di
         "eval.recall_ks=[1,2]", "eval.nmi=false"]
 
 
-@pytest.fixture
-def idml(capsys):
-    """Run ``idml ARGS...`` in this process; returns (exit code, stdout, stderr)."""
-
-    def run(*args) -> tuple[int, str, str]:
-        code = main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
-
-
 @pytest.fixture(scope="module")
 def finished_run(tiny_dataset, tmp_path_factory):
     """A finished two-epoch local run (last.pt, best.pt, metrics.json); tests work on copies."""
