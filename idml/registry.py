@@ -63,6 +63,19 @@ def log_model(uri: str, run_id: str, checkpoint: str | Path, *, example_images: 
     return out
 
 
+def log_run_model(run, cfg, checkpoint: str | Path, *, registered_name: str | None = None) -> dict[str, Any]:
+    """What every training run (local and Ray) does at its end: ``log_model`` into the open
+    ``MlflowRun`` with two test-split images as the input example, and tag the run with the model."""
+    from .data import open_dataset
+
+    model = log_model(run.uri, run.run_id, checkpoint, registered_name=registered_name,
+                      example_images=open_dataset(cfg.data.dataset).sample_images(cfg.data.test_split))
+    run.client.set_tag(run.run_id, "idml.model_uri", model["model_uri"])
+    if "version" in model:
+        run.client.set_tag(run.run_id, "idml.registered_model", f"{model['registered_model']}/{model['version']}")
+    return model
+
+
 def register(model_uri: str, name: str, *, uri: str | None = None) -> str:
     """Register a logged model (``runs:/<run id>/model``) as the next version of ``name``."""
     import mlflow

@@ -88,7 +88,7 @@ def track_local_run(cfg: Config, summary: dict[str, Any], *, experiment: str = "
     folder (found again on resume), params, per-epoch and final test metrics, plots, and the
     selected checkpoint as an MLflow model (registered as ``register_model`` when given).
     Returns ``{"run_id", "model_uri"[, "registered_model", "version"]}``."""
-    from .registry import log_model
+    from .registry import log_run_model
     from .tracking import MlflowRun, source_tags, tracking_uri
 
     out = Path(cfg.output_dir)
@@ -106,9 +106,7 @@ def track_local_run(cfg: Config, summary: dict[str, Any], *, experiment: str = "
         for path, folder in ((out / "metrics.json", None), (out / "recall_curves.png", "plots"),
                              (out / "uncertainty.png", "plots"), (out / "selective_retrieval.png", "plots")):
             run.log_artifact(path, folder)
-        model = log_model(run.uri, run.run_id, selected, registered_name=register_model,
-                          example_images=open_dataset(cfg.data.dataset).sample_images(cfg.data.test_split))
-        run.client.set_tag(run.run_id, "idml.model_uri", model["model_uri"])
+        model = log_run_model(run, cfg, selected, registered_name=register_model)
     except BaseException:
         run.fail()
         raise

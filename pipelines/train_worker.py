@@ -173,14 +173,9 @@ def _finish(run: MlflowRun | None, cfg, progress, test: StreamedSplit, device, j
                          (out / "selective_retrieval.png", "plots"), (grid, "plots")):
         run.log_artifact(path, folder)
     if job["log_model"]:
-        from idml.data import open_dataset
-        from idml.registry import log_model
+        from idml.registry import log_run_model
 
-        model = log_model(run.uri, run.run_id, progress.selected(out), registered_name=job["register_model"],
-                          example_images=open_dataset(cfg.data.dataset).sample_images(cfg.data.test_split))
-        run.client.set_tag(run.run_id, "idml.model_uri", model["model_uri"])
-        if "version" in model:
-            run.client.set_tag(run.run_id, "idml.registered_model", f"{model['registered_model']}/{model['version']}")
+        log_run_model(run, cfg, progress.selected(out), registered_name=job["register_model"])
     run.finish()
 
 
