@@ -269,8 +269,10 @@ def _train(args) -> int:
         print("\n" + describe_selective(summary))
     print(f"\ntrain throughput: {summary['train_images_per_s']:.1f} images/s; "
           f"eval throughput: {summary['test']['embed_images_per_s']:.1f} images/s")
-    print(f"outputs in {cfg.output_dir}: best.pt, last.pt, metrics.json, uncertainty.png, selective_retrieval.png, "
-          "recall_curves.png")
+    # With --ray and validation, last.pt lives in Ray's checkpoint only: name what is there.
+    written = [n for n in ("best.pt", "last.pt", "metrics.json", "uncertainty.png", "selective_retrieval.png",
+                           "recall_curves.png") if (Path(cfg.output_dir) / n).exists()]
+    print(f"outputs in {cfg.output_dir}: {', '.join(written)}")
     if args.ray:
         print(f"Ray run {summary['run_name']!r} (checkpoints in {summary['storage_path']}); "
               f"MLflow run {summary['mlflow_run_id']}, also retrieval_grid.png")
