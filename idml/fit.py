@@ -23,8 +23,9 @@ from tqdm.auto import tqdm
 from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from .config import Config, TrainConfig
 from .engine import TrainingState, _to_device, unwrap
-from .evaluation.plots import plot_recall_curves
+from .evaluation.plots import plot_recall_curves, save_retrieval_grid, save_uncertainty_extremes
 from .evaluation.protocol import evaluate_model, summary_metrics, uncertainty_report
+from .evaluation.uncertainty import image_uncertainty
 
 log = logging.getLogger(__name__)
 
@@ -206,10 +207,17 @@ def train_one_epoch(
     return out
 
 
+# The figures evaluate_and_summarize writes next to metrics.json (those that apply to the run).
+FIGURES = ("recall_curves.png", "uncertainty.png", "selective_retrieval.png", "retrieval_grid.png",
+           "uncertainty_extremes.png")
+
+
 def evaluate_and_summarize(cfg: Config, checkpoint: Path, test_ds, history: list, *, progress: bool = True,
                            device: str | torch.device = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
     """Evaluate ``checkpoint`` on ``test_ds`` (any dataset ``evaluate_model`` accepts); write
-    ``metrics.json``, ``uncertainty.png`` and ``recall_curves.png`` to ``cfg.output_dir``.
+    ``metrics.json`` and the figures (``uncertainty.png``, ``selective_retrieval.png``,
+    ``recall_curves.png``, ``retrieval_grid.png``, ``uncertainty_extremes.png``) to ``cfg.output_dir``;
+    ``test_ds`` also gives ``labels`` and ``images(indices)`` for the figures.
     Returns the summary and the raw evaluation result (embeddings included)."""
     out = Path(cfg.output_dir)
     ckpt = load_checkpoint(checkpoint)
@@ -218,6 +226,9 @@ def evaluate_and_summarize(cfg: Config, checkpoint: Path, test_ds, history: list
                             progress=progress)
     if history:
         plot_recall_curves(history, out / "recall_curves.png", keys=("recall@1", "map@r"))
+    save_retrieval_grid(result["mu"], test_ds.labels, test_ds.images, out / "retrieval_grid.png", seed=cfg.train.seed)
+    if result["uncertainty"] is not None:
+        save_uncertainty_extremes(image_uncertainty(result["sigma"]), test_ds.images, out / "uncertainty_extremes.png")
     summary = {
         "checkpoint": str(checkpoint),
         "selected_epoch": ckpt["epoch"],

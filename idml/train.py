@@ -14,7 +14,7 @@ from .config import Config, validate_config
 from .data import ImageShardDataset, open_dataset
 from .engine import build_training, configure_threads, seed_everything
 from .errors import InputError
-from .fit import Progress, evaluate_and_summarize, fit
+from .fit import FIGURES, Progress, evaluate_and_summarize, fit
 from .transforms import eval_transform, train_transform
 
 log = logging.getLogger(__name__)
@@ -103,9 +103,10 @@ def track_local_run(cfg: Config, summary: dict[str, Any], *, experiment: str = "
         run.log_metrics({f"final_test/{k}": v for k, v in summary["test"].items()} | {"selected_epoch": summary["selected_epoch"]},
                         step=cfg.train.epochs)
         selected = out / ("best.pt" if (out / "best.pt").exists() else "last.pt")
-        for path, folder in ((out / "metrics.json", None), (out / "recall_curves.png", "plots"),
-                             (out / "uncertainty.png", "plots"), (out / "selective_retrieval.png", "plots")):
-            run.log_artifact(path, folder)
+        run.log_artifact(out / "metrics.json")
+        for name in FIGURES:
+            if (out / name).exists():
+                run.log_artifact(out / name, "plots")
         model = log_run_model(run, cfg, selected, registered_name=register_model)
     except BaseException:
         run.fail()

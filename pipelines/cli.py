@@ -234,6 +234,7 @@ def _data(args) -> int:
 def _train(args) -> int:
     from idml.evaluation import format_metrics_table
     from idml.evaluation.protocol import describe_selective
+    from idml.fit import FIGURES
 
     cfg = _load(args)
     if args.ray:
@@ -270,12 +271,11 @@ def _train(args) -> int:
     print(f"\ntrain throughput: {summary['train_images_per_s']:.1f} images/s; "
           f"eval throughput: {summary['test']['embed_images_per_s']:.1f} images/s")
     # With --ray and validation, last.pt lives in Ray's checkpoint only: name what is there.
-    written = [n for n in ("best.pt", "last.pt", "metrics.json", "uncertainty.png", "selective_retrieval.png",
-                           "recall_curves.png") if (Path(cfg.output_dir) / n).exists()]
+    written = [n for n in ("best.pt", "last.pt", "metrics.json", *FIGURES) if (Path(cfg.output_dir) / n).exists()]
     print(f"outputs in {cfg.output_dir}: {', '.join(written)}")
     if args.ray:
         print(f"Ray run {summary['run_name']!r} (checkpoints in {summary['storage_path']}); "
-              f"MLflow run {summary['mlflow_run_id']}, also retrieval_grid.png")
+              f"MLflow run {summary['mlflow_run_id']}")
         summary.update(model_uri=f"runs:/{summary['mlflow_run_id']}/model")
     if summary.get("model_uri"):
         registered = (f"; registered as models:/{args.register_model}" + (f"/{summary['version']}" if summary.get("version") else "")

@@ -154,13 +154,11 @@ def _backfill(run: MlflowRun, progress) -> None:
 
 def _finish(run: MlflowRun | None, cfg, progress, test: StreamedSplit, device, job: dict[str, Any]) -> None:
     """Rank 0, after the last epoch: the selected checkpoint on test, plots, MLflow artifacts."""
-    from idml.evaluation.plots import save_retrieval_grid
-    from idml.fit import evaluate_and_summarize
+    from idml.fit import FIGURES, evaluate_and_summarize
 
     out = Path(cfg.output_dir)
-    summary, result = evaluate_and_summarize(cfg, progress.selected(out), test, progress.history, progress=False,
+    summary, _ = evaluate_and_summarize(cfg, progress.selected(out), test, progress.history, progress=False,
                                              device=device)
-    grid = save_retrieval_grid(result["mu"], test.labels, test.images, out / "retrieval_grid.png", seed=cfg.train.seed)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     if run is None:
         return
@@ -168,10 +166,11 @@ def _finish(run: MlflowRun | None, cfg, progress, test: StreamedSplit, device, j
                     | {"selected_epoch": summary["selected_epoch"], "corrupt_images_skipped_test": len(test.skipped)},
                     step=cfg.train.epochs)
     # The selected checkpoint only: the resume point (last.pt with the optimizer state) stays in Ray's storage.
-    for path, folder in ((progress.selected(out), "checkpoints"), (out / "config.yaml", None), (out / "metrics.json", None),
-                         (out / "recall_curves.png", "plots"), (out / "uncertainty.png", "plots"),
-                         (out / "selective_retrieval.png", "plots"), (grid, "plots")):
+    for path, folder in ((progress.selected(out), "checkpoints"), (out / "config.yaml", None), (out / "metrics.json", None)):
         run.log_artifact(path, folder)
+    for name in FIGURES:
+        if (out / name).exists():
+            run.log_artifact(out / name, "plots")
     if job["log_model"]:
         from idml.registry import log_run_model
 

@@ -21,7 +21,8 @@ def test_class_balanced_batches(tiny_config):
 def test_train_local_end_to_end_and_resume(tiny_config):
     summary = train_local(tiny_config, progress=False)
     out = tiny_config.output_dir
-    for name in ("best.pt", "last.pt", "metrics.json", "uncertainty.png", "selective_retrieval.png", "recall_curves.png"):
+    for name in ("best.pt", "last.pt", "metrics.json", "uncertainty.png", "selective_retrieval.png", "recall_curves.png",
+                 "retrieval_grid.png", "uncertainty_extremes.png"):
         assert (__import__("pathlib").Path(out) / name).stat().st_size > 0, name
     history = summary["history"]
     assert [h["epoch"] for h in history] == [0, 1]

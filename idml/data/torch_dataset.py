@@ -83,6 +83,10 @@ class ImageShardDataset(Dataset):
                 e.reason, f"image {self.ids[index]!r} (row {index}, shard {shard} of {self.root}) cannot be decoded"
             ) from e
 
+    def images(self, indices) -> dict[int, Image.Image]:
+        """RGB images of rows ``indices`` (for figures), as ``{row: PIL image}``."""
+        return {int(i): self.image(int(i)).convert("RGB") for i in indices}
+
     def __getitem__(self, index: int) -> tuple[Any, int]:
         image = self.image(index)
         if self.transform is not None:

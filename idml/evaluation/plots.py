@@ -259,6 +259,34 @@ def save_retrieval_grid(mu: np.ndarray, labels: Sequence[int], load_images: Call
     return Path(path)
 
 
+def save_uncertainty_extremes(uncertainty: np.ndarray, load_images: Callable[[list[int]], dict[int, Any]],
+                              path: str | Path, *, n: int = 10) -> Path | None:
+    """Two rows of a split's images: the ``n`` least and the ``n`` most uncertain, each with its
+    uncertainty (what a user looks at to judge whether the head finds the ambiguous images).
+    ``load_images`` as in ``save_retrieval_grid``. None when the split has fewer than 2 images."""
+    uncertainty = np.asarray(uncertainty, dtype=np.float64)
+    n = min(n, len(uncertainty) // 2)
+    if n < 1:
+        return None
+    order = np.argsort(uncertainty, kind="stable")
+    rows = {"least uncertain": order[:n].tolist(), "most uncertain": order[::-1][:n].tolist()}
+    pictures = load_images(sorted({i for row in rows.values() for i in row}))
+    fig = Figure(figsize=(1.5 * n, 4.0))
+    axes = np.asarray(fig.subplots(2, n, squeeze=False))
+    for r, (title, row) in enumerate(rows.items()):
+        for j, i in enumerate(row):
+            ax = axes[r, j]
+            ax.set_axis_off()
+            ax.imshow(np.asarray(pictures[i].convert("RGB").resize((96, 96))))
+            ax.set_title(f"{uncertainty[i]:.2f}", fontsize=9)
+        axes[r, 0].text(-0.15, 0.5, title, transform=axes[r, 0].transAxes, rotation=90, ha="right", va="center",
+                        fontsize=10, fontweight="bold")
+    fig.suptitle("Test images by uncertainty (x the average training image)", fontsize=11)
+    fig.tight_layout()
+    _save(fig, path)
+    return Path(path)
+
+
 SIGNAL_LABELS = {
     "uncertainty": "uncertainty head (least uncertain first)",
     "top1_similarity": "top-1 similarity (free)",

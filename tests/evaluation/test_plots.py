@@ -72,3 +72,31 @@ def test_retrieval_grid_png_borders(tmp_path):
         plot_retrieval_grid(queries, results[:1], [[True] * 3], tmp_path / "x.png")
     with pytest.raises(ValueError, match="uint8"):
         plot_retrieval_grid([np.zeros((4, 4, 3))], [[img()]], [[True]], tmp_path / "x.png")
+
+
+def test_uncertainty_extremes_put_least_uncertain_on_top(tmp_path):
+    from idml.evaluation.plots import save_uncertainty_extremes
+
+    blue, red, grey = (0, 0, 255), (255, 0, 0), (128, 128, 128)
+    uncertainty = np.array([0.5, 3.0, 1.0, 0.2, 2.5, 1.1, 0.9, 2.9])
+    # The 3 least uncertain images are blue, the 3 most uncertain red, the rest grey.
+    order = np.argsort(uncertainty)
+    colour = {int(i): blue for i in order[:3]} | {int(i): red for i in order[-3:]}
+    asked = []
+
+    def load_images(indices):
+        asked.extend(indices)
+        return {i: Image.new("RGB", (16, 16), colour.get(i, grey)) for i in indices}
+
+    path = save_uncertainty_extremes(uncertainty, load_images, tmp_path / "extremes.png", n=3)
+    assert_png(path, min_kb=1)
+    assert sorted(asked) == sorted(colour)  # only the shown images are read
+    pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
+
+    def rows_of(rgb):
+        return np.nonzero(np.all(np.abs(pixels - rgb) <= 10, axis=-1))[0]
+
+    blue_rows, red_rows = rows_of(blue), rows_of(red)
+    assert len(blue_rows) > 1000 and len(red_rows) > 1000
+    assert blue_rows.max() < red_rows.min()  # every blue (least uncertain) pixel lies above every red one
+    assert save_uncertainty_extremes(np.array([1.0]), load_images, tmp_path / "none.png") is None

@@ -23,7 +23,8 @@ from pipelines.cli import main
 from pipelines.train import RayOptions, train_ray
 
 EXPECTED_ARTIFACTS = {"checkpoints/best.pt", "config.yaml", "metrics.json",
-                      "plots/recall_curves.png", "plots/uncertainty.png", "plots/retrieval_grid.png"}
+                      "plots/recall_curves.png", "plots/uncertainty.png", "plots/retrieval_grid.png",
+                      "plots/uncertainty_extremes.png"}
 
 
 cluster = pytest.fixture(scope="module")(connected_cluster)
