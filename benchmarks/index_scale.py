@@ -14,7 +14,8 @@ checksums, manifest, publish), without the embedding step. Then:
   embeds nothing else, reuses every shard, adds one. Target: <= 5% of the full build. (In the
   pipeline an update also hashes the corpus to find what changed; there is no corpus here.)
 * an IVF-PQ row (``--pq``, default ``IVF<nlist>,PQ<d/8>``: 64-byte codes at d=512) built the same
-  way: memory vs IVF-Flat, recall@10 vs exact on the held-out queries, speed vs exact.
+  way: memory vs IVF-Flat, recall@10 vs exact on the held-out queries (candidates re-scored by
+  exact cosine, as the searcher does, and on the codes' scores alone), speed vs exact.
 * a paper estimate for ``--estimate-n`` (100M) vectors of that IVF-PQ on a cluster: memory per
   shard, shards per node of ``--node-memory``, build time extrapolated from the measured rates.
 
@@ -240,8 +241,11 @@ def run(args, distribution: str, clusters: int, spread: float) -> None:
             rows = {shard: np.char.lstrip(ids, "v").astype(np.int64) for shard, ids in pq_searcher.ids.items()}
             pq_searcher.index.search(queries[:10], 10)
             pq_found, pq_search_s = timed_search(pq_searcher.index, queries, 10)
+            pq_searcher.spec.refine = 0  # the codes' own scores, for comparison
+            plain_found, _ = timed_search(pq_searcher.index, queries, 10, repeats=1)
             pq_row = (pq_built, pq_s, pq_search_s, recall_at(to_rows(pq_found), exact),
-                      fx.estimated_index_bytes(f"IVF{nlist},Flat", n, d, pq_built["counts"]["shards"]))
+                      fx.estimated_index_bytes(f"IVF{nlist},Flat", n, d, pq_built["counts"]["shards"]),
+                      recall_at(to_rows(plain_found), exact))
             del pq_searcher
 
         print(f"update: {n_new} new vectors ({args.update_fraction:.1%}) ...", flush=True)
@@ -282,12 +286,14 @@ def report_pq(args, pq_row, exact_s: float, n_queries: int, n: int, d: int) -> N
     from idml.index import faiss_index as fx
     from idml.index.builder import DEFAULT_SHARD_ROWS
 
-    built, build_s, search_s, recall, ivf_flat_bytes = pq_row
+    built, build_s, search_s, recall, ivf_flat_bytes, plain_recall = pq_row
     spec, m = built["faiss"], built["metrics"]
     print(f"IVF-PQ {spec['factory']}: faiss files {m['index_bytes'] / 2**20:.1f} MiB (estimated {fx.format_bytes(spec['estimated_bytes'])}) "
-          f"= {m['index_bytes'] / ivf_flat_bytes:.3f}x IVF-Flat's {fx.format_bytes(ivf_flat_bytes)}; nprobe {spec['nprobe']} "
+          f"= {m['index_bytes'] / ivf_flat_bytes:.3f}x IVF-Flat's {fx.format_bytes(ivf_flat_bytes)}, + exact vectors for re-scoring "
+          f"{m.get('exact_vector_bytes', 0) / 2**20:.1f} MiB on disk; nprobe {spec['nprobe']} "
           f"(build sample recall@10 {built['recall']['recall']:.4f}, {built['recall']['query_ms']:.2f} ms/query alone)")
-    print(f"  held-out queries: recall@10 {recall:.4f} vs exact, {search_s / n_queries * 1e3:.3f} ms/query, "
+    print(f"  held-out queries: recall@10 {recall:.4f} vs exact re-scored ({spec.get('refine', 0)}x k candidates; "
+          f"{plain_recall:.4f} on the codes' scores alone), {search_s / n_queries * 1e3:.3f} ms/query, "
           f"speed-up {exact_s / search_s:.1f}x; build {build_s:.1f}s (train {m['train_seconds']:.1f}s, shards {m['shards_seconds']:.1f}s)")
 
     # Paper estimate: the same code size at N vectors. Coarse assignment costs O(nlist) per
@@ -299,8 +305,8 @@ def report_pq(args, pq_row, exact_s: float, n_queries: int, n: int, d: int) -> N
     big = f"IVF{big_nlist},PQ{m_bytes}"
     shards = math.ceil(big_n / DEFAULT_SHARD_ROWS)
     total = fx.estimated_index_bytes(big, big_n, d, shards)
-    shared = big_nlist * d * 4 + 256 * d * 4  # centroids and codebooks: in trained.faiss and in every shard file
-    per_shard = big_n / shards * (m_bytes + fx.IDS_BYTES) + shared
+    codebooks = 256 * d * 4  # in trained.faiss and in every shard file (the centroids only in trained.faiss)
+    per_shard = big_n / shards * (m_bytes + fx.IDS_BYTES) + codebooks
     node = fx.parse_bytes(args.node_memory)
     per_node = int(node * 0.5 // per_shard)  # half a node for the index; the rest for the OS, page cache, serving
     nlist_scale = big_nlist / max(1, spec["nlist"])
@@ -308,7 +314,8 @@ def report_pq(args, pq_row, exact_s: float, n_queries: int, n: int, d: int) -> N
     train_s = m["train_seconds"] * nlist_scale * (fx.TRAIN_POINTS_PER_LIST * big_nlist / max(1, spec["train_size"]))
     add_s = big_n / add_rate * nlist_scale
     print(f"paper estimate, {big_n:,} x {d} as {big}: {fx.format_bytes(total)} in {shards} shards of {DEFAULT_SHARD_ROWS:,} "
-          f"({fx.format_bytes(per_shard)} each, {fx.format_bytes(shared)} of it its copy of the centroids and codebooks); {per_node} shards per "
+          f"({fx.format_bytes(per_shard)} each, {fx.format_bytes(codebooks)} of it its copy of the codebooks; the "
+          f"{fx.format_bytes(big_nlist * d * 4)} of centroids once per node); {per_node} shards per "
           f"{args.node_memory} node at half its memory -> {math.ceil(shards / max(per_node, 1))} node(s)")
     print(f"  build on one driver like this machine ({os.cpu_count()} CPUs; embedding not counted): train ~{train_s / 60:.0f} min "
           f"(scaled by nlist x training points from {m['train_seconds']:.1f}s) + add ~{add_s / 3600:.1f} h ({add_rate:,.0f} vectors/s here, "

@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--lambda", dest="uncertainty_weight", type=float,
                        help="uncertainty weight for --rerank (default: the checkpoint's loss.uncertainty_weight)")
     query.add_argument("--nprobe", type=_at_least(1), help="override the version's tuned nprobe (IVF)")
+    query.add_argument("--refine", type=_at_least(0), metavar="N",
+                       help="lossy indexes (PQ, SQ): re-score N x k candidates by exact cosine (default: the version's, "
+                            "10, as its recall was measured; 0 or 1: off, scores are the codes' approximations)")
     query.add_argument("--combine", choices=("auto", "shards", "ondisk"), default="auto",
                        help="search shards in memory, or merge IVF shards on disk once (cached) and mmap them")
     query.add_argument("--json", help="also write the results here")
@@ -309,7 +312,10 @@ def _print_summary(manifest: dict, published: bool, embedded: int) -> None:
                       f"{'' if r.get('reached', True) else ': NOT reached'})" if "target_recall" in r else "")
             latency = f"; {r['query_ms']:.2f} ms/query" if r.get("query_ms") is not None else ""
             recall = f"recall@10 vs exact {r['recall']:.4f} on {r['queries']} sampled vectors{target}{latency}"
-        print(f"  {recall}; index {m['index_bytes'] / 2**20:.1f} MiB; {m['build_seconds']:.1f}s")
+        if r.get("refine"):
+            recall += f"; lossy codes re-scored by exact cosine ({r['refine']}x k candidates)"
+        vectors = f" + exact vectors {m['exact_vector_bytes'] / 2**20:.1f} MiB on disk" if m.get("exact_vector_bytes") else ""
+        print(f"  {recall}; index {m['index_bytes'] / 2**20:.1f} MiB{vectors}; {m['build_seconds']:.1f}s")
         for bad in manifest.get("corrupt", [])[:10]:
             print(f"  corrupt: {bad['id']}: {bad['reason']}")
 
@@ -335,7 +341,8 @@ def _query(args) -> int:
 
     if args.json:  # a bad output path is refused before the work, not after it
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    searcher = IndexSearcher(args.index_dir, args.version, combine=args.combine, nprobe=args.nprobe, gpu=args.gpu)
+    searcher = IndexSearcher(args.index_dir, args.version, combine=args.combine, nprobe=args.nprobe, gpu=args.gpu,
+                             refine=args.refine)
     if args.ids:
         mu, u = searcher.lookup(args.ids)
         names, exclude = list(args.ids), list(args.ids)

@@ -40,6 +40,7 @@ from ..faiss_import import faiss
 from . import faiss_index as fx
 from .corpus import FILE_STATS_SCHEMA, UNKNOWN_MTIME, Corpus
 from .embed import STATUS_KNOWN
+from .exact_vectors import ShardVectors, open_vectors, vectors_name, write_vectors
 from .partitions import (
     KEY_SCHEMA,
     LISTING_SCHEMA,
@@ -143,6 +144,7 @@ class _ShardPlan:
     source: str  # "reused" (parent shard, untouched), "rewritten" (parent shard minus rows), "new" (a partition)
     src_parquet: Path
     src_index: Path | None = None  # reused only
+    src_vectors: Path | None = None  # reused only, when the index re-scores (lossy codes)
     rows: np.ndarray | None = None  # rows of src_parquet to keep; None = all
     count: int = 0
 
@@ -167,6 +169,7 @@ class _Shards:
     entries: list[dict[str, Any]] = field(default_factory=list)
     ids_by_shard: dict[int, np.ndarray] = field(default_factory=dict)
     indexes: list[Any] = field(default_factory=list)
+    vectors: dict[int, np.ndarray] = field(default_factory=dict)  # exact, memory-mapped (lossy codes only)
 
 
 @dataclass
@@ -393,18 +396,22 @@ class StagedBuild:
 
     def _write_shards(self, plan: list[_ShardPlan], spec: fx.IndexSpec, trained, version_dir: Path, queries,
                       timings: dict[str, float]) -> "_Shards":
-        """Each planned shard's embeddings and faiss index in ``version_dir``; exact neighbours
-        of the recall queries among the new vectors are gathered on the way."""
+        """Each planned shard's embeddings and faiss index in ``version_dir`` (and, for lossy
+        codes, its exact vectors); exact neighbours of the recall queries among the new vectors
+        are gathered on the way."""
         out = _Shards(exact=fx.ExactTopK(queries, GT_DEPTH + 1))
         timings["exact_seconds"] = 0.0
         t = time.time()
         for p in plan:
             rel_parquet, rel_index = f"shards/{p.name}.parquet", f"shards/{p.name}.faiss"
+            rel_vectors = f"shards/{vectors_name(p.name)}" if spec.refine else None
             out_parquet, out_index = version_dir / rel_parquet, version_dir / rel_index
             if p.source == "reused":
                 link_or_copy(p.src_parquet, out_parquet)
                 link_or_copy(p.src_index, out_index)
-                for rel in (rel_parquet, rel_index):
+                if rel_vectors:
+                    link_or_copy(p.src_vectors, version_dir / rel_vectors)
+                for rel in filter(None, (rel_parquet, rel_index, rel_vectors)):
                     out.files[rel] = self.parent["files"][rel]
                 table = pq.read_table(out_parquet, columns=["id"])
             else:
@@ -414,26 +421,32 @@ class StagedBuild:
                     write_embeddings(out_parquet, pq.read_table(p.src_parquet).take(pa.array(p.rows)))
                 table = pq.read_table(out_parquet, columns=["id", "mu"])
                 mu = _vectors(table)
-                fx.write_index_atomic(fx.build_shard(mu, p.shard, spec, trained), out_index)
+                fx.write_shard(fx.build_shard(mu, p.shard, spec, trained), out_index)
+                if rel_vectors:
+                    write_vectors(mu, version_dir / rel_vectors)
                 if p.source == "new":
                     t_exact = time.time()
                     out.exact.add(mu, fx.labels_for(p.shard, len(mu)))
                     timings["exact_seconds"] += time.time() - t_exact
                 del mu
-            # IVF shards are memory-mapped: searching touches only the lists it probes, and the
-            # build never holds the whole index in RAM.
-            out.indexes.append(fx.read_index(out_index, mmap=spec.index_type == "ivf"))
+            # IVF shards are memory-mapped: the build never holds the whole index in RAM.
+            out.indexes.append(fx.read_shard(out_index, spec, trained))
+            if rel_vectors:
+                out.vectors[p.shard] = open_vectors(version_dir / rel_vectors, p.count, spec.dim)
             out.ids_by_shard[p.shard] = table.column("id").to_numpy(zero_copy_only=False).astype(str)
             out.entries.append({"shard": p.shard, "count": p.count, "source": p.source,
-                                "embeddings": rel_parquet, "index": rel_index})
+                                "embeddings": rel_parquet, "index": rel_index,
+                                **({"vectors": rel_vectors} if rel_vectors else {})})
         timings["shards_seconds"] = time.time() - t - timings["exact_seconds"]
         return out
 
     def _measure_recall(self, shards: "_Shards", spec: fx.IndexSpec, trained, queries, query_ids, query_labels,
                         from_parent: pa.Table, n_vectors: int, version_dir: Path) -> fx.Tuning:
         """recall@10 of the combined index against exact search and its query latency, nprobe or
-        efSearch tuned; the sample is saved with the version (``verify`` measures it again)."""
-        combined = fx.combine(shards.indexes, spec, trained)
+        efSearch tuned, as the searcher delivers them (lossy candidates re-scored by exact
+        cosine); the sample is saved with the version (``verify`` measures it again)."""
+        vectors = ShardVectors(shards.vectors, spec.dim) if shards.vectors else None
+        combined = fx.combine(shards.indexes, spec, trained, vectors=vectors)
         scores, labels = shards.exact.result()
         if query_ids is None:  # build: the queries are stored vectors, named once all shards are known
             query_ids = _labels_to_ids(query_labels, shards.ids_by_shard)
@@ -447,7 +460,7 @@ class StagedBuild:
         """Size and sha256 of every file of the version (reused shards keep the parent's)."""
         files = dict(shards.files)
         for entry in shards.entries:
-            for rel in (entry["embeddings"], entry["index"]):
+            for rel in filter(None, (entry["embeddings"], entry["index"], entry.get("vectors"))):
                 if rel not in files:
                     files[rel] = checksum(version_dir / rel)
         for rel in ("trained.faiss", "recall_sample.npz", CORPUS_RECORD):
@@ -472,7 +485,8 @@ class StagedBuild:
             "faiss": spec.to_dict(),
             "target_shard_rows": self.target_rows(),
             "counts": {**counts, "embedded": sum(p.rows for p in src.partitions)},
-            "recall": {"k": RECALL_K, "recall": tuning.recall, "queries": tuning.queries, "nprobe": spec.nprobe,
+            "recall": {"k": RECALL_K, "recall": tuning.recall, "queries": tuning.queries, "refine": spec.refine,
+                       "nprobe": spec.nprobe,
                        "ef_search": spec.ef_search, "query_ms": tuning.query_ms, "target_recall": spec.target_recall,
                        "max_query_ms": spec.max_query_ms, "reached": tuning.reached, "tried": tuning.tried},
             "metrics": {
@@ -486,6 +500,8 @@ class StagedBuild:
                 **timings,
                 "build_seconds": time.time() - self.t_start,
                 "index_bytes": sum(v["bytes"] for k, v in files.items() if k.endswith(".faiss")),
+                # on disk only (memory-mapped for re-scoring), not in the index's memory
+                "exact_vector_bytes": sum(v["bytes"] for k, v in files.items() if k.endswith(".vectors.npy")),
                 "vectors": n_vectors,
                 "corrupt_images": counts["corrupt"],
             },
@@ -537,16 +553,18 @@ class StagedBuild:
                 rows = kept.get(entry["shard"], np.zeros(0, np.int64))
                 src = vdir / entry["embeddings"]
                 if len(rows) == entry["count"]:
-                    plan.append(_ShardPlan(entry["shard"], "reused", src, vdir / entry["index"], None, entry["count"]))
+                    vectors = vdir / entry["vectors"] if entry.get("vectors") else None
+                    plan.append(_ShardPlan(entry["shard"], "reused", src, vdir / entry["index"], vectors,
+                                           count=entry["count"]))
                 elif len(rows):
-                    plan.append(_ShardPlan(next_shard, "rewritten", src, None, np.sort(rows), len(rows)))
+                    plan.append(_ShardPlan(next_shard, "rewritten", src, rows=np.sort(rows), count=len(rows)))
                     next_shard += 1
         used = _rows_by(from_staging, "part")
         for part in partitions:
             rows = used.get(part.index, np.zeros(0, np.int64))
             if len(rows):
                 keep = None if len(rows) == part.rows else np.sort(rows)
-                plan.append(_ShardPlan(next_shard, "new", part.path, None, keep, len(rows)))
+                plan.append(_ShardPlan(next_shard, "new", part.path, rows=keep, count=len(rows)))
                 next_shard += 1
         return plan
 
@@ -645,7 +663,7 @@ class StagedBuild:
 
         def latency(value: int) -> float:
             apply(value)
-            return fx.query_latency_ms(combined.index, sample.queries, RECALL_K)
+            return fx.query_latency_ms(combined, sample.queries, RECALL_K)
 
         if spec.nprobe_auto:
             start = spec.search_value if self.request.kind == "update" else 0

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import torch
 
 from . import faiss_index as fx
+from .exact_vectors import ShardVectors
 from .partitions import vectors
 from .store import IndexStore
 
@@ -43,13 +44,17 @@ class IndexSearcher:
     ``combine``: ``shards`` searches the shard files in memory (IndexShards / IndexShardsIVF);
     ``ondisk`` (IVF only) merges them once into ``cache/<version>/`` with faiss's on-disk
     inverted lists and memory-maps that; ``auto`` is ``shards``. ``gpu``: search a Flat index on
-    the GPUs faiss sees (``faiss_index.combine``).
+    the GPUs faiss sees (``faiss_index.combine``). ``refine``: for lossy codes (PQ, SQ), how many
+    candidates per result are re-scored by exact cosine (default: the version's, as its recall
+    was measured; 0 or 1: off, scores are the codes' approximations).
     """
 
     def __init__(self, index_dir: str | os.PathLike, version: str | None = None, *, combine: str = "auto",
-                 nprobe: int | None = None, gpu: bool = False):
+                 nprobe: int | None = None, gpu: bool = False, refine: int | None = None):
         if combine not in COMBINE_MODES:
             raise ValueError(f"combine must be one of {', '.join(COMBINE_MODES)}, got {combine!r}")
+        if refine is not None and refine < 0:
+            raise ValueError(f"refine must be >= 0 (0 or 1: off), got {refine}")
         self.store = IndexStore(index_dir)
         # Sizes and checksums once at open, not per query: a damaged file is refused, never searched.
         self.version, self.manifest = self.store.checked_manifest(version, purpose="query")
@@ -62,6 +67,12 @@ class IndexSearcher:
                 raise ValueError(f"nprobe={nprobe} must be between 1 and nlist={self.spec.nlist}")
             else:
                 self.spec.nprobe = nprobe
+        if refine is not None:
+            if not self.spec.refine:
+                log.info("--refine has no effect on this %s index: its scores are exact, or it was built "
+                         "without exact vectors (rebuild it to re-score)", self.spec.factory)
+            else:
+                self.spec.refine = refine
         self.ids: dict[int, np.ndarray] = {}
         self.uncertainty: dict[int, np.ndarray] = {}
         for entry in self.manifest["shards"]:
@@ -69,15 +80,16 @@ class IndexSearcher:
             self.ids[entry["shard"]] = table.column("id").to_numpy(zero_copy_only=False).astype(str)
             self.uncertainty[entry["shard"]] = table.column("uncertainty").to_numpy()
         shard_paths = [self.dir / e["index"] for e in self.manifest["shards"]]
+        vectors = ShardVectors.open(self.dir, self.manifest["shards"], self.spec.dim) if self.spec.refine > 1 else None
         if combine == "ondisk":
             if gpu:
                 raise ValueError("--gpu searches exact (Flat) indexes in memory, not a merged on-disk IVF")
-            self.index = fx.merge_ondisk(self.dir / "trained.faiss", shard_paths, self.store.cache_dir / self.version, self.spec)
+            self.index = fx.merge_ondisk(self.dir / "trained.faiss", shard_paths, self.store.cache_dir / self.version,
+                                         self.spec, vectors=vectors)
         else:
             trained = fx.read_index(self.dir / "trained.faiss") if self.spec.index_type == "ivf" else None
-            # IVF shards are memory-mapped: opening is instant and a query reads only its lists.
-            self.index = fx.combine([fx.read_index(p, mmap=self.spec.index_type == "ivf") for p in shard_paths],
-                                    self.spec, trained, gpu=gpu)
+            self.index = fx.combine([fx.read_shard(p, self.spec, trained) for p in shard_paths],
+                                    self.spec, trained, gpu=gpu, vectors=vectors)
         self._where: dict[str, int] | None = None
 
     @property
@@ -112,8 +124,9 @@ class IndexSearcher:
     def search(self, mu: np.ndarray, uncertainty: np.ndarray, k: int = 10, *, rerank: bool = False,
                rerank_k: int | None = None, uncertainty_weight: float | None = None,
                exclude: Sequence[str | None] | None = None, names: Sequence[str] | None = None) -> list[QueryResult]:
-        """Top-``k`` neighbours of each query. ``rerank``: take ``rerank_k`` (default max(10k,
-        100)) candidates by cosine, then order them by the introspective distance
+        """Top-``k`` neighbours of each query (lossy candidates re-scored first: ``refine``).
+        ``rerank``: take ``rerank_k`` (default max(10k, 100)) candidates by cosine, then order
+        them by the introspective distance
         D = alpha * exp(-lambda * beta / alpha) (alpha = 2 - 2cos, beta = u_query + u_result)
         and report s = 1 - D/2. ``exclude``: an id to leave out per query (itself)."""
         if k < 1:

@@ -36,7 +36,11 @@ from idml.data.source import file_sha256
 from idml.errors import DamagedFileError
 
 INDEX_FORMAT = "idml-index"
-FORMAT_VERSION = 1
+# 2: IVF shard files without their coarse quantizer (trained.faiss holds it), exact vectors beside
+# lossy shards. An older idml refuses such a version instead of searching shards it cannot read;
+# this one reads both.
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 CURRENT_NAME = "CURRENT"
 _VERSION_RE = re.compile(r"^v(\d{6,})$")
@@ -176,10 +180,10 @@ class IndexStore:
     def read_manifest(self, version: str | None = None) -> dict[str, Any]:
         version = self.resolve_version(version)
         manifest = read_json(self.version_dir(version) / MANIFEST_NAME)
-        if manifest.get("format") != INDEX_FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        if manifest.get("format") != INDEX_FORMAT or manifest.get("format_version") not in READABLE_FORMAT_VERSIONS:
             raise ValueError(
-                f"{self.version_dir(version) / MANIFEST_NAME} is not an {INDEX_FORMAT} v{FORMAT_VERSION} manifest; "
-                "rebuild the index with this idml version"
+                f"{self.version_dir(version) / MANIFEST_NAME} is not an {INDEX_FORMAT} "
+                f"v{'/v'.join(map(str, READABLE_FORMAT_VERSIONS))} manifest; rebuild the index with this idml version"
             )
         return manifest
 

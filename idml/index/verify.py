@@ -12,7 +12,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from idml.errors import DamagedFileError
+
 from . import faiss_index as fx
+from .exact_vectors import open_vectors
 from .partitions import KEY_SCHEMA
 from .recall import RecallSample
 from .store import MANIFEST_NAME, IndexStore
@@ -72,6 +75,8 @@ def _check_shard(vdir: Path, entry: dict[str, Any], spec: fx.IndexSpec) -> list[
     meta = pq.ParquetFile(vdir / name).metadata
     if meta.num_rows != entry["count"]:
         problems.append(f"{name} has {meta.num_rows} rows, the manifest says {entry['count']}")
+    # Only labels and counts are checked: an IVF shard stored without its coarse quantizer needs
+    # no trained.faiss for them.
     index = fx.read_index(vdir / entry["index"], mmap=spec.index_type == "ivf")
     if index.d != spec.dim:
         problems.append(f"{entry['index']} has dimension {index.d}, expected {spec.dim}")
@@ -83,6 +88,13 @@ def _check_shard(vdir: Path, entry: dict[str, Any], spec: fx.IndexSpec) -> list[
     expected = fx.labels_for(entry["shard"], entry["count"])
     if labels is not None and not np.array_equal(np.sort(labels), expected):
         problems.append(f"{entry['index']} does not hold exactly the labels of shard {entry['shard']} rows 0..{entry['count'] - 1}")
+    if spec.refine and not entry.get("vectors"):
+        problems.append(f"shard {entry['shard']} has no exact vectors to re-score its lossy {spec.factory} codes")
+    elif entry.get("vectors"):
+        try:
+            open_vectors(vdir / entry["vectors"], entry["count"], spec.dim)
+        except DamagedFileError as e:
+            problems.append(str(e))
     return problems
 
 
