@@ -101,7 +101,8 @@ class BatchEmbedder:
 
     def __init__(self, checkpoint: str | Mapping[str, Any], *, known: pa.Table | None = None,
                  id_prefix: str | None = None, device: str | None = None, threads: int = 0,
-                 channels_last: bool | None = None, autocast: bool = True, delay_s: float = 0.0):
+                 channels_last: bool | None = None, autocast: bool = True, batch_size: int = 0,
+                 delay_s: float = 0.0):
         if threads > 0:
             torch.set_num_threads(threads)
         state = checkpoint if isinstance(checkpoint, Mapping) else load_checkpoint(checkpoint)
@@ -118,6 +119,9 @@ class BatchEmbedder:
         self.transform = eval_transform(cfg.data.image_size)
         self.known = dict(zip(known.column("id").to_pylist(), known.column("content_hash").to_pylist())) if known is not None else {}
         self.id_prefix = id_prefix
+        # The model's batch: a longer input (a whole Ray Data block) is embedded in slices of this
+        # many images, so Ray hands over one block per call without the model seeing larger batches.
+        self.batch_size = int(batch_size)
         # Test hook: a slow embedder lets a test kill a build between two partitions.
         self.delay_s = float(delay_s)
 
@@ -128,32 +132,43 @@ class BatchEmbedder:
         hashes = [content_hash(b) if b is not None else "" for b in blobs]
         status = [STATUS_KNOWN if self.known.get(i) == h else None for i, h in zip(ids, hashes)]
         errors: list[str | None] = [None] * n
-        tensors, rows = [], []
-        for r in range(n):
-            if status[r] is not None:
-                continue
-            try:
-                tensors.append(self.transform(decode_image(blobs[r])))
-                rows.append(r)
-                status[r] = STATUS_EMBEDDED
-            except InvalidImageError as e:
-                status[r], errors[r] = STATUS_CORRUPT, str(e)
-        mu = sigma = np.zeros((0, self.dim), np.float32)
-        if tensors:
-            mu, sigma = self.embed_tensors(torch.stack(tensors))
-        if self.delay_s:
-            time.sleep(self.delay_s)
+        todo = [r for r in range(n) if status[r] is None]
+        step = self.batch_size or max(1, len(todo))
+        embedded, mus, sigmas = [], [], []
+        for start in range(0, len(todo), step):
+            rows, tensors = self._decode_rows(blobs, todo[start:start + step], status, errors)
+            if tensors:
+                mu, sigma = self.embed_tensors(torch.stack(tensors))
+                embedded += rows
+                mus.append(mu)
+                sigmas.append(sigma)
+            if self.delay_s:
+                time.sleep(self.delay_s)
         mask = np.zeros(n, bool)
-        mask[rows] = True
+        mask[embedded] = True
+        empty = np.zeros((0, self.dim), np.float32)
         return pa.table({
             "id": pa.array(ids, pa.string()),
             "content_hash": pa.array(hashes, pa.string()),
             "status": pa.array(status, pa.string()),
             "error": pa.array(errors, pa.string()),
-            "mu": _sparse_list_array(mu, mask),
-            "sigma": _sparse_list_array(sigma, mask),
+            "mu": _sparse_list_array(np.concatenate(mus) if mus else empty, mask),
+            "sigma": _sparse_list_array(np.concatenate(sigmas) if sigmas else empty, mask),
             "file": pa.array(files, pa.string()),
         }, schema=OUTPUT_SCHEMA)
+
+    def _decode_rows(self, blobs, rows: list[int], status: list, errors: list) -> tuple[list[int], list[torch.Tensor]]:
+        """Decoded, transformed images of ``rows`` (and those rows); a corrupt image is marked
+        in ``status``/``errors`` instead."""
+        decoded, tensors = [], []
+        for r in rows:
+            try:
+                tensors.append(self.transform(decode_image(blobs[r])))
+                decoded.append(r)
+                status[r] = STATUS_EMBEDDED
+            except InvalidImageError as e:
+                status[r], errors[r] = STATUS_CORRUPT, str(e)
+        return decoded, tensors
 
     @torch.inference_mode()
     def embed_tensors(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

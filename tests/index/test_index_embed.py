@@ -1,8 +1,9 @@
 """The embedder and what a version records of its model."""
 
 import numpy as np
+import pyarrow as pa
 import torch
-from support import make_image_folder, shape_image
+from support import CORRUPT_BYTES, make_image_folder, shape_image
 
 from idml.checkpoint import load_checkpoint
 from idml.index import resolve_corpus
@@ -40,3 +41,22 @@ def test_output_rows_name_their_file(checkpoint, tmp_path):
     embedder = BatchEmbedder(checkpoint, id_prefix=corpus.root, threads=1)
     out = embedder(read_ids_and_images(corpus, corpus.files[0]))
     assert out.column("file").to_pylist() == [corpus.files[0]]
+
+
+def test_a_block_is_embedded_in_model_batches_like_image_by_image(checkpoint):
+    # Ray hands an actor a whole block of several model batches; the model must only see batch_size.
+    images = [shape_image(i) for i in range(7)]
+    images[3] = CORRUPT_BYTES
+    block = pa.table({"id": [f"img-{i}" for i in range(7)], "image": pa.array(images, pa.binary())})
+    embedder = BatchEmbedder(checkpoint, device="cpu", threads=1, batch_size=3)
+    sizes, embed = [], embedder.embed_tensors
+    embedder.embed_tensors = lambda x: sizes.append(len(x)) or embed(x)
+    whole = embedder(block)
+    assert max(sizes) <= 3 and sum(sizes) == 6
+    one_by_one = pa.concat_tables([BatchEmbedder(checkpoint, device="cpu", threads=1)(block.slice(i, 1)) for i in range(7)])
+    assert whole.column("status").to_pylist() == one_by_one.column("status").to_pylist()
+    assert whole.column("status").to_pylist()[3] == "corrupt"
+    for column in ("mu", "sigma"):
+        a, b = whole.column(column).to_pylist(), one_by_one.column(column).to_pylist()
+        assert (a[3], b[3]) == (None, None)
+        np.testing.assert_allclose(np.array([v for v in a if v]), np.array([v for v in b if v]), atol=1e-5)
