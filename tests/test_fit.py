@@ -77,3 +77,32 @@ def test_max_steps_per_epoch():
     cfg = load_config(overrides=OVERRIDES + ["train.max_steps_per_epoch=2"])
     state = build_training(cfg, num_classes=4)
     assert train_one_epoch(state.objective, state.optimizer, random_batches(5), epoch=0, train_cfg=cfg.train, progress=False)["steps"] == 2
+
+
+def test_selection_follows_map_at_r_not_recall_at_1(tmp_path, monkeypatch):
+    """R@1 on a small validation split ties and jumps; best.pt follows MAP@R. A run resumed from a
+    checkpoint picked on R@1 is compared on MAP@R from its history, never R@1 against MAP@R."""
+    import idml.fit as fit_module
+
+    cfg = load_config(overrides=OVERRIDES)
+    state = build_training(cfg, num_classes=4)
+    per_epoch = iter([{"recall@1": 0.80, "map@r": 0.50}, {"recall@1": 0.80, "map@r": 0.60},
+                      {"recall@1": 0.90, "map@r": 0.55}])
+    monkeypatch.setattr(fit_module, "evaluate_model", lambda *a, **k: None)
+    monkeypatch.setattr(fit_module, "summary_metrics", lambda result: next(per_epoch))
+    progress = Progress()
+    for epoch in range(3):
+        record = {"epoch": epoch}
+        fit_module._evaluate(state, cfg, epoch, record, progress, object(), {}, tmp_path / "best.pt", device="cpu",
+                             show_progress=False)
+        progress.history.append(record)
+    assert SELECTION_METRIC == "map@r"
+    assert progress.best == {"epoch": 1, "metric": "map@r", "score": 0.60}
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 1
+
+    # Resumed from a checkpoint whose best was picked on R@1 (epoch 2 of the history above, MAP@R 0.55).
+    resumed = Progress(3, progress.history, {"epoch": 2, "metric": "recall@1", "score": 0.90})
+    per_epoch = iter([{"recall@1": 0.85, "map@r": 0.58}])
+    fit_module._evaluate(state, cfg, 3, {"epoch": 3}, resumed, object(), {}, tmp_path / "best.pt", device="cpu",
+                         show_progress=False)
+    assert resumed.best["epoch"] == 3  # 0.58 beats the old best's MAP@R 0.55, though not its R@1 0.90

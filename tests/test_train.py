@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from idml.checkpoint import load_checkpoint, model_from_checkpoint
+from idml.fit import SELECTION_METRIC
 from pipelines.cli import main
 from idml.data import ImageShardDataset
 from idml.train import class_balanced_loader, train_local
@@ -34,7 +35,7 @@ def test_train_local_end_to_end_and_resume(tiny_config):
     assert written["blend_ratio"]["ratios"] == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
     assert set(written["selective"]["signals"]) == {"uncertainty", "top1_similarity", "top1_gap"}
     # the selected checkpoint is the best on validation, never chosen on test
-    best = max(history, key=lambda h: h["val/recall@1"])
+    best = max(history, key=lambda h: h[f"val/{SELECTION_METRIC}"])
     assert summary["selected_epoch"] == best["epoch"]
     # plain dict checkpoint readable with weights_only=True
     state = torch.load(f"{out}/last.pt", weights_only=True)

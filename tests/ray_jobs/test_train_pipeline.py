@@ -18,6 +18,7 @@ from ray_jobs.ray_helpers import TINY, artifact_paths, cluster_processes, connec
 from support import make_class_dataset
 
 from idml.checkpoint import load_checkpoint, model_from_checkpoint
+from idml.fit import SELECTION_METRIC
 from idml.config import ConfigError, load_config
 from pipelines.cli import main
 from pipelines.train import RayOptions, train_ray
@@ -66,7 +67,7 @@ def test_two_workers_train_track_and_resume_by_name(cluster, dataset, tmp_path, 
     assert all(h["train/steps"] == 4 and h["train/images"] == 60 for h in history)
     assert all(h["train/corrupt_images_skipped"] == 1 for h in history)
     # the checkpoint is selected on the validation split (training classes), never on test
-    assert summary["selected_epoch"] == max(history, key=lambda h: h["val/recall@1"])["epoch"]
+    assert summary["selected_epoch"] == max(history, key=lambda h: h[f"val/{SELECTION_METRIC}"])["epoch"]
     assert all("test/recall@1" in h for h in history)  # test evaluated every epoch, reported only
     assert 0 <= summary["test"]["recall@1"] <= 1 and "uncertainty_auroc_mixed" in summary["test"]
     for name in ("best.pt", "metrics.json", "retrieval_grid.png", "uncertainty.png", "config.yaml"):
