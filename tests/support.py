@@ -368,3 +368,15 @@ def build_in_process(index_dir, corpus_uri: str, checkpoint: str, kind: str = "b
         sink = staged.sink()
         embed_in_process(corpus, checkpoint, sink, staged.known())
         return staged.finish(sink.listing(), embed_seconds=1.0, embedded_this_run=sink.counts["embedded"])
+
+
+def clustered_vectors(n: int, d: int = 32, *, clusters: int, noise: float, seed: int = 0) -> np.ndarray:
+    """``n`` L2-normalised float32 vectors around ``clusters`` random centres (Gaussian ``noise``
+    per dimension): tight clusters flatter IVF, loose ones make nprobe matter."""
+    from idml.faiss_import import faiss
+
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((clusters, d)).astype(np.float32)
+    x = centers[rng.integers(0, clusters, n)] + noise * rng.standard_normal((n, d)).astype(np.float32)
+    faiss.normalize_L2(x)
+    return x

@@ -1,16 +1,9 @@
 import faiss
 import numpy as np
 import pytest
+from support import clustered_vectors
 
 from idml.index import faiss_index as fx
-
-
-def clustered(n, d=32, clusters=50, noise=0.35, seed=0):
-    rng = np.random.default_rng(seed)
-    centers = rng.standard_normal((clusters, d)).astype(np.float32)
-    x = centers[rng.integers(0, clusters, n)] + noise * rng.standard_normal((n, d)).astype(np.float32)
-    faiss.normalize_L2(x)
-    return x
 
 
 def test_auto_spec_is_flat_for_small_and_ivf_for_large_corpora():
@@ -35,8 +28,8 @@ def test_labels_round_trip():
 
 
 def test_ivf_shards_search_like_one_index_and_merge_on_disk(tmp_path):
-    x = clustered(12000)
-    queries = clustered(200, seed=1)
+    x = clustered_vectors(12000, clusters=50, noise=0.35)
+    queries = clustered_vectors(200, clusters=50, noise=0.35, seed=1)
     spec = fx.resolve_spec("ivf", len(x), 32, nlist=64)
     trained = fx.train_index(x[: spec.train_size], spec)
     fx.write_index_atomic(trained, tmp_path / "trained.faiss")
@@ -69,7 +62,7 @@ def test_ivf_shards_search_like_one_index_and_merge_on_disk(tmp_path):
 
 
 def test_flat_shards_are_exact():
-    x = clustered(3000)
+    x = clustered_vectors(3000, clusters=50, noise=0.35)
     spec = fx.resolve_spec("flat", len(x), 32)
     shards = [fx.build_shard(x[:1000], 0, spec, None), fx.build_shard(x[1000:], 4, spec, None)]
     d, labels = fx.combine(shards, spec, None).search(x[:50], 1)

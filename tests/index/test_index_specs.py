@@ -3,21 +3,11 @@ tuning for a recall target within a latency budget. Tiny data, no Ray."""
 
 import numpy as np
 import pytest
-from support import build_in_process, make_index_dataset
+from support import build_in_process, clustered_vectors, make_index_dataset
 
 from idml.errors import InputError
-from idml.faiss_import import faiss
 from idml.index import IndexSearcher, IndexStore, verify_index
 from idml.index import faiss_index as fx
-
-
-def clustered(n, d=32, clusters=200, noise=1.0, seed=0):
-    """Loose clusters: one IVF list holds ~70% of a query's neighbours, so nprobe matters."""
-    rng = np.random.default_rng(seed)
-    centers = rng.standard_normal((clusters, d)).astype(np.float32)
-    x = centers[rng.integers(0, clusters, n)] + noise * rng.standard_normal((n, d)).astype(np.float32)
-    faiss.normalize_L2(x)
-    return x
 
 
 # -- factory strings -------------------------------------------------------------------------------
@@ -147,7 +137,7 @@ def test_tuning_stops_at_the_target_or_at_the_latency_budget():
 
 
 def test_nprobe_tuning_reaches_the_target_on_clustered_vectors():
-    x = clustered(20_000)
+    x = clustered_vectors(20_000, clusters=200, noise=1.0)  # loose: one IVF list holds ~70% of a query's neighbours
     queries = x[np.random.default_rng(3).choice(len(x), 100, replace=False)]
     spec = fx.resolve_spec("ivf", len(x), 32, nlist=128, target_recall=0.9)
     trained = fx.train_index(x[: spec.train_size], spec)
