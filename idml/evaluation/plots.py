@@ -227,6 +227,11 @@ def plot_retrieval_grid(
     return _save(fig, path)
 
 
+def _thumbnail(picture) -> np.ndarray:
+    # One size for every figure's images: small emoji and large photos alike.
+    return np.asarray(picture.convert("RGB").resize((96, 96)))
+
+
 def save_retrieval_grid(mu: np.ndarray, labels: Sequence[int], load_images: Callable[[list[int]], dict[int, Any]],
                         path: str | Path, *, num_queries: int = 8, k: int = 5, seed: int = 0) -> Path | None:
     """``plot_retrieval_grid`` of an evaluated split: one random query from each of up to
@@ -251,7 +256,7 @@ def save_retrieval_grid(mu: np.ndarray, labels: Sequence[int], load_images: Call
     pictures = load_images(sorted({int(q) for q in queries} | {j for row in rows for j in row}))
 
     def thumb(i: int) -> np.ndarray:
-        return np.asarray(pictures[i].convert("RGB").resize((96, 96)))
+        return _thumbnail(pictures[i])
 
     plot_retrieval_grid([thumb(q) for q in queries], [[thumb(j) for j in row] for row in rows],
                         [[labels[j] == labels[q] for j in row] for q, row in zip(queries, rows)], path,
@@ -277,7 +282,7 @@ def save_uncertainty_extremes(uncertainty: np.ndarray, load_images: Callable[[li
         for j, i in enumerate(row):
             ax = axes[r, j]
             ax.set_axis_off()
-            ax.imshow(np.asarray(pictures[i].convert("RGB").resize((96, 96))))
+            ax.imshow(_thumbnail(pictures[i]))
             ax.set_title(f"{uncertainty[i]:.2f}", fontsize=9)
         axes[r, 0].text(-0.15, 0.5, title, transform=axes[r, 0].transAxes, rotation=90, ha="right", va="center",
                         fontsize=10, fontweight="bold")
