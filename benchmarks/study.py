@@ -1,6 +1,6 @@
 """The quality study: does IDML help, and does its uncertainty mean anything?
 
-    .venv/bin/python benchmarks/study.py [--groups ablation,lambda,losses] [--seeds 3] [--parallel 2]
+    .venv/bin/python benchmarks/study.py [--groups ablation,lambda,lambda_mixup,losses] [--seeds 3] [--parallel 2]
                                          [--config configs/emoji.yaml] [--set key=value ...]
 
 Trains every variant of the chosen groups on the same config and budget, ``--seeds`` seeds each
@@ -15,8 +15,11 @@ tables and the per-variant means as metrics.
 Groups:
   ablation  ProxyAnchor; + mixup only; + introspective metric only; full IDML; the released
             code's variant (uncertainty embedding normalised per image, so constant).
-  lambda    full IDML at each --lambdas value (0 is ProxyAnchor + mixup).
-  losses    every other base loss, plain vs IDML.
+  lambda        the introspective metric without mixup (the default's IDML) at each --lambdas
+                value (0 is plain ProxyAnchor).
+  lambda_mixup  full IDML (metric + mixup) at each --lambdas value (0 is ProxyAnchor + mixup).
+  losses        every other base loss, plain vs the introspective metric without mixup (the
+                default's IDML: on ProxyAnchor, mixup cost retrieval and doubled the compute).
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ IDML = Path(sys.executable).parent / "idml"
 
 PLAIN = {"loss.introspective": False, "loss.mixup": False}
 IDML_FULL = {"loss.introspective": True, "loss.mixup": True}
+METRIC_ONLY = {"loss.introspective": True, "loss.mixup": False}  # configs/emoji.yaml's IDML
+GROUPS = ("ablation", "lambda", "lambda_mixup", "losses")
 OTHER_LOSSES = ("proxy_nca", "multi_similarity", "contrastive", "triplet", "margin", "fastap")
 
 BEGIN, END = "<!-- study tables: begin (written by benchmarks/study.py) -->", "<!-- study tables: end -->"
@@ -72,20 +77,23 @@ def variants(groups: list[str], seeds: int, loss_seeds: int, lambdas: list[float
             Variant("proxy_anchor", "ablation", PLAIN, seeds, "ProxyAnchor"),
             Variant("mixup_only", "ablation", {"loss.introspective": False, "loss.mixup": True}, seeds,
                     "ProxyAnchor + mixup"),
-            Variant("metric_only", "ablation", {"loss.introspective": True, "loss.mixup": False}, seeds,
+            Variant("metric_only", "ablation", METRIC_ONLY, seeds,
                     "ProxyAnchor + introspective metric"),
             Variant("idml", "ablation", IDML_FULL, seeds, "IDML (metric + mixup)"),
             Variant("released", "ablation", {**IDML_FULL, "model.uncertainty_norm": "unit"}, seeds,
                     "IDML as released (sigma normalised: constant uncertainty)"),
         ]
     if "lambda" in groups:
-        out += [Variant(f"idml_lambda{lam:g}", "lambda", {**IDML_FULL, "loss.uncertainty_weight": lam}, seeds,
-                        f"IDML, lambda = {lam:g}") for lam in lambdas]
+        out += [Variant(f"metric_lambda{lam:g}", "lambda", {**METRIC_ONLY, "loss.uncertainty_weight": lam}, seeds,
+                        f"introspective metric, lambda = {lam:g}") for lam in lambdas]
+    if "lambda_mixup" in groups:
+        out += [Variant(f"idml_lambda{lam:g}", "lambda_mixup", {**IDML_FULL, "loss.uncertainty_weight": lam},
+                        seeds, f"IDML (metric + mixup), lambda = {lam:g}") for lam in lambdas]
     if "losses" in groups:
         for loss in OTHER_LOSSES:
             n = seeds if loss in ("multi_similarity", "contrastive") else loss_seeds
             out += [Variant(f"{loss}", "losses", {**PLAIN, "loss.name": loss}, n, f"{loss}"),
-                    Variant(f"{loss}_idml", "losses", {**IDML_FULL, "loss.name": loss}, n, f"IDML-{loss}")]
+                    Variant(f"{loss}_idml", "losses", {**METRIC_ONLY, "loss.name": loss}, n, f"IDML-{loss}")]
     return out
 
 
@@ -208,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="configs/emoji.yaml", help="base config every variant starts from")
     parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="overrides applied to every variant (e.g. the budget: train.epochs=6)")
-    parser.add_argument("--groups", default="ablation", help="comma-separated: ablation, lambda, losses")
+    parser.add_argument("--groups", default="ablation", help=f"comma-separated: {', '.join(GROUPS)}")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per variant")
     parser.add_argument("--loss-seeds", type=int, default=1,
                         help="seeds for the base losses other than MultiSimilarity and Contrastive")
@@ -221,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     groups = [g.strip() for g in args.groups.split(",") if g.strip()]
-    unknown = set(groups) - {"ablation", "lambda", "losses"}
+    unknown = set(groups) - set(GROUPS)
     if unknown or args.seeds < 1 or args.parallel < 1:
         parser.error(f"bad --groups {sorted(unknown)} or --seeds/--parallel < 1" if unknown else "--seeds and --parallel must be >= 1")
     out = (ROOT / args.out).resolve()
