@@ -55,10 +55,11 @@ class ServedIndex:
 
     @classmethod
     def load(cls, index_dir: str | os.PathLike, version: str | None = None, *, checkpoint: str | None = None,
-             previous: ServedIndex | None = None, threads: int = 0) -> ServedIndex:
+             previous: ServedIndex | None = None, threads: int = 0, refine: int | None = None) -> ServedIndex:
         """``version`` (default: the published one) of ``index_dir``. The model is loaded only
-        when ``previous`` does not already hold the one this version was built with."""
-        searcher = IndexSearcher(index_dir, version)
+        when ``previous`` does not already hold the one this version was built with. ``refine``:
+        the re-scoring depth of lossy codes (``IndexSearcher``; default: the version's)."""
+        searcher = IndexSearcher(index_dir, version, refine=refine)
         # The id table is built on first use; built here, concurrent requests never see it half-filled.
         searcher.lookup([])
         sha = searcher.manifest["checkpoint"]["sha256"]
@@ -95,6 +96,7 @@ class ServedIndex:
         """What a health check reports: the version, its size, and the model answering for it."""
         recorded = self.searcher.manifest["checkpoint"]
         return {"version": self.version, "vectors": len(self.searcher), "index_type": self.searcher.spec.index_type,
+                "refine": self.searcher.spec.refine if self.searcher.index.rescores else 0,
                 "uncertainty_weight": self.searcher.uncertainty_weight,
                 "model": {"checkpoint": self.checkpoint, "sha256": self.checkpoint_sha256,
                           **{k: recorded.get(k) for k in ("backbone", "embedding_dim", "image_size", "epoch")}},

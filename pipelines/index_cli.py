@@ -120,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--nlist", type=_at_least(1), help="IVF lists for --index auto/ivf (default: ~sqrt(n), a power of two)")
     build.add_argument("--train-size", type=_at_least(1), help="vectors sampled to train the IVF quantizer (default: 64 * nlist)")
     build.add_argument("--shards", type=_at_least(1), help="index shards = embedding partitions (default: one per 250k images)")
+    build.add_argument("--refine", type=_at_least(0), metavar="N",
+                       help="lossy indexes (PQ, SQ): searches re-score N x k candidates by exact cosine, and the "
+                            "recall tuning measures them so (default: 10); 0 or 1: off, and no exact vector files are "
+                            "kept (saves n x d x 4 bytes of disk). Refused for exact indexes. An update keeps it")
 
     update = sub.add_parser("update", help="embed only new and changed images, drop removed ones, publish a new version "
                                            f"(exit {UP_TO_DATE}: nothing changed, nothing published)")
@@ -140,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--nprobe", type=_at_least(1), help="override the version's tuned nprobe (IVF)")
     query.add_argument("--refine", type=_at_least(0), metavar="N",
                        help="lossy indexes (PQ, SQ): re-score N x k candidates by exact cosine (default: the version's, "
-                            "10, as its recall was measured; 0 or 1: off, scores are the codes' approximations)")
+                            "set by build --refine, as its recall was measured; 0 or 1: off, the codes' approximate scores)")
     query.add_argument("--combine", choices=("auto", "shards", "ondisk"), default="auto",
                        help="search shards in memory, or merge IVF shards on disk once (cached) and mmap them")
     query.add_argument("--json", help="also write the results here")
@@ -215,7 +219,8 @@ def _build_or_update(args) -> int:
         _say(f"skipped {len(corpus.outside)} image file(s) {OUTSIDE} {corpus.root} (links leading out of it: "
              f"{examples}{', ...' if len(corpus.outside) > 3 else ''}); pass --follow-links to index them")
     checkpoint, model_state = _load_model(checkpoint_ref)
-    build_only = {k: getattr(args, k) for k in ("index_type", "max_index_bytes", "nlist", "train_size", "shards") if hasattr(args, k)}
+    build_only = {k: getattr(args, k) for k in ("index_type", "max_index_bytes", "nlist", "train_size", "shards", "refine")
+                  if hasattr(args, k)}
     request = BuildRequest(kind, checkpoint["embedding_dim"], checkpoint, corpus.describe(), nprobe=args.nprobe,
                            recall_sample=args.recall_sample, target_recall=args.target_recall,
                            max_query_ms=args.max_query_ms, **build_only)

@@ -68,6 +68,8 @@ class ServeOptions(BaseModel):
     max_bytes: int = Field(16 * 2**20, ge=1, description="largest request body (413 above)")
     max_k: int = Field(100, ge=1, description="largest k a request may ask for")
     max_images: int = Field(16, ge=1, description="most images in one JSON request")
+    refine: int | None = Field(None, ge=0, description="lossy indexes (PQ, SQ): candidates per result re-scored by "
+                                                       "exact cosine (default: the version's; 0 or 1: off)")
     max_batch_size: int = Field(16, ge=1, description="most images embedded in one model call")
     batch_wait_s: float = Field(0.005, ge=0, description="how long a batch waits for more images")
 
@@ -86,6 +88,13 @@ def check_servable(options: ServeOptions) -> str:
     manifest = IndexStore(options.index_dir).read_manifest()
     checkpoint_for_index(manifest, options.checkpoint)
     return manifest["version"]
+
+
+def load_served(options: ServeOptions, version: str | None = None, previous: ServedIndex | None = None) -> ServedIndex:
+    """``version`` (default: the published one) searched as ``options`` say: with their model and
+    re-scoring depth. A replica loads every version through here, the first and each new one."""
+    return ServedIndex.load(options.index_dir, version, checkpoint=options.checkpoint, refine=options.refine,
+                            previous=previous)
 
 
 api = FastAPI(title="idml search", description="Nearest neighbours in a published idml index, by image or by id")
@@ -113,8 +122,7 @@ class SearchService:
     async def __init__(self, options: dict[str, Any]):
         self.options = ServeOptions(**options)
         self.store = IndexStore(self.options.index_dir)
-        self.served = await asyncio.to_thread(ServedIndex.load, self.options.index_dir,
-                                              checkpoint=self.options.checkpoint)
+        self.served = await asyncio.to_thread(load_served, self.options)
         self.reload_error: str | None = None
         self._embed_batch.set_max_batch_size(self.options.max_batch_size)
         self._embed_batch.set_batch_wait_timeout_s(self.options.batch_wait_s)
@@ -177,8 +185,7 @@ class SearchService:
                 if version in (None, self.served.version, failed):
                     continue
                 started = time.monotonic()
-                self.served = await asyncio.to_thread(ServedIndex.load, self.options.index_dir, version,
-                                                      checkpoint=self.options.checkpoint, previous=self.served)
+                self.served = await asyncio.to_thread(load_served, self.options, version, self.served)
                 failed, self.reload_error = None, None
                 log.info("now serving index %s (loaded in %.1fs)", version, time.monotonic() - started)
             except Exception as e:  # noqa: BLE001 - keep serving the old version, say why in /health

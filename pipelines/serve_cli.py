@@ -8,6 +8,10 @@ import os
 import signal
 import socket
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .serve import ServeOptions
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -31,23 +35,34 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-bytes", type=int, help="largest request body in bytes; larger ones get 413 (default: 16 MiB)")
     p.add_argument("--max-k", type=int, help="largest k a request may ask for (default: 100)")
     p.add_argument("--max-images", type=int, help="most images in one JSON request (default: 16)")
+    p.add_argument("--refine", type=int, metavar="N",
+                   help="lossy indexes (PQ, SQ): re-score N x k candidates by exact cosine, as `idml index query "
+                        "--refine` (default: the served version's, as its recall was measured; 0 or 1: off)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a new local instance)")
 
 
-SERVICE_OPTIONS = ("index_dir", "checkpoint", "replicas", "cpus_per_replica", "poll_s", "max_bytes", "max_k", "max_images")
+SERVICE_OPTIONS = ("index_dir", "checkpoint", "replicas", "cpus_per_replica", "poll_s", "max_bytes", "max_k", "max_images",
+                   "refine")
 
 
-def run_serve(args: argparse.Namespace) -> int:
+def serve_options(args: argparse.Namespace) -> ServeOptions:
+    """The ``ServeOptions`` of parsed ``idml serve`` arguments; a bad value is a ValueError naming its flag."""
     from pydantic import ValidationError
 
-    from ._ray import init_ray
-    from .serve import APP_NAME, ServeOptions, app, check_servable
+    from .serve import ServeOptions
 
     try:
-        options = ServeOptions(**{k: getattr(args, k) for k in SERVICE_OPTIONS if getattr(args, k) is not None})
+        return ServeOptions(**{k: getattr(args, k) for k in SERVICE_OPTIONS if getattr(args, k) is not None})
     except ValidationError as e:
         raise ValueError("; ".join(f"--{'-'.join(map(str, err['loc'])).replace('_', '-')}: {err['msg']}"
                                    for err in e.errors())) from None
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from ._ray import init_ray
+    from .serve import APP_NAME, app, check_servable
+
+    options = serve_options(args)
     version = check_servable(options)  # before Ray starts: nothing to serve is a one-line error
     local = not (args.address or os.environ.get("RAY_ADDRESS"))
     if local:

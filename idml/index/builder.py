@@ -78,6 +78,9 @@ class BuildRequest:
     target_recall: float = 0.95
     max_index_bytes: int | None = None  # build only: choose (auto) or check the index against this memory
     max_query_ms: float | None = None  # latency budget of the nprobe/efSearch tuning
+    # build only: re-scoring depth of lossy codes (None: fx.DEFAULT_REFINE; 0 or 1: off, no vector
+    # files); an update keeps its parent's, whose vector files it reuses
+    refine: int | None = None
 
     def __post_init__(self):
         if self.kind not in ("build", "update"):
@@ -88,12 +91,15 @@ class BuildRequest:
             raise ValueError(f"--max-index-memory must be positive, got {self.max_index_bytes} bytes")
         if self.max_query_ms is not None and self.max_query_ms <= 0:
             raise ValueError(f"--max-query-ms must be positive, got {self.max_query_ms}")
-        if self.kind == "build" and self.max_index_bytes and self.corpus.get("num_rows"):
-            # A budget nothing fits is refused before the embedding, not after it (corrupt
-            # images only shrink the index).
+        if self.kind == "update" and self.refine is not None:
+            raise ValueError("--refine is chosen at build: an update keeps the re-scoring depth of the version it "
+                             "updates (query --refine and serve --refine change it per search)")
+        if self.kind == "build" and (self.max_index_bytes or self.refine is not None) and self.corpus.get("num_rows"):
+            # A budget nothing fits, or a refine an exact index has no use for, is refused before
+            # the embedding, not after it (corrupt images only shrink the index).
             rows = int(self.corpus["num_rows"])
             fx.resolve_spec(self.index_type, rows, self.dim, nlist=self.nlist, max_index_bytes=self.max_index_bytes,
-                            shards=self.shards or max(1, math.ceil(rows / DEFAULT_SHARD_ROWS)))
+                            shards=self.shards or max(1, math.ceil(rows / DEFAULT_SHARD_ROWS)), refine=self.refine)
         if self.shards is not None and self.shards < 1:
             raise ValueError(f"--shards must be >= 1, got {self.shards}")
         if self.recall_sample < 1:
@@ -404,7 +410,9 @@ class StagedBuild:
         t = time.time()
         for p in plan:
             rel_parquet, rel_index = f"shards/{p.name}.parquet", f"shards/{p.name}.faiss"
-            rel_vectors = f"shards/{vectors_name(p.name)}" if spec.refine else None
+            # Only a search that re-scores (refine > 1) reads them: with refine 0 (an exact index, a
+            # lossy one built with --refine 0, or an update of either) there are none to write.
+            rel_vectors = f"shards/{vectors_name(p.name)}" if spec.refine > 1 else None
             out_parquet, out_index = version_dir / rel_parquet, version_dir / rel_index
             if p.source == "reused":
                 link_or_copy(p.src_parquet, out_parquet)
@@ -571,6 +579,7 @@ class StagedBuild:
     def _spec(self, n_vectors: int, shards: int) -> fx.IndexSpec:
         req = self.request
         if req.kind == "update":
+            # The parent's spec, its refine too: the reused shards have vector files exactly when it is > 1.
             spec = fx.IndexSpec.from_dict(self.parent["faiss"])
             if req.nprobe is not None:
                 if spec.index_type != "ivf":
@@ -587,7 +596,8 @@ class StagedBuild:
             return spec
         return fx.resolve_spec(req.index_type, n_vectors, req.dim, nlist=req.nlist, nprobe=req.nprobe,
                                train_size=req.train_size, target_recall=req.target_recall,
-                               max_index_bytes=req.max_index_bytes, max_query_ms=req.max_query_ms, shards=shards)
+                               max_index_bytes=req.max_index_bytes, max_query_ms=req.max_query_ms, shards=shards,
+                               refine=req.refine)
 
     def _samples(self, spec: fx.IndexSpec, plan: list[_ShardPlan]):
         """One pass over the new shards: recall queries (build; an update keeps its parent's)

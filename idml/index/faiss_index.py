@@ -95,7 +95,8 @@ class IndexSpec:
     estimated_bytes: int = 0  # memory of the index for the vectors it was built for
     choice: str = ""  # why this index
     # Lossy codes (PQ, SQ): every shard's exact vectors are stored beside it and search re-scores
-    # refine x k candidates by exact cosine. 0: scores are exact (or a version older than this).
+    # refine x k candidates by exact cosine. 0: scores are exact, or the codes' own (built with
+    # --refine 0, or a version older than re-scoring): no vector files.
     refine: int = 0
 
     @property
@@ -335,12 +336,29 @@ def choose_index(n: int, dim: int, max_bytes: int, *, nlist: int | None = None, 
                      f"{dim}-d vectors; raise the budget or index fewer vectors")
 
 
+def refine_depth(refine: int | None, check: FactoryCheck) -> int:
+    """The re-scoring depth a build stores (``IndexSpec.refine``): DEFAULT_REFINE for lossy codes
+    unless ``refine`` says otherwise; 0 or 1 turn re-scoring off, stored as 0 (1 would re-score
+    just the k results faiss found: no better recall, for files as big as the vectors). Exact
+    indexes have nothing to re-score: a nonzero ``refine`` is refused, not ignored."""
+    if refine is None:
+        return DEFAULT_REFINE if check.lossy else 0
+    if refine < 0:
+        raise InputError(f"--refine must be >= 0 (0 or 1: no re-scoring, no exact vector files), got {refine}")
+    if refine and not check.lossy:
+        raise InputError(f"--refine {refine}: {check.factory} stores the vectors themselves, so its scores are "
+                         "already exact and there is nothing to re-score; leave --refine out (it applies to "
+                         "lossy codes: PQ, SQ)")
+    return refine if refine > 1 else 0
+
+
 def resolve_spec(index_type: str, n: int, dim: int, *, nlist: int | None = None, nprobe: int | None = None,
                  train_size: int | None = None, target_recall: float = 0.95, max_index_bytes: int | None = None,
-                 max_query_ms: float | None = None, shards: int = 1) -> IndexSpec:
+                 max_query_ms: float | None = None, shards: int = 1, refine: int | None = None) -> IndexSpec:
     """The index for ``n`` vectors. ``index_type``: ``auto`` (Flat up to FLAT_MAX_VECTORS, IVF-Flat
     above; with ``max_index_bytes``, ``choose_index``), ``flat``, ``ivf`` (IVF-Flat, ``nlist``
-    lists), or a faiss factory string (``IVF4096,PQ64``, ``HNSW32``, ...; ``check_factory``)."""
+    lists), or a faiss factory string (``IVF4096,PQ64``, ``HNSW32``, ...; ``check_factory``).
+    ``refine``: the re-scoring depth of lossy codes (``refine_depth``; default DEFAULT_REFINE)."""
     if n < 1:
         raise ValueError("nothing to index: the corpus has no readable images")
     if nlist is not None and not 1 <= nlist <= n:
@@ -370,7 +388,7 @@ def resolve_spec(index_type: str, n: int, dim: int, *, nlist: int | None = None,
         raise InputError(f"--index {check.factory}: {check.nlist} IVF lists for {n} vectors; use at most one list "
                          f"per vector (about {default_nlist(n)} is typical)")
     common = dict(target_recall=target_recall, max_query_ms=max_query_ms, estimated_bytes=estimate,
-                  max_index_bytes=max_index_bytes, choice=reason, refine=DEFAULT_REFINE if check.lossy else 0)
+                  max_index_bytes=max_index_bytes, choice=reason, refine=refine_depth(refine, check))
     if kind == "flat":
         return IndexSpec("flat", dim, nprobe=0, nprobe_auto=False, **common)
     if nprobe is not None and kind != "ivf":

@@ -38,7 +38,8 @@ def index_params(manifest_or_request: Mapping[str, Any]) -> dict[str, Any]:
         "corpus_kind": corpus["kind"],
         "splits": ",".join(corpus.get("splits") or []) or "-",
     }
-    for key in ("index_type", "max_index_bytes", "max_query_ms", "nlist", "nprobe", "shards", "recall_sample", "target_recall"):
+    for key in ("index_type", "max_index_bytes", "max_query_ms", "nlist", "nprobe", "shards", "recall_sample",
+                "target_recall", "refine"):
         if key in m:
             params[f"index.{key}"] = "auto" if m[key] is None else m[key]
     return params

@@ -70,7 +70,8 @@ class IndexSearcher:
         if refine is not None:
             if not self.spec.refine:
                 log.info("--refine has no effect on this %s index: its scores are exact, or it was built "
-                         "without exact vectors (rebuild it to re-score)", self.spec.factory)
+                         "without exact vectors (--refine 0, or before re-scoring existed; rebuild it to re-score)",
+                         self.spec.factory)
             else:
                 self.spec.refine = refine
         self.ids: dict[int, np.ndarray] = {}

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 
 from idml.data.source import file_sha256
-from idml.errors import DamagedFileError
+from idml.errors import DamagedFileError, InputError
 from idml.faiss_import import faiss
 from idml.index import BuildRequest, IndexSearcher, IndexStore, StagedBuild, verify_index
 from idml.index import faiss_index as fx
@@ -146,6 +146,58 @@ def test_exact_indexes_store_no_vector_files(tmp_path):
         [False, False, False, True, True, True]
     searcher = IndexSearcher(tmp_path / "idx", refine=4)  # nothing to re-score: no effect
     assert not searcher.index.rescores
+
+
+def test_build_refine_sets_the_stored_and_measured_depth_and_an_update_keeps_it(tmp_path):
+    from pipelines.index_cli import main
+
+    d = 32
+    x = loose_clusters(4000, d, seed=10)
+    off, deep = tmp_path / "off", tmp_path / "deep"
+    # Every list probed in both: the measured recalls differ by the re-scoring alone.
+    m0 = build_synthetic(off, x, index_type="IVF16,PQ8", shards=2, nprobe=16, refine=0)
+    m20 = build_synthetic(deep, x, index_type="IVF16,PQ8", shards=2, nprobe=16, refine=20)
+    assert (m0["faiss"]["refine"], m0["recall"]["refine"], m20["faiss"]["refine"], m20["recall"]["refine"]) == (0, 0, 20, 20)
+    assert m20["recall"]["recall"] >= m0["recall"]["recall"] + 0.2, (m20["recall"], m0["recall"])
+    # --refine 0: no vector files at all, the codes' scores; a query works, a --refine has nothing to use.
+    assert not any("vectors" in s for s in m0["shards"]) and m0["metrics"]["exact_vector_bytes"] == 0
+    assert not list(off.rglob("*.vectors.npy")) and verify_index(off) == []
+    assert main(["query", "--index-dir", str(off), "--ids", "v000007", "--k", "5"]) == 0
+    assert not IndexSearcher(off, refine=20).index.rescores
+    assert IndexSearcher(deep).spec.refine == 20 and IndexSearcher(deep).index.rescores
+
+    # An update keeps the parent's depth: vector files for its new shard exactly when it re-scores.
+    new = loose_clusters(300, d, seed=11)
+    u0, u20 = (build_synthetic(idx, new, first_id=4000, kind="update") for idx in (off, deep))
+    assert [s["source"] for s in u0["shards"]] == ["reused", "reused", "new"]
+    assert u0["faiss"]["refine"] == u0["recall"]["refine"] == 0 and not list(off.rglob("*.vectors.npy"))
+    assert u20["faiss"]["refine"] == u20["recall"]["refine"] == 20 and all("vectors" in s for s in u20["shards"])
+    assert verify_index(off) == [] and verify_index(deep) == []
+    with pytest.raises(ValueError, match="an update keeps the re-scoring depth"):
+        build_synthetic(deep, new, first_id=4000, kind="update", refine=5)
+
+
+def test_refine_is_refused_where_there_is_nothing_to_rescore(tmp_path, checkpoint, capsys):
+    from support import make_index_dataset
+
+    from pipelines.index_cli import main
+
+    assert fx.resolve_spec("IVF8,PQ4", 1000, 16, refine=1).refine == 0  # 1 re-scores nothing new: off
+    assert fx.resolve_spec("IVF8,PQ4", 1000, 16).refine == fx.DEFAULT_REFINE
+    assert fx.resolve_spec("flat", 1000, 16, refine=0).refine == 0  # 0 asks for nothing: accepted
+    with pytest.raises(InputError, match="must be >= 0"):
+        fx.resolve_spec("IVF8,PQ4", 1000, 16, refine=-1)
+
+    ds = make_index_dataset(tmp_path / "ds", 8)
+    build = ["build", "--checkpoint", checkpoint, "--corpus", ds, "--index-dir", str(tmp_path / "idx"), "--no-mlflow"]
+    for index in ("auto", "IVF2,Flat", "HNSW8"):  # exact: Flat, IVF-Flat, HNSW over Flat
+        assert main([*build, "--index", index, "--refine", "1"]) == 2  # refused before embedding
+        err = capsys.readouterr().err
+        assert "already exact" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "idx" / "versions").exists()
+    with pytest.raises(SystemExit) as exit_:
+        main([*build, "--index", "IVF2,PQ4", "--refine", "-1"])
+    assert exit_.value.code == 2 and "--refine" in capsys.readouterr().err
 
 
 # -- IVF shard files without the coarse quantizer --------------------------------------------------

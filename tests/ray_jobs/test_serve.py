@@ -133,6 +133,35 @@ def test_a_registered_model_is_accepted_as_the_checkpoint(tiny, tmp_path, monkey
     assert actor["runtime_env"]["env_vars"]["MLFLOW_TRACKING_URI"] == uri
 
 
+def test_serve_refine_reaches_the_searcher_of_every_version_it_loads(tiny, tmp_path, capsys):
+    """`idml serve --refine N`: parsed into ServeOptions and passed to the IndexSearcher of the
+    version a replica loads first and of each one it loads later (load_served; Ray not started)."""
+    from idml.index import faiss_index as fx
+    from pipelines.cli import build_parser, main
+    from pipelines.serve import load_served
+    from pipelines.serve_cli import serve_options
+
+    idx = tmp_path / "sq8"
+    build_in_process(idx, tiny["dataset"], tiny["checkpoint"], index_type="SQ8")  # lossy codes: re-scored
+
+    def options(*flags):
+        return serve_options(build_parser().parse_args(["serve", "--index-dir", str(idx), *flags]))
+
+    default = load_served(options())
+    assert default.searcher.spec.refine == fx.DEFAULT_REFINE and default.describe()["refine"] == fx.DEFAULT_REFINE
+    deeper = load_served(options("--refine", "3"), previous=default)
+    assert deeper.searcher.spec.refine == 3 and deeper.searcher.index.rescores and deeper.describe()["refine"] == 3
+    reloaded = load_served(options("--refine", "3"), deeper.version, deeper)  # as a replica loads a new version
+    assert reloaded.searcher.spec.refine == 3 and reloaded.embedder is deeper.embedder
+    off = load_served(options("--refine", "0"), previous=default)
+    assert not off.searcher.index.rescores and off.describe()["refine"] == 0
+    mu, u = off.lookup(["img-005"])
+    assert off.search(mu, u, 3, exclude=["img-005"])[0].hits  # the codes' scores still answer
+    assert main(["serve", "--index-dir", str(idx), "--refine", "-1"]) == 2
+    assert "--refine: Input should be greater than or equal to 0" in capsys.readouterr().err
+    assert not _ray_initialized()
+
+
 def _ray_initialized() -> bool:
     import ray
 
