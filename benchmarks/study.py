@@ -13,13 +13,15 @@ the same numbers to ``<out>/study.json``, and one MLflow run (experiment ``idml-
 tables and the per-variant means as metrics.
 
 Groups:
-  ablation  ProxyAnchor; + mixup only; + introspective metric only; full IDML; the released
-            code's variant (uncertainty embedding normalised per image, so constant).
+  ablation      ProxyAnchor; + mixup only; + introspective metric only; full IDML; the released
+                code's variant (uncertainty embedding normalised per image, so constant). This
+                group and both lambda groups train ProxyAnchor whatever the config's loss.
   lambda        the introspective metric without mixup (the default's IDML) at each --lambdas
                 value (0 is plain ProxyAnchor).
   lambda_mixup  full IDML (metric + mixup) at each --lambdas value (0 is ProxyAnchor + mixup).
-  losses        every other base loss, plain vs the introspective metric without mixup (the
-                default's IDML: on ProxyAnchor, mixup cost retrieval and doubled the compute).
+  losses        every base loss but ProxyAnchor (the ablation's), plain vs the introspective metric
+                without mixup (the default's IDML: on ProxyAnchor, mixup cost retrieval and
+                doubled the compute).
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ IDML = Path(sys.executable).parent / "idml"
 PLAIN = {"loss.introspective": False, "loss.mixup": False}
 IDML_FULL = {"loss.introspective": True, "loss.mixup": True}
 METRIC_ONLY = {"loss.introspective": True, "loss.mixup": False}  # configs/emoji.yaml's IDML
+# The ablation and the lambda sweeps are the paper's IDML-ProxyAnchor, whatever the config's loss.
+PROXY_ANCHOR = {"loss.name": "proxy_anchor"}
 GROUPS = ("ablation", "lambda", "lambda_mixup", "losses")
 OTHER_LOSSES = ("proxy_nca", "multi_similarity", "contrastive", "triplet", "margin", "fastap")
 # The issue asks 3 seeds of these two; FastAP joined them as the best base loss at this budget.
@@ -75,7 +79,7 @@ class Variant:
 def variants(groups: list[str], seeds: int, loss_seeds: int, lambdas: list[float]) -> list[Variant]:
     out = []
     if "ablation" in groups:
-        out += [
+        ablation = [
             Variant("proxy_anchor", "ablation", PLAIN, seeds, "ProxyAnchor"),
             Variant("mixup_only", "ablation", {"loss.introspective": False, "loss.mixup": True}, seeds,
                     "ProxyAnchor + mixup"),
@@ -85,11 +89,12 @@ def variants(groups: list[str], seeds: int, loss_seeds: int, lambdas: list[float
             Variant("released", "ablation", {**IDML_FULL, "model.uncertainty_norm": "unit"}, seeds,
                     "IDML as released (sigma normalised: constant uncertainty)"),
         ]
+        out += [Variant(v.name, v.group, {**PROXY_ANCHOR, **v.overrides}, v.seeds, v.description) for v in ablation]
     if "lambda" in groups:
-        out += [Variant(f"metric_lambda{lam:g}", "lambda", {**METRIC_ONLY, "loss.uncertainty_weight": lam}, seeds,
+        out += [Variant(f"metric_lambda{lam:g}", "lambda", {**PROXY_ANCHOR, **METRIC_ONLY, "loss.uncertainty_weight": lam}, seeds,
                         f"introspective metric, lambda = {lam:g}") for lam in lambdas]
     if "lambda_mixup" in groups:
-        out += [Variant(f"idml_lambda{lam:g}", "lambda_mixup", {**IDML_FULL, "loss.uncertainty_weight": lam},
+        out += [Variant(f"idml_lambda{lam:g}", "lambda_mixup", {**PROXY_ANCHOR, **IDML_FULL, "loss.uncertainty_weight": lam},
                         seeds, f"IDML (metric + mixup), lambda = {lam:g}") for lam in lambdas]
     if "losses" in groups:
         for loss in OTHER_LOSSES:
