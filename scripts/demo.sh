@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set-up plus the main job on the embedded default: fetch the emoji set, convert it, train
-# IDML-ProxyAnchor on a local Ray instance (Ray Data -> Ray Train, MLflow in ./mlflow.db),
+# IDML-FastAP on a local Ray instance (Ray Data -> Ray Train, MLflow in ./mlflow.db),
 # evaluate the best (validation-selected) checkpoint on the test split.
 # Extra arguments go to `idml train`, e.g. bash scripts/demo.sh --set train.epochs=2
 set -euo pipefail
