@@ -146,7 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="lossy indexes (PQ, SQ): re-score N x k candidates by exact cosine (default: the version's, "
                             "set by build --refine, as its recall was measured; 0 or 1: off, the codes' approximate scores)")
     query.add_argument("--combine", choices=("auto", "shards", "ondisk"), default="auto",
-                       help="search shards in memory, or merge IVF shards on disk once (cached) and mmap them")
+                       help="shards: search the shard files together; ondisk: merge IVF shards' lists once per version "
+                            "into the index folder's cache/ and memory-map that (as fast as one index; sharded IVF search "
+                            "is 1.6-1.9x slower); auto (default): ondisk for IVF with several shards, else shards")
     query.add_argument("--json", help="also write the results here")
     query.add_argument("--gpu", action="store_true", help="search an exact (Flat) index on the GPUs faiss sees (faiss-gpu)")
 

@@ -12,7 +12,6 @@ and fetched archives in ``<cache>/downloads``.
 
 from __future__ import annotations
 
-import fcntl
 import gzip
 import io
 import json
@@ -24,9 +23,8 @@ import subprocess
 import tarfile
 import tempfile
 import zlib
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 from PIL import Image
@@ -34,6 +32,7 @@ from PIL import Image
 from idml.data.converters import DEFAULT_VAL_FRACTION, SourceImage, convert_items
 from idml.data.source import MANIFEST_NAME
 from idml.data.conversion_report import ConversionReport
+from idml.filelock import exclusive
 
 logger = logging.getLogger(__name__)
 
@@ -83,18 +82,6 @@ def builtin_root(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
     return _cache(cache_dir) / "datasets" / name
 
 
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    # Several processes (e.g. training workers) may resolve the same dataset at once.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def resolve_dataset(
     name_or_path: str | os.PathLike,
     *,
@@ -137,7 +124,8 @@ def fetch_dataset(
     cache = _cache(cache_dir)
     root = builtin_root(name, cache)
     downloads = cache / "downloads"
-    with _locked(cache / "datasets" / f".{name}.lock"):
+    # Several processes (e.g. training workers) may resolve the same dataset at once.
+    with exclusive(cache / "datasets" / f".{name}.lock"):
         if (root / MANIFEST_NAME).is_file() and not overwrite:
             return str(root)
         logger.info("preparing built-in dataset %r in %s", name, root)

@@ -1,7 +1,9 @@
 """Builds and updates through the library (no Ray): versions, reuse, resume, crash safety."""
 
+import logging
 import os
 
+import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -9,6 +11,7 @@ import pytest
 from support import build_in_process, embed_in_process, make_image_folder, make_index_dataset, shape_image
 
 from idml.index import BuildRequest, IndexSearcher, IndexStore, StagedBuild, resolve_corpus, verify_index
+from idml.index import faiss_index as fx
 from idml.index.embed import describe_checkpoint
 
 
@@ -121,10 +124,32 @@ def test_ivf_index_tunes_nprobe_and_updates_with_the_same_quantizer(tmp_path, ch
     assert m2["faiss"]["nlist"] == 4 and m2["counts"]["vectors"] == 42
     assert m2["files"]["trained.faiss"] == m["files"]["trained.faiss"]
     assert verify_index(store.root) == []
+    # By default a sharded IVF version is searched as one merged index, cached per version.
+    searcher = IndexSearcher(store.root, nprobe=4)
+    assert (store.cache_dir / m2["version"] / "merged.index").is_file()
+    assert isinstance(faiss.downcast_index(searcher.index.index), faiss.IndexIVFFlat)
     for combine in ("shards", "ondisk"):
         searcher = IndexSearcher(store.root, combine=combine, nprobe=4)
         mu, u = searcher.lookup(["img-041"])
         assert searcher.search(mu, u, 1)[0].hits[0].id == "img-041"
+
+
+def test_searcher_falls_back_to_shards_when_the_merge_cannot_be_written(tmp_path, checkpoint, monkeypatch, caplog):
+    ds = make_index_dataset(tmp_path / "ds", 40)
+    root = tmp_path / "idx"
+    build_in_process(root, ds, checkpoint, index_type="ivf", nlist=4, shards=2)
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(root / "cache"))
+
+    monkeypatch.setattr(fx, "merge_ondisk", read_only)
+    with caplog.at_level(logging.WARNING, logger="idml.index.search"):
+        searcher = IndexSearcher(root, nprobe=4)
+    assert "one by one (slower): cannot merge them" in caplog.text
+    mu, u = searcher.lookup(["img-007"])
+    assert searcher.search(mu, u, 1)[0].hits[0].id == "img-007"
+    with pytest.raises(PermissionError):  # asked for explicitly: no silent fallback
+        IndexSearcher(root, combine="ondisk")
 
 
 def test_raw_image_folder_update(tmp_path, checkpoint):

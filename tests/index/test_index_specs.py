@@ -21,6 +21,11 @@ def test_factory_strings_that_search_by_inner_product_are_accepted(factory, kind
     assert check.bytes_per_vector > 0 and check.estimated_bytes(1000) > check.estimated_bytes(10)
 
 
+def test_checking_a_pq_factory_prints_no_faiss_clustering_warnings(capfd):
+    fx.check_factory("IVF32,PQ16", 64)  # 1,024 sample vectors for 16 codebooks of 256 centroids
+    assert "WARNING clustering" not in capfd.readouterr().err
+
+
 @pytest.mark.parametrize("factory, reason", [
     ("bogus", "could not parse index string bogus"),
     ("IVF16,PQ7", "should be a multiple of the number of subquantizers"),  # 32 % 7 != 0
@@ -69,26 +74,26 @@ def test_memory_budget_choice_at_its_boundaries():
     assert fx.choose_index(small + 1, d, 10**15).factory.endswith(",Flat")
     assert fx.choose_index(small + 1, d, 10**15).factory.startswith("IVF")
 
-    ivf_flat = fx.estimated_index_bytes("IVF1024,Flat", big, d)
-    assert fx.choose_index(big, d, ivf_flat).factory == "IVF1024,Flat"
-    assert fx.choose_index(big, d, ivf_flat - 1).factory == "IVF1024,PQ256"  # the largest code that fits
-    pq64 = fx.estimated_index_bytes("IVF1024,PQ64", big, d)
-    assert fx.choose_index(big, d, pq64).factory == "IVF1024,PQ64"
-    assert fx.choose_index(big, d, pq64 - 1).factory == "IVF1024,PQ32"
-    assert fx.choose_index(big, d, pq64, nlist=4096).factory == "IVF4096,PQ32"  # more centroids, less room
-    smallest = fx.estimated_index_bytes("IVF1024,PQ1", big, d)
-    assert fx.choose_index(big, d, smallest).factory == "IVF1024,PQ1"
+    ivf_flat = fx.estimated_index_bytes("IVF4096,Flat", big, d)
+    assert fx.choose_index(big, d, ivf_flat).factory == "IVF4096,Flat"
+    assert fx.choose_index(big, d, ivf_flat - 1).factory == "IVF4096,PQ256"  # the largest code that fits
+    pq64 = fx.estimated_index_bytes("IVF4096,PQ64", big, d)
+    assert fx.choose_index(big, d, pq64).factory == "IVF4096,PQ64"
+    assert fx.choose_index(big, d, pq64 - 1).factory == "IVF4096,PQ32"
+    assert fx.choose_index(big, d, pq64, nlist=16384).factory == "IVF16384,PQ32"  # more centroids, less room
+    smallest = fx.estimated_index_bytes("IVF4096,PQ1", big, d)
+    assert fx.choose_index(big, d, smallest).factory == "IVF4096,PQ1"
     with pytest.raises(InputError, match="raise the budget"):
         fx.choose_index(big, d, smallest - 1)
 
     # The example: 100M x 512 needs ~200 GB as IVF-Flat; 8 GB gives IVF-PQ with 64-byte codes.
     choice = fx.choose_index(100_000_000, d, fx.parse_bytes("8GB"), shards=25)
-    assert choice.factory == "IVF8192,PQ64" and choice.estimated_bytes <= 8e9 and "IVF-Flat needs 205" in choice.reason
-    # Shard files are written without the 16.8 MB of coarse centroids (trained.faiss holds them
+    assert choice.factory == "IVF32768,PQ64" and choice.estimated_bytes <= 8e9 and "IVF-Flat needs 205" in choice.reason
+    # Shard files are written without the 67 MB of coarse centroids (trained.faiss holds them
     # once); each carries only its copy of the 0.5 MB of PQ codebooks, so 400 shards (the default
     # 250k rows each) still fit 64-byte codes.
     many = fx.choose_index(100_000_000, d, fx.parse_bytes("8GB"), shards=400)
-    assert many.factory == "IVF8192,PQ64" and many.estimated_bytes - choice.estimated_bytes == 375 * 256 * d * 4
+    assert many.factory == "IVF32768,PQ64" and many.estimated_bytes - choice.estimated_bytes == 375 * 256 * d * 4
     assert fx.pq_code_sizes(512) == [256, 128, 64, 32, 16, 8, 4, 2, 1] and fx.pq_code_sizes(48)[:3] == [24, 16, 12]
 
 
@@ -102,9 +107,9 @@ def test_the_memory_formula_matches_what_faiss_stores(factory, shards):
 
 def test_resolve_spec_records_the_choice_and_refuses_what_does_not_fit():
     spec = fx.resolve_spec("auto", 1_000_000, 64, max_index_bytes=fx.parse_bytes("100MB"), max_query_ms=5)
-    assert (spec.index_type, spec.factory, spec.nlist) == ("ivf", "IVF1024,PQ32", 1024)
+    assert (spec.index_type, spec.factory, spec.nlist) == ("ivf", "IVF4096,PQ32", 4096)
     assert spec.estimated_bytes <= 10**8 and "PQ code" in spec.choice and spec.max_query_ms == 5
-    assert spec.train_size == fx.TRAIN_POINTS_PER_LIST * 1024 and spec.nprobe_auto
+    assert spec.train_size == fx.TRAIN_POINTS_PER_LIST * 4096 and spec.nprobe_auto
     hnsw = fx.resolve_spec("HNSW16", 5000, 32)
     assert (hnsw.index_type, hnsw.train_size, hnsw.search_param) == ("hnsw", 0, "efSearch")
     pq = fx.resolve_spec("IVF16,PQ8", 5000, 32)
