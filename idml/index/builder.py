@@ -343,7 +343,7 @@ class StagedBuild:
         timings["recall_seconds"] = time.time() - t
         if self._corpus is not None:
             pq.write_table(self._corpus_record(listing), version_dir / CORPUS_RECORD, compression="zstd")
-        t = time.time()
+        t = hashed_since = time.time()
         files = self._checksums(shards, version_dir)
         timings["checksum_seconds"] = time.time() - t
         manifest = self._manifest(spec, counts, src, shards, files, tuning, n_vectors, timings,
@@ -352,6 +352,8 @@ class StagedBuild:
         if embedding:
             manifest["embedding"] = embedding
         self._publish(version_dir, manifest)
+        self.store.remember_built(manifest["version"], manifest, hashed_since=hashed_since,
+                                  parent_stamps=self.store.remembered(self.parent_version) if self.parent else {})
         tuned = f", {spec.search_param} {spec.search_value}" if spec.search_param else ""
         self.progress(f"published {manifest['version']}: {n_vectors} vectors, recall@{RECALL_K} {recall:.3f}{tuned}")
         return manifest

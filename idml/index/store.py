@@ -217,7 +217,7 @@ class IndexStore:
         its ctime; only damage that bypasses the filesystem (bit rot) waits for ``idml index verify``."""
         vdir = self.version_dir(version)
         stamps_path = self.cache_dir / f"{version}.checked.json"
-        remembered = _read_stamps(stamps_path) if remember and checksums else {}
+        remembered = self.remembered(version) if remember and checksums else {}
         sound: dict[str, list] = {}
         problems: dict[str, str] = {}
         for rel, info in manifest.get("files", {}).items():
@@ -243,6 +243,38 @@ class IndexStore:
                 self.cache_dir.mkdir(parents=True, exist_ok=True)
                 write_json_atomic(stamps_path, sound)
         return problems
+
+    def remembered(self, version: str) -> dict[str, list]:
+        """The stamps ``file_problems(remember=True)`` keeps for ``version``: {file: [sha256, inode,
+        size, mtime_ns, ctime_ns]} of files found sound."""
+        return _read_stamps(self.cache_dir / f"{version}.checked.json")
+
+    def remember_built(self, version: str, manifest: dict[str, Any], *, hashed_since: float,
+                       parent_stamps: dict[str, list]) -> None:
+        """Remember the files of a version just built as sound, as a query's check would: the first
+        query and the next update then stat them instead of hashing the whole version again.
+        A file counts when its content is what was hashed: the build hashed it after its last write
+        (its mtime is RACY_SECONDS before ``hashed_since``), or it is a parent's file found sound at
+        the update's start and hard-linked since (``parent_stamps``: same inode, size and mtime).
+        Its ctime is newer (linking, and removing the staging links, change it): the stamp records
+        the current one, which later checks compare."""
+        vdir = self.version_dir(version)
+        stamps: dict[str, list] = {}
+        for rel, info in manifest.get("files", {}).items():
+            try:
+                st = (vdir / rel).stat()
+            except OSError:
+                continue
+            stamp = [info["sha256"], st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+            if st.st_size != info["bytes"]:
+                continue
+            if parent_stamps.get(rel, [])[:4] == stamp[:4] or st.st_mtime < hashed_since - RACY_SECONDS:
+                stamps[rel] = stamp
+        if not stamps:
+            return
+        with contextlib.suppress(OSError):  # as in file_problems: then the first open hashes them
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.cache_dir / f"{version}.checked.json", stamps)
 
     def checked_manifest(self, version: str | None = None, *, purpose: str = "query") -> tuple[str, dict[str, Any]]:
         """``(version, manifest)`` of ``version`` (default: the published one) once every file it
@@ -406,8 +438,9 @@ class IndexStore:
                 os.rename(self.version_dir(version), trash / f"{version}.{os.getpid()}")
                 fsync_dir(self.versions_dir)
                 shutil.rmtree(self.cache_dir / version, ignore_errors=True)
-                with contextlib.suppress(FileNotFoundError):
-                    (self.cache_dir / f"{version}.checked.json").unlink()
+                for name in (f"{version}.checked.json", f"{version}.lock"):  # the latter: merge_ondisk's
+                    with contextlib.suppress(FileNotFoundError):
+                        (self.cache_dir / name).unlink()
             self._empty_trash()
             return result
 

@@ -178,3 +178,39 @@ def test_an_update_after_a_rollback_builds_on_the_published_version(three_versio
     m = build_in_process(store.root, ds, checkpoint, kind="update")
     assert (m["version"], m["parent"], m["counts"]["added"], m["counts"]["vectors"]) == ("v000004", "v000001", 5, 45)
     assert verify_index(store.root) == []
+
+
+
+def test_a_build_remembers_its_files_so_opening_and_updating_hash_none_again(tmp_path, checkpoint, monkeypatch):
+    """A query's first open and the next update stat the files a build hashed itself (or linked
+    unchanged from a checked parent) instead of hashing the whole version again."""
+    import sys
+
+    import idml.index.store as store_module
+
+    checked: list[str] = []  # files hashed by a check (not by a build's own checksums)
+    real_sha256 = store_module.file_sha256
+
+    def counting_sha256(path):
+        if sys._getframe(1).f_code.co_name == "file_problems":
+            checked.append(os.path.relpath(path, store.version_dir(store.current_version())))
+        return real_sha256(path)
+
+    monkeypatch.setattr(store_module, "file_sha256", counting_sha256)
+    ds = make_index_dataset(tmp_path / "ds", 40)
+    store = IndexStore(tmp_path / "idx")
+    monkeypatch.setattr(store_module, "RACY_SECONDS", 0.0)  # every file was written before the build hashed it
+    build_in_process(store.root, ds, checkpoint, shards=3)
+    IndexSearcher(store.root)
+    assert checked == []
+
+    # The update checks its parent (remembered: nothing hashed) and links its unchanged shards; only
+    # those are remembered now: the files it wrote were hashed moments ago (racy).
+    monkeypatch.setattr(store_module, "RACY_SECONDS", 1e9)
+    make_index_dataset(tmp_path / "ds", 40, extra=2)
+    manifest = build_in_process(store.root, ds, checkpoint, kind="update")
+    assert checked == []
+    reused = {f for e in manifest["shards"] if e["source"] == "reused" for f in (e["embeddings"], e["index"])}
+    assert len(reused) == 6  # the three shards are unchanged; the new images make a fourth
+    IndexSearcher(store.root)
+    assert checked and not set(checked) & reused  # the new shard and the small files only
