@@ -396,8 +396,11 @@ class StagedBuild:
         parent_rows = self._parent_rows() if self.request.kind == "update" else _empty_rows("shard")
         staged_rows = _partition_rows(partitions)
         keys = ["id", "content_hash"]
-        from_parent = listing.join(parent_rows, keys=keys, join_type="inner")
-        rest = listing.join(parent_rows.select(keys), keys=keys, join_type="left anti")
+        # One join splits the listing: rows the parent has (its shard and row) and the rest.
+        joined = listing.join(parent_rows, keys=keys, join_type="left outer")
+        in_parent = pc.is_valid(joined.column("row"))
+        from_parent = joined.filter(in_parent)
+        rest = joined.filter(pc.invert(in_parent)).select(keys)
         from_staging = rest.join(staged_rows, keys=keys, join_type="inner")
         rest = rest.join(staged_rows.select(keys), keys=keys, join_type="left anti")
         return _Sources(partitions, parent_rows, from_parent, from_staging, self._corrupt_of(rest, partitions))
@@ -703,10 +706,10 @@ class StagedBuild:
                   "resumed": int(pc.sum(pc.is_in(from_staging.column("part"), value_set=resumed)).as_py() or 0),
                   "from_partitions": from_staging.num_rows}
         if self.request.kind == "update":
-            parent_ids = pa.concat_arrays([parent_rows.column("id").combine_chunks(),
-                                           pa.array([c["id"] for c in self.parent.get("corrupt", [])], pa.string())])
-            parent = pa.table({"id": parent_ids, "old_hash": pa.array(
-                parent_rows.column("content_hash").to_pylist() + [c["content_hash"] for c in self.parent.get("corrupt", [])], pa.string())})
+            corrupt = self.parent.get("corrupt", [])
+            parent = pa.table({column: pa.concat_arrays([parent_rows.column(key).combine_chunks(),
+                                                         pa.array([c[key] for c in corrupt], pa.string())])
+                               for column, key in (("id", "id"), ("old_hash", "content_hash"))})
             joined = listing.join(parent, keys="id", join_type="inner")
             counts["changed"] = int(pc.sum(pc.not_equal(joined.column("content_hash"), joined.column("old_hash"))).as_py() or 0)
             counts["added"] = listing.num_rows - joined.num_rows

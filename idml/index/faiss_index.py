@@ -76,6 +76,9 @@ EF_SEARCH_VALUES = (16, 32, 64, 128, 256, 512, 1024)
 # stored vectors per query at k = 10 (microseconds of dot products, once the pages are cached).
 DEFAULT_REFINE = 10
 LATENCY_QUERIES = 32
+# The least recall@10 the next nprobe/efSearch value must add for the tuning to go on below its
+# target: 5 of the 2,560 neighbours the default 256-query sample checks.
+PLATEAU_GAIN = 0.002
 _BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -583,7 +586,8 @@ def tune_search(measure: Callable[[int], tuple[float, int]], latency: Callable[[
                 target: float, max_query_ms: float | None = None) -> Tuning:
     """The smallest value (values ascending) whose recall reaches ``target``; when the latency
     budget ``max_query_ms`` runs out first, the largest value within it (or the smallest value,
-    if none is). ``measure(v)``: (recall, queries used); ``latency(v)``: ms per query."""
+    if none is); when recall stops rising below the target (lossy codes cap it), the value where
+    it stopped. ``measure(v)``: (recall, queries used); ``latency(v)``: ms per query."""
     tried: list[dict[str, float]] = []
     best = None
     for value in values:
@@ -593,6 +597,8 @@ def tune_search(measure: Callable[[int], tuple[float, int]], latency: Callable[[
         over = max_query_ms is not None and ms > max_query_ms
         if over and best is not None:
             break
+        if best is not None and recall < target and recall - best[1] < PLATEAU_GAIN:
+            break  # more only costs time: IVF4096,PQ64 on tight clusters went to nprobe 4096 (0.3x exact's speed) for 0.65
         best = (value, recall, used, ms)
         if over or recall >= target or math.isnan(recall):
             break

@@ -437,7 +437,8 @@ class IndexStore:
                 trash.mkdir(exist_ok=True)
                 os.rename(self.version_dir(version), trash / f"{version}.{os.getpid()}")
                 fsync_dir(self.versions_dir)
-                shutil.rmtree(self.cache_dir / version, ignore_errors=True)
+                for merged in (self.cache_dir / version, *self.cache_dir.glob(f"{version}.tmp-*")):  # and killed merges' leftovers
+                    shutil.rmtree(merged, ignore_errors=True)
                 for name in (f"{version}.checked.json", f"{version}.lock"):  # the latter: merge_ondisk's
                     with contextlib.suppress(FileNotFoundError):
                         (self.cache_dir / name).unlink()

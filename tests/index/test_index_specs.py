@@ -140,6 +140,13 @@ def test_tuning_stops_at_the_target_or_at_the_latency_budget():
     none_fit = fx.tune_search(measure, latency, [2, 4], 0.9, max_query_ms=1)
     assert none_fit.value == 2 and not none_fit.reached
 
+    def capped_by_codes(v):  # lossy codes: recall stops rising at 0.6, short of the target
+        return min(0.6, v / 16), 100
+
+    plateau = fx.tune_search(capped_by_codes, latency, [1, 2, 4, 8, 16, 32, 64, 128], 0.9)
+    assert (plateau.value, plateau.recall, plateau.reached) == (16, 0.6, False)  # not 128: no better, 8x slower
+    assert [t["value"] for t in plateau.tried] == [1, 2, 4, 8, 16, 32]
+
 
 def test_nprobe_tuning_reaches_the_target_on_clustered_vectors():
     x = clustered_vectors(20_000, clusters=200, noise=1.0)  # loose: one IVF list holds ~70% of a query's neighbours

@@ -77,8 +77,16 @@ def test_prune_keeps_current_and_the_files_kept_versions_share(three_versions):
     store.publish_existing("v000002")  # a rollback: CURRENT is not the newest
     dry = store.prune(1, dry_run=True)
     assert (dry.removed, dry.kept) == (["v000001"], ["v000002", "v000003"]) and store.versions() == ["v000001", "v000002", "v000003"]
+    for leftover in ("v000001/merged.index", "v000001.tmp-123/merged.ivfdata", "v000002/merged.index"):
+        (store.cache_dir / leftover).parent.mkdir(parents=True, exist_ok=True)
+        (store.cache_dir / leftover).write_text("x")
+    for name in ("v000001.lock", "v000001.checked.json"):
+        (store.cache_dir / name).write_text("{}")
     result = store.prune(1)
     assert result.removed == ["v000001"] and store.versions() == ["v000002", "v000003"]
+    # The pruned version's merged index, a killed merge's leftovers, its lock and stamps go with it.
+    assert sorted(p.name for p in store.cache_dir.iterdir() if p.name.startswith("v000001")) == []
+    assert (store.cache_dir / "v000002" / "merged.index").exists()
     assert store.current_version() == "v000002"
     assert os.stat(shared).st_nlink == 2  # only v000001's name went
     assert verify_index(store.root) == [] and verify_index(store.root, "v000003") == []
