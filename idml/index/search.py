@@ -91,8 +91,14 @@ class IndexSearcher:
         self.index = None
         if merge:
             try:
-                self.index = fx.merge_ondisk(self.dir / "trained.faiss", shard_paths,
-                                             self.store.cache_dir / self.version, self.spec, vectors=vectors)
+                merged_dir = self.store.cache_dir / self.version
+                self.index = fx.merge_ondisk(self.dir / "trained.faiss", shard_paths, merged_dir, self.spec,
+                                             vectors=vectors)
+                found, expected = self.index.ntotal, sum(int(e["count"]) for e in self.manifest["shards"])
+                if found != expected:  # the cache is not part of the checked version: a damaged copy
+                    self.index = None
+                    raise RuntimeError(f"{merged_dir} holds {found} vectors, version {self.version} has {expected}; "
+                                       "delete that folder to merge it again")
             except (OSError, RuntimeError) as e:  # e.g. a read-only index folder
                 if combine == "ondisk":
                     raise
