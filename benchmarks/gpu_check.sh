@@ -14,6 +14,7 @@
 #      IVF k-means on the GPU.
 #
 #   bash benchmarks/gpu_check.sh            # PYTHON=... to use another interpreter than .venv's
+#   bash benchmarks/gpu_check.sh faiss      # only the checks whose name holds one of the words
 #
 # Exit 0 when every check passed (or when the machine has no GPU: it says so and checks nothing),
 # 1 when one failed. faiss steps need faiss-gpu: `pip uninstall faiss-cpu && pip install -e '.[gpu]'`.
@@ -33,7 +34,7 @@ if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1
   exit 1
 fi
 
-exec timeout --kill-after=20 590 "$PY" - <<'PY'
+exec timeout --kill-after=20 590 "$PY" - "$@" <<'PY'
 import json, logging, os, sys, tempfile, time, traceback, warnings
 from pathlib import Path
 
@@ -47,6 +48,7 @@ import numpy as np
 import torch
 
 START = time.time()
+ONLY = [word.lower() for word in sys.argv[1:]]
 WORK = Path(tempfile.mkdtemp(prefix="idml-gpu-check-"))
 CPUS = os.cpu_count() or 2
 results = []
@@ -55,6 +57,8 @@ results = []
 def check(name):
     """Runs the decorated function at once, as one named check: PASS with its line, or FAIL."""
     def run(fn):
+        if ONLY and not any(word in name.lower() for word in ONLY):
+            return
         t = time.time()
         try:
             line = fn()
@@ -75,9 +79,18 @@ print(f"torch {torch.__version__} (CUDA {torch.version.cuda}) on {torch.cuda.get
       f"work folder {WORK}", flush=True)
 FAISS_GPU = fx.gpu_count() > 0
 
-from pipelines._ray import init_ray
-ray = init_ray(dashboard=True)  # Ray Train's controller asks the dashboard's state API about its workers
-ray.data.DataContext.get_current().enable_progress_bars = False
+RAY = None
+
+
+def ray_session():
+    """Ray, started by the first check that needs it."""
+    global RAY
+    if RAY is None:
+        from pipelines._ray import init_ray
+
+        RAY = init_ray(dashboard=True)  # Ray Train's controller asks the dashboard's state API about its workers
+        RAY.data.DataContext.get_current().enable_progress_bars = False
+    return RAY
 
 TRAIN_OVERRIDES = ["data.image_size=64", "model.backbone=resnet18", "model.pretrained=false", "model.embedding_dim=128",
                    "train.batch_size=32", "train.images_per_class=4", "train.warmup_epochs=0", "eval.nmi=false",
@@ -86,6 +99,7 @@ TRAIN_OVERRIDES = ["data.image_size=64", "model.backbone=resnet18", "model.pretr
 
 @check("training step: DDP over nccl, one GPU worker, autocast")
 def _():
+    ray_session()
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -140,6 +154,7 @@ def _():
 
 @check("training throughput: train_ray, one worker, GPU vs CPU")
 def _():
+    ray_session()
     from idml.config import load_config
     from pipelines.train import RayOptions, train_ray
     from train_throughput import make_dataset
@@ -203,6 +218,7 @@ def _():
     from pipelines.index_cli import main
 
     assert CORPUS, "the embedding check made no corpus"
+    ray_session()
     idx = WORK / "index"
     assert main(["build", "--index-dir", str(idx), "--checkpoint", CHECKPOINT, "--corpus", CORPUS, "--gpu",
                  "--actors", "1", "--batch-size", "128", "--no-mlflow"]) == 0
@@ -220,7 +236,7 @@ def _():
 @check("faiss: exact search on GPU vs CPU, IVF k-means on GPU")
 def _():
     if not FAISS_GPU:
-        raise RuntimeError("faiss sees no GPU: faiss-cpu is installed; `pip uninstall -y faiss-cpu && pip install -e '.[gpu]'`")
+        raise RuntimeError(f"{fx.gpu_status()[1]}; with faiss-cpu: `pip uninstall -y faiss-cpu && pip install -e '.[gpu]'`")
     rng = np.random.default_rng(0)
     n, d, shards = 200_000, 512, 4
     x = rng.standard_normal((n, d), dtype=np.float32)
@@ -241,13 +257,14 @@ def _():
     assert same > 0.99, f"GPU and CPU top-1 agree on only {same:.1%} of queries"
     ivf = fx.resolve_spec("ivf", n, d, nlist=1024)
     t = time.perf_counter()
-    fx.train_ivf(x[:ivf.train_size], ivf)
+    fx.train_index(x[:ivf.train_size], ivf)
     kmeans_s = time.perf_counter() - t
     return (f"{n} x {d} Flat, {shards} shards: {qps[True]:.0f} vs {qps[False]:.0f} queries/s ({qps[True] / qps[False]:.1f}x), "
             f"top-1 agree {same:.1%}; k-means {ivf.factory} on {ivf.train_size} vectors {kmeans_s:.1f}s on the GPU")
 
 
-ray.shutdown()
+if RAY is not None:
+    RAY.shutdown()
 failed = [name for name, ok in results if not ok]
 print(f"\ngpu_check: {len(results) - len(failed)}/{len(results)} passed in {time.time() - START:.0f}s"
       + (f"; FAILED: {'; '.join(failed)}" if failed else ""))

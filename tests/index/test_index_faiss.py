@@ -131,3 +131,27 @@ def test_gpu_search_is_refused_without_a_gpu_or_for_ivf():
         pytest.skip("this machine's faiss sees a GPU (benchmarks/gpu_check.sh covers that case)")
     with pytest.raises(ValueError, match="faiss sees no GPU.*idml\\[gpu\\]"):
         fx.combine([shard], spec, None, gpu=True)
+
+
+def test_gpus_whose_kernels_faiss_lacks_are_not_used(monkeypatch, caplog):
+    """faiss-gpu from PyPI sees an H100/H200 but aborts the process at its first kernel there: the
+    probe runs in a child process, so the parent falls back to the CPU with the reason."""
+    import logging
+
+    monkeypatch.setattr(fx.faiss, "get_num_gpus", lambda: 2, raising=False)
+    aborts = ("import sys; sys.stderr.write(\"Faiss assertion 'err__ == cudaSuccess' failed in runL2Norm at L2Norm.cu:257; "
+              "details: CUDA error 209 no kernel image is available for execution on the device\\n\"); sys.exit(134)")
+    for probe, expected in ((aborts, 0), ("pass", 2)):
+        monkeypatch.setattr(fx, "_GPU_PROBE", probe)
+        fx.gpu_status.cache_clear()
+        with caplog.at_level(logging.WARNING, logger="idml.index.faiss_index"):
+            count, reason = fx.gpu_status()
+        assert fx.gpu_count() == count == expected
+        if expected == 0:
+            assert reason.startswith("faiss sees 2 GPU(s) but cannot run its kernels on them (CUDA error 209 no kernel "
+                                     "image is available for execution on the device); its GPU builds from PyPI lack")
+            assert "Hopper" in reason and "conda-forge" in reason
+            assert "using the CPU" in caplog.text
+        else:
+            assert reason == ""
+    fx.gpu_status.cache_clear()  # the real answer for the tests that follow
