@@ -224,6 +224,13 @@ FIGURES = ("recall_curves.png", "uncertainty.png", "selective_retrieval.png", "r
            "uncertainty_extremes.png")
 
 
+def log_figures(run, out: Path) -> None:
+    """The FIGURES ``evaluate_and_summarize`` wrote to ``out``, logged to ``run`` under plots/."""
+    for name in FIGURES:
+        if (out / name).exists():
+            run.log_artifact(out / name, "plots")
+
+
 def evaluate_and_summarize(cfg: Config, checkpoint: Path, test_ds, history: list, *, progress: bool = True,
                            device: str | torch.device = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
     """Evaluate ``checkpoint`` on ``test_ds`` (any dataset ``evaluate_model`` accepts); write

@@ -14,7 +14,7 @@ from .config import Config, validate_config
 from .data import ImageShardDataset, open_dataset
 from .engine import build_training, configure_threads, seed_everything
 from .errors import InputError
-from .fit import FIGURES, Progress, evaluate_and_summarize, fit
+from .fit import Progress, evaluate_and_summarize, fit, log_figures
 from .transforms import eval_transform, train_transform
 
 log = logging.getLogger(__name__)
@@ -104,9 +104,7 @@ def track_local_run(cfg: Config, summary: dict[str, Any], *, experiment: str = "
                         step=cfg.train.epochs)
         selected = out / ("best.pt" if (out / "best.pt").exists() else "last.pt")
         run.log_artifact(out / "metrics.json")
-        for name in FIGURES:
-            if (out / name).exists():
-                run.log_artifact(out / name, "plots")
+        log_figures(run, out)
         model = log_run_model(run, cfg, selected, registered_name=register_model)
     except BaseException:
         run.fail()

@@ -154,7 +154,7 @@ def _backfill(run: MlflowRun, progress) -> None:
 
 def _finish(run: MlflowRun | None, cfg, progress, test: StreamedSplit, device, job: dict[str, Any]) -> None:
     """Rank 0, after the last epoch: the selected checkpoint on test, plots, MLflow artifacts."""
-    from idml.fit import FIGURES, evaluate_and_summarize
+    from idml.fit import evaluate_and_summarize, log_figures
 
     out = Path(cfg.output_dir)
     summary, _ = evaluate_and_summarize(cfg, progress.selected(out), test, progress.history, progress=False,
@@ -168,9 +168,7 @@ def _finish(run: MlflowRun | None, cfg, progress, test: StreamedSplit, device, j
     # The selected checkpoint only: the resume point (last.pt with the optimizer state) stays in Ray's storage.
     for path, folder in ((progress.selected(out), "checkpoints"), (out / "config.yaml", None), (out / "metrics.json", None)):
         run.log_artifact(path, folder)
-    for name in FIGURES:
-        if (out / name).exists():
-            run.log_artifact(out / name, "plots")
+    log_figures(run, out)
     if job["log_model"]:
         from idml.registry import log_run_model
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .retrieval import check_embeddings, check_labels, knn
-from .uncertainty import _check_uncertainty
+from .uncertainty import check_uncertainty
 
 DEFAULT_COVERAGES = tuple(np.round(np.linspace(0.1, 1.0, 10), 2))
 
@@ -58,7 +58,7 @@ def selective_retrieval(
     """
     emb = check_embeddings(embeddings)
     codes = check_labels(labels, len(emb))
-    u = _check_uncertainty(uncertainty, "uncertainty", len(emb))
+    u = check_uncertainty(uncertainty, "uncertainty", len(emb))
     if len(emb) < 3:
         raise ValueError(f"selective retrieval needs at least 3 items, got {len(emb)}")
     sims, idx = knn(emb, emb, 2, exclude_self=True)

@@ -26,7 +26,9 @@ def image_uncertainty(sigma: Any) -> np.ndarray:
     return np.einsum("ij,ij->i", arr, arr)
 
 
-def _check_uncertainty(u: Any, name: str, n: int | None = None) -> np.ndarray:
+def check_uncertainty(u: Any, name: str, n: int | None = None) -> np.ndarray:
+    """One finite uncertainty per item (``n`` of them, when given), as float64; ValueError naming
+    ``name`` otherwise."""
     arr = to_numpy(u, name)
     if arr.ndim != 1 or len(arr) == 0:
         raise ValueError(f"{name} must be a non-empty 1-D array (one value per item), got shape {arr.shape}")
@@ -41,7 +43,7 @@ def _check_uncertainty(u: Any, name: str, n: int | None = None) -> np.ndarray:
 def _valid_queries(embeddings: Any, labels: Any, uncertainty: Any, ks: Sequence[int]):
     emb = check_embeddings(embeddings)
     codes = check_labels(labels, len(emb))
-    u = _check_uncertainty(uncertainty, "uncertainty", len(emb))
+    u = check_uncertainty(uncertainty, "uncertainty", len(emb))
     valid, per_query = leave_one_out_per_query(emb, codes, ks)
     if not valid.any():
         raise ValueError("no query has another item with its label; nothing to evaluate")
@@ -113,11 +115,11 @@ def uncertainty_summary(clean_uncertainty: Any, mixed_uncertainty: Any = None) -
     image is more uncertain than a clean one (ties count half), i.e. ROC AUC with mixed as
     positives and the uncertainty as score. 1.0 means perfect separation.
     """
-    clean = _check_uncertainty(clean_uncertainty, "clean_uncertainty")
+    clean = check_uncertainty(clean_uncertainty, "clean_uncertainty")
     out: dict[str, float] = {"num_clean": int(len(clean)), **_stats(clean, "clean")}
     if mixed_uncertainty is None:
         return out
-    mixed = _check_uncertainty(mixed_uncertainty, "mixed_uncertainty")
+    mixed = check_uncertainty(mixed_uncertainty, "mixed_uncertainty")
     out |= {"num_mixed": int(len(mixed)), **_stats(mixed, "mixed")}
     out["ratio_mixed_to_clean"] = (
         out["mean_mixed"] / out["mean_clean"] if out["mean_clean"] != 0 else float("nan")
