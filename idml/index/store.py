@@ -101,6 +101,11 @@ def link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+def _stamp(sha256: str, st: os.stat_result) -> list:
+    """What a remembered sound file is known by: its checksum and its stat."""
+    return [sha256, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
 def _read_stamps(path: Path) -> dict[str, list]:
     try:
         stamps = json.loads(path.read_text())
@@ -216,7 +221,6 @@ class IndexStore:
         big index stays cheap. Any write to a file, even one that restores its mtime, changes
         its ctime; only damage that bypasses the filesystem (bit rot) waits for ``idml index verify``."""
         vdir = self.version_dir(version)
-        stamps_path = self.cache_dir / f"{version}.checked.json"
         remembered = self.remembered(version) if remember and checksums else {}
         sound: dict[str, list] = {}
         problems: dict[str, str] = {}
@@ -231,7 +235,7 @@ class IndexStore:
             elif st.st_size != info["bytes"]:
                 problems[rel] = f"{path} has {st.st_size} bytes, the manifest says {info['bytes']}"
             elif checksums:
-                stamp = [info["sha256"], st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+                stamp = _stamp(info["sha256"], st)
                 if remembered.get(rel) == stamp:
                     sound[rel] = stamp
                 elif file_sha256(path) != info["sha256"]:
@@ -239,15 +243,21 @@ class IndexStore:
                 elif time.time() - st.st_ctime > RACY_SECONDS:
                     sound[rel] = stamp
         if remember and checksums and sound != remembered:
-            with contextlib.suppress(OSError):  # a read-only index is simply hashed again next time
-                self.cache_dir.mkdir(parents=True, exist_ok=True)
-                write_json_atomic(stamps_path, sound)
+            self._remember(version, sound)
         return problems
 
     def remembered(self, version: str) -> dict[str, list]:
         """The stamps ``file_problems(remember=True)`` keeps for ``version``: {file: [sha256, inode,
         size, mtime_ns, ctime_ns]} of files found sound."""
-        return _read_stamps(self.cache_dir / f"{version}.checked.json")
+        return _read_stamps(self._stamps_path(version))
+
+    def _stamps_path(self, version: str) -> Path:
+        return self.cache_dir / f"{version}.checked.json"
+
+    def _remember(self, version: str, stamps: dict[str, list]) -> None:
+        with contextlib.suppress(OSError):  # a read-only index is simply hashed again next time
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self._stamps_path(version), stamps)
 
     def remember_built(self, version: str, manifest: dict[str, Any], *, hashed_since: float,
                        parent_stamps: dict[str, list]) -> None:
@@ -265,16 +275,13 @@ class IndexStore:
                 st = (vdir / rel).stat()
             except OSError:
                 continue
-            stamp = [info["sha256"], st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+            stamp = _stamp(info["sha256"], st)
             if st.st_size != info["bytes"]:
                 continue
             if parent_stamps.get(rel, [])[:4] == stamp[:4] or st.st_mtime < hashed_since - RACY_SECONDS:
                 stamps[rel] = stamp
-        if not stamps:
-            return
-        with contextlib.suppress(OSError):  # as in file_problems: then the first open hashes them
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(self.cache_dir / f"{version}.checked.json", stamps)
+        if stamps:
+            self._remember(version, stamps)
 
     def checked_manifest(self, version: str | None = None, *, purpose: str = "query") -> tuple[str, dict[str, Any]]:
         """``(version, manifest)`` of ``version`` (default: the published one) once every file it
@@ -439,9 +446,9 @@ class IndexStore:
                 fsync_dir(self.versions_dir)
                 for merged in (self.cache_dir / version, *self.cache_dir.glob(f"{version}.tmp-*")):  # and killed merges' leftovers
                     shutil.rmtree(merged, ignore_errors=True)
-                for name in (f"{version}.checked.json", f"{version}.lock"):  # the latter: merge_ondisk's
+                for path in (self._stamps_path(version), self.cache_dir / f"{version}.lock"):  # the latter: merge_ondisk's
                     with contextlib.suppress(FileNotFoundError):
-                        (self.cache_dir / name).unlink()
+                        path.unlink()
             self._empty_trash()
             return result
 
