@@ -14,7 +14,7 @@ import torch
 
 from .config import Config, config_from_dict
 from .errors import DamagedFileError, InputError
-from .model import IDMLModel, build_model
+from .model import IDMLModel, model_from_config
 
 REQUIRED_KEYS = ("model", "config", "epoch")
 
@@ -91,8 +91,7 @@ def model_from_checkpoint(path_or_state: str | Path | dict[str, Any]) -> tuple[I
     state = path_or_state if isinstance(path_or_state, dict) else load_checkpoint(path_or_state)
     cfg = checkpoint_config(state)
     # The checkpoint holds every weight, so skip fetching pretrained ones.
-    model = build_model(cfg.model.backbone, embedding_dim=cfg.model.embedding_dim, pretrained=False,
-                        uncertainty_norm=cfg.model.uncertainty_norm)
+    model = model_from_config(cfg.model, pretrained=False)
     # strict=False only for the one buffer older checkpoints lack; anything else must match.
     missing, unexpected = model.load_state_dict(state["model"], strict=False)
     if unexpected or set(missing) - {"uncertainty_norm.running_uncertainty"}:

@@ -40,6 +40,10 @@ class ModelConfig:
     pretrained: bool = True
     weights_path: str | None = None  # local backbone state_dict (e.g. ResNet-50 offline)
     uncertainty_norm: str = "batch"  # batch | unit (released code: constant) | none (unbounded); see idml.model
+    # How the uncertainty head learns: metric (IDML's introspective metric, inside the base loss) |
+    # pfe (mutual likelihood on positive pairs) | failure (predicts a wrong top-1 neighbour); pfe and
+    # failure learn from a stop-gradient copy of the features (idml.uncertainty_losses)
+    uncertainty: str = "metric"
 
 
 @dataclass
@@ -68,9 +72,15 @@ class TrainConfig:
     lr_gamma: float = 0.5
     grad_clip: float = 10.0  # gradient value clipping, as in the paper
     seed: int = 0
-    threads: int = 0  # torch intra-op threads; 0 = torch's default
+    threads: int = 0  # torch intra-op threads; 0 = torch's default (Ray workers: sized to the node, see pipelines.train)
     channels_last: bool = True  # faster convolutions on CPU
+    # auto: bf16 autocast for the backbone where the device computes bf16 natively (CUDA with
+    # bf16, CPUs with AVX512-BF16/AMX), else fp32; the heads and the loss always run in fp32.
+    precision: str = "auto"  # auto | bf16 | fp32
     eval_every: int = 1  # evaluate on the validation split every N epochs
+    # The test split is only reported, never selects: by default it is evaluated once, on the
+    # selected checkpoint at the end (N > 0: also every N epochs, for curves).
+    test_every: int = 0
     max_steps_per_epoch: int = 0  # 0 = a full pass over the training split
 
 
@@ -132,7 +142,8 @@ def validate_config(cfg: Config) -> None:
     """Value checks beyond types, before any expensive work starts."""
     from .backbones import BACKBONE_NAMES  # imported here: config stays cheap to import
     from .losses import LOSS_NAMES
-    from .model import UNCERTAINTY_NORMS
+    from .model import UNCERTAINTY_METHODS, UNCERTAINTY_NORMS
+    from .precision import PRECISIONS
 
     t = cfg.train
     problems = []
@@ -140,6 +151,11 @@ def validate_config(cfg: Config) -> None:
         problems.append(f"model.backbone {cfg.model.backbone!r} is not one of {', '.join(BACKBONE_NAMES)}")
     if cfg.loss.name not in LOSS_NAMES:
         problems.append(f"loss.name {cfg.loss.name!r} is not one of {', '.join(LOSS_NAMES)}")
+    if cfg.model.uncertainty not in UNCERTAINTY_METHODS:
+        problems.append(f"model.uncertainty {cfg.model.uncertainty!r} is not one of {', '.join(UNCERTAINTY_METHODS)}")
+    elif cfg.model.uncertainty != "metric" and cfg.loss.introspective:
+        problems.append(f"model.uncertainty {cfg.model.uncertainty!r} learns sigma apart from the base loss, so the "
+                        "base loss must be plain: set loss.introspective=false (or model.uncertainty=metric)")
     if cfg.model.uncertainty_norm not in UNCERTAINTY_NORMS:
         problems.append(f"model.uncertainty_norm {cfg.model.uncertainty_norm!r} is not one of {', '.join(UNCERTAINTY_NORMS)}")
     if cfg.loss.uncertainty_weight < 0:
@@ -150,6 +166,10 @@ def validate_config(cfg: Config) -> None:
     for key in ("epochs", "lr_step", "eval_every"):
         if getattr(t, key) < 1:
             problems.append(f"train.{key} must be >= 1")
+    if t.test_every < 0:
+        problems.append("train.test_every must be >= 0 (0: the test split only at the end)")
+    if t.precision not in PRECISIONS:
+        problems.append(f"train.precision {t.precision!r} is not one of {', '.join(PRECISIONS)}")
     if t.lr <= 0 or not math.isfinite(t.lr):
         problems.append("train.lr must be a positive number")
     if cfg.data.image_size < 16:

@@ -19,7 +19,9 @@ from tqdm.auto import tqdm
 from .config import Config
 from .losses import build_loss
 from .mixup import IntrospectiveObjective
-from .model import IDMLModel, build_model
+from .model import IDMLModel, model_from_config
+from .precision import autocast, autocast_dtype
+from .uncertainty_losses import build_uncertainty_loss
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +71,13 @@ def build_training(cfg: Config, num_classes: int, *, device: str | torch.device 
     """Model, loss, optimizer and scheduler for ``cfg`` (AdamW with per-group learning rates:
     semantic head at ``lr``, uncertainty head at ``lr * uncertainty_lr_multiplier``, backbone at
     ``lr * backbone_lr_multiplier``, class proxies at ``lr * proxy_lr_multiplier``)."""
-    model = build_model(cfg.model.backbone, embedding_dim=cfg.model.embedding_dim, pretrained=cfg.model.pretrained,
-                        weights_path=cfg.model.weights_path, uncertainty_norm=cfg.model.uncertainty_norm)
+    model = model_from_config(cfg.model)
     criterion = build_loss(cfg.loss.name, num_classes=num_classes, embedding_dim=cfg.model.embedding_dim,
                            introspective=cfg.loss.introspective, uncertainty_weight=cfg.loss.uncertainty_weight,
                            margin=cfg.loss.margin, scale=cfg.loss.scale)
-    objective = IntrospectiveObjective(model, criterion, mixup=cfg.loss.mixup, mixup_alpha=cfg.loss.mixup_alpha).to(device)
+    objective = IntrospectiveObjective(model, criterion, mixup=cfg.loss.mixup, mixup_alpha=cfg.loss.mixup_alpha,
+                                       autocast_dtype=autocast_dtype(device, cfg.train.precision),
+                                       uncertainty_loss=build_uncertainty_loss(cfg.model.uncertainty)).to(device)
     if cfg.train.channels_last:
         objective.model.to(memory_format=torch.channels_last)
     t = cfg.train
@@ -110,21 +113,27 @@ def embed(
     progress: bool = True,
     total: int | None = None,
     desc: str = "embed",
+    precision: str = "auto",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Embeddings ``(mu, sigma)`` of every image in ``batches`` (batches may be image tensors
     or tuples whose first item is the image tensor). ``pooled_features=True`` returns the
-    normalised backbone feature instead of mu (the frozen-backbone baseline) and empty sigma."""
+    normalised backbone feature instead of mu (the frozen-backbone baseline) and empty sigma.
+    ``precision``: the backbone's (``idml.precision``); the outputs are fp32."""
     model.eval()
+    dtype = autocast_dtype(device, precision)
     mus, sigmas = [], []
     for batch in tqdm(batches, total=total, desc=desc, disable=not progress, leave=False):
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
         images = _to_device(images, device, channels_last)
         if pooled_features:
-            feats = torch.nn.functional.normalize(model.pooled_features(images), dim=1)
-            mus.append(feats.float().cpu())
+            with autocast(device, dtype):
+                feats = model.pooled_features(images)
+            feats = torch.nn.functional.normalize(feats.float(), dim=1)
+            mus.append(feats.cpu())
             sigmas.append(feats.new_zeros(len(feats), 0).cpu())
         else:
-            mu, sigma = model(images)
+            with autocast(device, dtype):
+                mu, sigma = model(images)
             mus.append(mu.float().cpu())
             sigmas.append(sigma.float().cpu())
     if not mus:

@@ -17,14 +17,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from .config import Config, TrainConfig
-from .engine import TrainingState, _to_device, unwrap
+from .engine import TrainingState, _to_device
 from .evaluation.plots import plot_recall_curves, save_retrieval_grid, save_uncertainty_extremes
+from .evaluation.confidence import Confidence, fit_confidence
 from .evaluation.protocol import evaluate_model, summary_metrics, uncertainty_report
+from .evaluation.selective import query_signals
 from .evaluation.uncertainty import image_uncertainty
 
 log = logging.getLogger(__name__)
@@ -105,8 +108,9 @@ def fit(
 
     ``batches(epoch)`` gives an epoch's batches. Every ``train.eval_every`` epochs (and after
     the last) the main process evaluates ``val`` (it picks ``best.pt`` on ``SELECTION_METRIC``)
-    and the ``reported`` splits (name -> dataset; metrics only); it writes ``last.pt`` every
-    epoch. Other processes (DDP ranks > 0) only train. ``eval_cfg`` (default ``cfg``) configures
+    and, every ``train.test_every`` epochs (0: never; the caller evaluates the selected
+    checkpoint at the end), the ``reported`` splits (name -> dataset; metrics only); it writes
+    ``last.pt`` every epoch. Other processes (DDP ranks > 0) only train. ``eval_cfg`` (default ``cfg``) configures
     evaluation."""
     t, progress, hooks = cfg.train, progress or Progress(), hooks or Hooks()
     eval_cfg = eval_cfg or cfg
@@ -123,8 +127,12 @@ def fit(
         state.scheduler.step()
         record: dict[str, Any] = {"epoch": epoch, **_prefixed("train", hooks.epoch_stats(stats))}
         if main_process:
-            if (epoch + 1) % t.eval_every == 0 or epoch == t.epochs - 1:
-                _evaluate(state, eval_cfg, epoch, record, progress, val, reported or {}, best_path,
+            last_epoch = epoch == t.epochs - 1
+            if (epoch + 1) % t.eval_every == 0 or last_epoch:
+                # The reported splits (test) only every test_every epochs: the end of the run
+                # evaluates the selected checkpoint on them anyway (evaluate_and_summarize).
+                curves = t.test_every and ((epoch + 1) % t.test_every == 0 or last_epoch)
+                _evaluate(state, eval_cfg, epoch, record, progress, val, (reported or {}) if curves else {}, best_path,
                           device=device, show_progress=show_progress)
             progress.history.append(record)
             save_checkpoint(last_path, checkpoint_state(state, cfg, epoch, progress.history, progress.best))
@@ -178,7 +186,7 @@ def train_one_epoch(
 ) -> dict[str, float]:
     """One pass over ``batches`` (which parameters train is ``fit``'s warm-up decision)."""
     objective.train()
-    totals = {"loss": 0.0, "uncertainty_clean": 0.0, "uncertainty_mixed": 0.0}
+    totals: dict[str, float] = {"loss": 0.0}
     steps = images = 0
     data_wait = 0.0  # time spent waiting for the next batch: the input pipeline's share
     start = time.perf_counter()
@@ -205,7 +213,7 @@ def train_one_epoch(
         images += len(targets)
         totals["loss"] += loss.item()
         for key, value in stats.items():
-            totals[key] += float(value)
+            totals[key] = totals.get(key, 0.0) + float(value)
         bar.set_postfix(loss=f"{totals['loss'] / steps:.3f}")
         if train_cfg.max_steps_per_epoch and steps >= train_cfg.max_steps_per_epoch:
             break
@@ -213,8 +221,6 @@ def train_one_epoch(
     if steps == 0:
         raise ValueError(f"epoch {epoch} received no batches: is the training split empty or smaller than one batch?")
     out = {key: value / steps for key, value in totals.items()}
-    if not unwrap(objective).mixup:
-        out.pop("uncertainty_mixed")
     out.update(steps=steps, images=images, seconds=seconds, images_per_s=images / seconds, data_wait_s=data_wait)
     return out
 
@@ -231,18 +237,39 @@ def log_figures(run, out: Path) -> None:
             run.log_artifact(out / name, "plots")
 
 
+def calibrate_confidence(model, val_ds, cfg: Config, *, device, progress: bool = True) -> Confidence:
+    """The confidence of ``model`` fitted on leave-one-out retrieval over the validation split."""
+    result = evaluate_model(model, val_ds, cfg, device=device, uncertainty=False, progress=progress)
+    q = query_signals(result["mu"], np.asarray(val_ds.labels), image_uncertainty(result["sigma"]))
+    return fit_confidence(q["uncertainty"], q["top1_similarity"], q["top1_gap"], q["hits"], fitted_on=cfg.data.val_split)
+
+
 def evaluate_and_summarize(cfg: Config, checkpoint: Path, test_ds, history: list, *, progress: bool = True,
-                           device: str | torch.device = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
+                           device: str | torch.device = "cpu", val_ds=None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Evaluate ``checkpoint`` on ``test_ds`` (any dataset ``evaluate_model`` accepts); write
     ``metrics.json`` and the figures (``uncertainty.png``, ``selective_retrieval.png``,
     ``recall_curves.png``, ``retrieval_grid.png``, ``uncertainty_extremes.png``) to ``cfg.output_dir``;
-    ``test_ds`` also gives ``labels`` and ``images(indices)`` for the figures.
+    ``test_ds`` also gives ``labels`` and ``images(indices)`` for the figures. With ``val_ds``
+    (the validation split), first fits the confidence there and stores it in the checkpoint
+    (key ``confidence``), so every later user of the checkpoint gets it.
     Returns the summary and the raw evaluation result (embeddings included)."""
     out = Path(cfg.output_dir)
     ckpt = load_checkpoint(checkpoint)
     model, _ = model_from_checkpoint(ckpt)
-    result = evaluate_model(model.to(device), test_ds, cfg, device=device, plot_path=out / "uncertainty.png",
-                            progress=progress)
+    model.to(device)
+    confidence = None
+    if val_ds is not None:
+        try:
+            confidence = calibrate_confidence(model, val_ds, cfg, device=device, progress=progress)
+        except ValueError as err:  # e.g. every validation query right: nothing to learn a probability from
+            log.warning("no confidence fitted: %s", err)
+        else:
+            ckpt["confidence"] = confidence.to_dict()
+            save_checkpoint(checkpoint, ckpt)
+    elif ckpt.get("confidence"):
+        confidence = Confidence.from_dict(ckpt["confidence"])
+    result = evaluate_model(model, test_ds, cfg, device=device, plot_path=out / "uncertainty.png",
+                            progress=progress, confidence=confidence)
     if history:
         plot_recall_curves(history, out / "recall_curves.png", keys=("recall@1", "map@r"))
     save_retrieval_grid(result["mu"], test_ds.labels, test_ds.images, out / "retrieval_grid.png", seed=cfg.train.seed)
@@ -254,6 +281,7 @@ def evaluate_and_summarize(cfg: Config, checkpoint: Path, test_ds, history: list
         "test": summary_metrics(result),
         "cross_domain": result["cross_domain"],
         **uncertainty_report(result),
+        "confidence": ckpt.get("confidence"),
         "train_images_per_s": _mean([h.get("train/images_per_s") for h in history]),
         "history": history,
     }

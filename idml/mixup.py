@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .precision import autocast
+
 
 @dataclass
 class MixedBatch:
@@ -30,22 +32,42 @@ class IntrospectiveObjective(torch.nn.Module):
     """Model + metric loss (+ mixup) as one module, so a DDP wrapper around it also
     synchronises the loss's own parameters (class proxies)."""
 
-    def __init__(self, model: torch.nn.Module, criterion: torch.nn.Module, *, mixup: bool = True, mixup_alpha: float = 1.0):
+    def __init__(self, model: torch.nn.Module, criterion: torch.nn.Module, *, mixup: bool = True, mixup_alpha: float = 1.0,
+                 autocast_dtype: torch.dtype | None = None, uncertainty_loss: torch.nn.Module | None = None):
         super().__init__()
         self.model = model
         self.criterion = criterion
+        # A stop-gradient head's own objective (idml.uncertainty_losses), on the clean images.
+        self.uncertainty_loss = uncertainty_loss
         self.mixup = mixup
         self.mixup_alpha = mixup_alpha
+        self.autocast_dtype = autocast_dtype  # the backbone's (idml.precision); the loss runs in fp32
+
+    @property
+    def trains_uncertainty(self) -> bool:
+        """Whether the uncertainty head gets a gradient (DDP must know when it does not)."""
+        return self.uncertainty_loss is not None or self.criterion.uses_uncertainty
+
+    def _with_uncertainty_loss(self, loss, mu, sigma, labels, stats):
+        if self.uncertainty_loss is None:
+            return loss, stats
+        extra = self.uncertainty_loss(mu, sigma, labels)
+        return loss + extra, {**stats, "uncertainty_loss": extra.detach()}
+
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with autocast(images.device, self.autocast_dtype):
+            return self.model(images)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """loss = L(clean, y) + lam * L(mixed, y_a) + (1 - lam) * L(mixed, y_b)."""
         if not self.mixup:
-            mu, sigma = self.model(images)
+            mu, sigma = self.embed(images)
             loss = self.criterion(mu, sigma, labels)
-            return loss, {"uncertainty_clean": sigma.detach().pow(2).sum(1).mean()}
+            return self._with_uncertainty_loss(loss, mu, sigma, labels,
+                                               {"uncertainty_clean": sigma.detach().pow(2).sum(1).mean()})
         mixed = mix_batch(images, labels, alpha=self.mixup_alpha)
         # One forward over clean+mixed: BN statistics are frozen, so batch composition is free.
-        mu, sigma = self.model(torch.cat([images, mixed.images]))
+        mu, sigma = self.embed(torch.cat([images, mixed.images]))
         n = len(images)
         mu_c, sigma_c, mu_m, sigma_m = mu[:n], sigma[:n], mu[n:], sigma[n:]
         loss = (
@@ -58,4 +80,4 @@ class IntrospectiveObjective(torch.nn.Module):
                 "uncertainty_clean": sigma_c.pow(2).sum(1).mean(),
                 "uncertainty_mixed": sigma_m.pow(2).sum(1).mean(),
             }
-        return loss, stats
+        return self._with_uncertainty_loss(loss, mu_c, sigma_c, labels, stats)

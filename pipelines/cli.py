@@ -60,6 +60,9 @@ def _add_train_args(p: argparse.ArgumentParser, *, ray_flag: bool = True) -> Non
     ray.add_argument("--num-workers", type=int, default=1, help="DDP workers (default: 1)")
     ray.add_argument("--cpus-per-worker", type=float, default=1.0,
                      help="CPUs each worker reserves; leave some for Ray Data's decoding (default: 1)")
+    ray.add_argument("--threads", type=int, default=0,
+                     help="torch threads per worker (default: train.threads if set, else the node's CPUs shared "
+                          "among its workers; decoding borrows what training leaves idle)")
     ray.add_argument("--gpu", action="store_true", help="one GPU per worker (nccl)")
     ray.add_argument("--run-name", help="Ray run and MLflow run name; the same name resumes (default: the output folder's name)")
     ray.add_argument("--storage-path", help="Ray checkpoints; shared storage (NFS, s3://...) on a multi-node cluster "
@@ -240,7 +243,8 @@ def _train(args) -> int:
     if args.ray:
         from .train import RayOptions, plan, train_planned, where_stopped
 
-        options = RayOptions(num_workers=args.num_workers, cpus_per_worker=args.cpus_per_worker, use_gpu=args.gpu,
+        options = RayOptions(num_workers=args.num_workers, cpus_per_worker=args.cpus_per_worker, threads=args.threads,
+                             use_gpu=args.gpu,
                              run_name=args.run_name, storage_path=args.storage_path, max_failures=args.max_failures,
                              experiment=args.experiment, register_model=args.register_model, address=args.address,
                              verbose=args.verbose)
@@ -287,8 +291,9 @@ def _train(args) -> int:
 def _eval(args) -> int:
     import torch
 
-    from idml.checkpoint import model_from_checkpoint
+    from idml.checkpoint import load_checkpoint, model_from_checkpoint
     from idml.config import validate_config
+    from idml.evaluation.confidence import Confidence
     from idml.data import ImageShardDataset, open_dataset
     from idml.engine import configure_threads
     from idml.evaluation import format_metrics_table
@@ -300,7 +305,10 @@ def _eval(args) -> int:
     if args.checkpoint:
         from idml.registry import is_model_uri, resolve_checkpoint
 
-        model, trained_cfg = model_from_checkpoint(resolve_checkpoint(args.checkpoint))
+        state = load_checkpoint(resolve_checkpoint(args.checkpoint))
+        model, trained_cfg = model_from_checkpoint(state)
+        # The confidence fitted on validation when the model was trained, if it was.
+        confidence = Confidence.from_dict(state["confidence"]) if state.get("confidence") else None
         # The checkpoint decides the model and preprocessing; the CLI may pick data and eval options.
         cfg.model, cfg.data.image_size = trained_cfg.model, trained_cfg.data.image_size
         name = args.checkpoint if is_model_uri(args.checkpoint) else Path(args.checkpoint).name
@@ -309,6 +317,7 @@ def _eval(args) -> int:
         model = build_model(cfg.model.backbone, embedding_dim=cfg.model.embedding_dim,
                             pretrained=cfg.model.pretrained, weights_path=cfg.model.weights_path).eval()
         name = f"frozen {cfg.model.backbone}"
+        confidence = None
     configure_threads(cfg.train.threads)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -318,7 +327,7 @@ def _eval(args) -> int:
     dataset = ImageShardDataset(source.root, split, transform=eval_transform(cfg.data.image_size))
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    result = evaluate_model(model, dataset, cfg, pooled_features=args.frozen_backbone,
+    result = evaluate_model(model, dataset, cfg, pooled_features=args.frozen_backbone, confidence=confidence,
                             plot_path=None if args.frozen_backbone else out / f"uncertainty_{split}.png")
     metrics = summary_metrics(result)
     print(format_metrics_table({f"{name} / {split}": metrics}, _table_metrics(cfg, metrics)))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import signal
 import sys
 import tempfile
@@ -48,7 +49,9 @@ class RayOptions:
     """How the job runs on Ray (the model and data live in ``Config``)."""
 
     num_workers: int = 1
-    cpus_per_worker: float = 1.0  # torch threads = train.threads, or this rounded down (>= 1)
+    cpus_per_worker: float = 1.0  # what each worker reserves (Ray's scheduling), not its threads
+    # torch threads per worker; 0: train.threads if set, else sized to the machine (worker_threads)
+    threads: int = 0
     use_gpu: bool = False
     decode_cpus: float = 1.0  # CPUs each Ray Data decode task reserves
     run_name: str | None = None  # default: the name of cfg.output_dir
@@ -72,6 +75,8 @@ class RayOptions:
             problems.append(f"decode_cpus must be > 0, got {self.decode_cpus}")
         if self.max_failures < -1:
             problems.append(f"max_failures must be >= -1 (-1 retries forever), got {self.max_failures}")
+        if self.threads < 0:
+            problems.append(f"threads must be >= 0 (0: sized to the machine), got {self.threads}")
         if self.checkpoints_to_keep < 1:
             problems.append(f"checkpoints_to_keep must be >= 1, got {self.checkpoints_to_keep}")
         if self.run_name is not None and (not self.run_name.strip() or self.run_name in (".", "..")
@@ -84,7 +89,8 @@ class RayOptions:
             raise InputError("invalid Ray options:\n  " + "\n  ".join(problems))
 
     @property
-    def threads(self) -> int:
+    def reserved_threads(self) -> int:
+        """One torch thread per reserved CPU (at least one)."""
         return max(1, int(self.cpus_per_worker))
 
 
@@ -153,10 +159,38 @@ def build_datasets(p: Plan, *, test: bool = True) -> dict[str, Any]:
     context.print_on_execution_start = p.options.verbose
     names = {**({"test": p.cfg.data.test_split} if test else {}), **({"val": p.cfg.data.val_split} if p.has_val else {})}
     if names:
-        log.info("decoding %s once for the whole job", " and ".join(names.values()))
-    datasets = dict(zip(names, eval_datasets(p.source, list(names.values()), p.cfg, decode_cpus=p.options.decode_cpus)))
+        log.info("decoding %s once for the whole job", " and ".join(dict.fromkeys(names.values())))
+    splits = list(dict.fromkeys(names.values()))  # a split named twice (test_split = val_split) is decoded once
+    decoded = dict(zip(splits, eval_datasets(p.source, splits, p.cfg, decode_cpus=p.options.decode_cpus)))
+    datasets = {name: decoded[split] for name, split in names.items()}
     datasets["train"] = train_dataset(p.source, p.cfg, decode_cpus=p.options.decode_cpus)
     return datasets
+
+
+def worker_threads(p: Plan) -> tuple[int, str]:
+    """Torch threads per training worker, and why. A worker reserves ``cpus_per_worker`` CPUs so
+    that Ray Data keeps CPUs to decode on, but decoding needs a fraction of a core at training
+    speed: a worker limited to its reservation left half of a 2-core machine idle (one thread,
+    16 images/s). By default each worker therefore runs as many threads as its node has CPUs
+    per worker placed there, and decoding borrows the cycles a training step leaves idle
+    (``benchmarks/train_throughput.py`` measures the split). GPU workers keep their reservation:
+    the GPU computes, the threads only feed it."""
+    o = p.options
+    if p.cfg.train.threads:
+        return p.cfg.train.threads, "train.threads"
+    if o.threads:
+        return o.threads, "--threads"
+    if o.use_gpu:
+        return o.reserved_threads, "GPU workers: one per reserved CPU"
+    import ray
+
+    nodes = [n["Resources"]["CPU"] for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) >= 1]
+    if not nodes:  # an autoscaling cluster with no CPU node yet
+        return o.reserved_threads, "no CPU node up yet: one per reserved CPU"
+    per_node = math.ceil(o.num_workers / len(nodes))
+    smallest = int(min(nodes))
+    threads = max(1, smallest // per_node)
+    return threads, f"{smallest} CPUs on the smallest node / {per_node} worker(s) there"
 
 
 def build_trainer(p: Plan, datasets: dict[str, Any], callbacks: Sequence[Any] = (), *, run_id: str | None = None):
@@ -171,11 +205,14 @@ def build_trainer(p: Plan, datasets: dict[str, Any], callbacks: Sequence[Any] = 
 
     o = p.options
     resources = {"CPU": o.cpus_per_worker, **({"GPU": 1} if o.use_gpu else {})}
+    threads, why = worker_threads(p)
+    log.info("%d worker(s), each reserving %g CPU%s and running %d torch thread(s) (%s)", o.num_workers,
+             o.cpus_per_worker, " + 1 GPU" if o.use_gpu else "", threads, why)
     return TorchTrainer(
         train_worker,
         train_loop_config={
             "config": p.cfg.to_dict(), "source": p.source, "num_classes": p.num_classes, "has_val": p.has_val,
-            "threads": p.cfg.train.threads or o.threads, "tracking_uri": p.tracking_uri, "run_id": run_id,
+            "threads": threads, "tracking_uri": p.tracking_uri, "run_id": run_id,
             "verbose": o.verbose, "has_test": "test" in datasets, "log_model": o.log_model,
             "register_model": o.register_model,
             "params": {**p.cfg.flat(), **{f"ray.{k}": v for k, v in dataclasses.asdict(o).items()},

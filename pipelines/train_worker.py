@@ -90,12 +90,12 @@ def train_worker(config: dict[str, Any]) -> None:
         if run is not None:
             run.log_metrics(record, step=epoch)
 
-    hooks = Hooks(wrap=lambda objective: _wrap_ddp(objective, device, world, find_unused=not unwrap(objective).criterion.uses_uncertainty),
+    hooks = Hooks(wrap=lambda objective: _wrap_ddp(objective, device, world, find_unused=not unwrap(objective).trains_uncertainty),
                   epoch_stats=epoch_stats, epoch_end=epoch_end)
     fit(state, cfg, batches, out_dir=out, val=val, reported={"test": test} if test else {}, progress=progress,
         hooks=hooks, main_process=rank == 0, eval_cfg=eval_cfg, device=device, show_progress=False)
     if rank == 0 and test is not None:
-        _finish(run, eval_cfg, progress, test, device, config)
+        _finish(run, eval_cfg, progress, test, device, config, val=val)
     elif rank == 0:
         _finish_without_test(run, eval_cfg, progress)
 
@@ -152,13 +152,15 @@ def _backfill(run: MlflowRun, progress) -> None:
     run.log_metrics({"resumed_from_epoch": progress.start_epoch}, step=progress.start_epoch)
 
 
-def _finish(run: MlflowRun | None, cfg, progress, test: StreamedSplit, device, job: dict[str, Any]) -> None:
-    """Rank 0, after the last epoch: the selected checkpoint on test, plots, MLflow artifacts."""
+def _finish(run: MlflowRun | None, cfg, progress, test: StreamedSplit, device, job: dict[str, Any], *,
+            val: StreamedSplit | None = None) -> None:
+    """Rank 0, after the last epoch: the confidence fitted on val, the selected checkpoint on
+    test, plots, MLflow artifacts."""
     from idml.fit import evaluate_and_summarize, log_figures
 
     out = Path(cfg.output_dir)
     summary, _ = evaluate_and_summarize(cfg, progress.selected(out), test, progress.history, progress=False,
-                                             device=device)
+                                        device=device, val_ds=val)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     if run is None:
         return

@@ -68,8 +68,14 @@ class Search:
         return cfg
 
     def ray_options(self, run_name: str, storage: str | None = None) -> RayOptions:
-        return RayOptions(**self.space.resources, run_name=run_name, storage_path=storage or f"{self.storage}/{self.name}-trials",
-                          tracking_uri=self.uri, experiment=self.options.experiment, verbose=self.options.verbose)
+        return trial_options(self.space.resources, run_name=run_name, storage_path=storage or f"{self.storage}/{self.name}-trials",
+                             tracking_uri=self.uri, experiment=self.options.experiment, verbose=self.options.verbose)
+
+
+def trial_options(resources: dict[str, Any], **options) -> RayOptions:
+    """A trial's Ray options: trials share nodes, so each worker runs one torch thread per CPU it
+    reserves rather than a whole node's worth (``pipelines.train.worker_threads``)."""
+    return RayOptions(**resources, threads=max(1, int(resources["cpus_per_worker"])), **options)
 
 
 def prepare(space: Space, options: TuneOptions) -> Search:
@@ -221,8 +227,8 @@ def run_trial(config: dict[str, Any], job: dict[str, Any]) -> None:
     cfg = with_params(config_from_dict(job["base"]), params)
     cfg.output_dir = f"{job['out']}/trials/trial-{index:03d}"
     name = f"trial-{index:03d}"
-    p = plan(cfg, RayOptions(**job["resources"], run_name=name, storage_path=job["storage"],
-                             tracking_uri=job["uri"], experiment=job["experiment"], verbose=job["verbose"]))
+    p = plan(cfg, trial_options(job["resources"], run_name=name, storage_path=job["storage"],
+                                tracking_uri=job["uri"], experiment=job["experiment"], verbose=job["verbose"]))
     run = MlflowRun.open(job["uri"], job["experiment"], f"{job['name']}-{name}", tags={
         "mlflow.parentRunId": job["parent_id"], "idml.search": job["name"], "idml.trial": str(index),
         "idml.tune_trial_id": ray.tune.get_context().get_trial_id()})

@@ -47,7 +47,8 @@ def test_best_selected_on_validation_at_the_eval_cadence(tiny_config, tmp_path):
     assert ended == [0, 1, 2]
     evaluated = [h["epoch"] for h in done.history if f"val/{SELECTION_METRIC}" in h]
     assert evaluated == [1, 2]  # every 2nd epoch, and the last
-    assert all("test/recall@1" in h for h in done.history if h["epoch"] in evaluated)
+    # test only reports: by default never during training (the caller evaluates the selected checkpoint)
+    assert not any("test/recall@1" in h for h in done.history)
     best = load_checkpoint(tmp_path / "best.pt")
     assert best["epoch"] == done.best["epoch"] and "optimizer" not in best  # best.pt is for evaluation
     assert "optimizer" in load_checkpoint(tmp_path / "last.pt")
@@ -106,3 +107,14 @@ def test_selection_follows_map_at_r_not_recall_at_1(tmp_path, monkeypatch):
     fit_module._evaluate(state, cfg, 3, {"epoch": 3}, resumed, object(), {}, tmp_path / "best.pt", device="cpu",
                          show_progress=False)
     assert resumed.best["epoch"] == 3  # 0.58 beats the old best's MAP@R 0.55, though not its R@1 0.90
+
+
+def test_reported_splits_every_test_every_epochs(tiny_config, tmp_path):
+    cfg = tiny_config
+    cfg.train.epochs, cfg.train.test_every = 3, 2
+    state = build_training(cfg, num_classes=4)
+    val = ImageShardDataset(cfg.data.dataset, "val", transform=eval_transform(32))
+    done = fit(state, cfg, lambda epoch: random_batches(1), out_dir=tmp_path, val=val, reported={"test": val},
+               show_progress=False)
+    assert [h["epoch"] for h in done.history if "test/recall@1" in h] == [1, 2]  # every 2nd epoch, and the last
+    assert all(f"val/{SELECTION_METRIC}" in h for h in done.history)

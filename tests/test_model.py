@@ -137,3 +137,15 @@ def test_checkpoints_from_before_the_uncertainty_budget_load_with_the_raw_head(t
     save_checkpoint(path, {"model": state, "config": cfg, "epoch": 0})
     with pytest.raises(DamagedFileError, match="semantic_head.weight"):
         model_from_checkpoint(path)
+
+
+@pytest.mark.parametrize("method", ["pfe", "failure"])
+def test_stop_gradient_uncertainty_head_never_moves_the_features(method):
+    model = build_model("resnet18", embedding_dim=8, pretrained=False, uncertainty=method).train()
+    mu, sigma = model(torch.rand(4, 3, 32, 32))
+    assert sigma.shape == mu.shape and (sigma > 0).all()
+    # about e^-1 of total variance (odds of failure) at the start, whatever the width
+    assert torch.allclose(sigma.pow(2).sum(1), torch.full((4,), 0.3679), atol=1e-3)
+    sigma.pow(2).sum().backward()
+    assert all(p.grad is None for p in model.backbone.parameters())
+    assert all(p.grad is not None for p in model.uncertainty_head.parameters())

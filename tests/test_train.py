@@ -33,7 +33,13 @@ def test_train_local_end_to_end_and_resume(tiny_config):
     assert {"aurc_uncertainty", "aurc_top1_similarity", "aurc_top1_gap", "uncertainty_blend_spearman"} <= set(test)
     written = json.loads((__import__("pathlib").Path(out) / "metrics.json").read_text())
     assert written["blend_ratio"]["ratios"] == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
-    assert set(written["selective"]["signals"]) == {"uncertainty", "top1_similarity", "top1_gap"}
+    # the confidence is fitted on validation (unless every validation query was right, or every one
+    # wrong: 8 queries here), stored in best.pt, and evaluated on test with the other signals
+    fitted = written["confidence"] is not None
+    assert set(written["selective"]["signals"]) == {"uncertainty", "top1_similarity", "top1_gap"} | (
+        {"confidence"} if fitted else set())
+    assert ("confidence" in load_checkpoint(f"{out}/best.pt")) == fitted
+    assert ("confidence_ece" in test) == fitted and all(f"r_auroc_{k}" in test for k in ("uncertainty", "top1_gap"))
     # the selected checkpoint is the best on validation, never chosen on test
     best = max(history, key=lambda h: h[f"val/{SELECTION_METRIC}"])
     assert summary["selected_epoch"] == best["epoch"]

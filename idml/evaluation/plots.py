@@ -296,15 +296,31 @@ SIGNAL_LABELS = {
     "uncertainty": "uncertainty head (least uncertain first)",
     "top1_similarity": "top-1 similarity (free)",
     "top1_gap": "top-1 minus top-2 similarity (free)",
+    "confidence": "calibrated confidence (fitted on val)",
 }
 
 
 def plot_selective_retrieval(selective: dict, blend_ratio: dict | None, path: str | Path) -> str:
-    """Two panels: R@1 against coverage per confidence signal (risk-coverage, from
-    :func:`~idml.evaluation.selective.selective_retrieval`), and mean uncertainty against the
-    blend ratio (from :func:`~idml.evaluation.ambiguity.uncertainty_by_blend_ratio`)."""
-    fig = Figure(figsize=(12, 4.5))
-    left, right = fig.subplots(1, 2)
+    """R@1 against coverage per confidence signal (risk-coverage, from
+    :func:`~idml.evaluation.selective.selective_retrieval`), mean uncertainty against the
+    blend ratio (from :func:`~idml.evaluation.ambiguity.uncertainty_by_blend_ratio`), and,
+    where a calibrated confidence was evaluated, accuracy against confidence (reliability)."""
+    calibrated = selective.get("calibration")
+    fig = Figure(figsize=(18 if calibrated else 12, 4.5))
+    left, right, *rest = fig.subplots(1, 3 if calibrated else 2)
+    if calibrated:
+        bins = calibrated["bins"]
+        reliability = rest[0]
+        reliability.plot([0, 100], [0, 100], color="gray", linestyle=":", label="perfect calibration")
+        reliability.plot([100 * b["confidence"] for b in bins], [100 * b["accuracy"] for b in bins], marker="o",
+                         label="test queries per confidence bin")
+        for b in bins:
+            reliability.annotate(str(b["num_queries"]), (100 * b["confidence"], 100 * b["accuracy"]), fontsize=7,
+                                 textcoords="offset points", xytext=(3, -9))
+        reliability.set_xlabel("Confidence: predicted P(top-1 right) (%)")
+        reliability.set_ylabel("R@1 of the queries in the bin (%)")
+        reliability.set_title(f"Calibration on test (ECE {calibrated['ece']:.3f})")
+        reliability.legend(fontsize=8)
     for name, curve in selective["signals"].items():
         left.plot(100 * np.asarray(curve["coverage"]), 100 * np.asarray(curve["recall@1"]), marker="o",
                   label=f"{SIGNAL_LABELS.get(name, name)}: AURC {curve['aurc']:.3f}")

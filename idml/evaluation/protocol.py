@@ -19,9 +19,11 @@ from .retrieval import cross_domain_metrics, retrieval_metrics
 from .selective import selective_retrieval
 from .uncertainty import image_uncertainty, recall_by_uncertainty, uncertainty_summary
 
-# Images blended at each ratio of the blend-ratio sweep: enough for a stable Spearman
-# correlation without making the final evaluation several times longer.
+# Images blended at each ratio of the blend-ratio sweep (its 0.5 blends also give the
+# clean-vs-mixed AUROC): enough for a stable Spearman correlation and AUROC without making the
+# final evaluation several times longer than the test pass itself.
 BLEND_SWEEP_IMAGES = 1024
+MIXED_RATIO = 0.5  # as ambiguous as a blend gets: it belongs to neither class more
 
 
 def evaluate_model(
@@ -34,6 +36,7 @@ def evaluate_model(
     pooled_features: bool = False,
     plot_path: str | Path | None = None,
     progress: bool = True,
+    confidence=None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on ``dataset`` (an ``ImageShardDataset`` with an eval transform).
 
@@ -43,11 +46,14 @@ def evaluate_model(
     (uncertainty against the blend ratio) and ``selective`` (risk-coverage against the free
     confidence signals), else None.
     ``pooled_features`` evaluates the backbone's pooled feature instead (frozen baseline).
+    ``confidence`` (``idml.evaluation.confidence.Confidence``) adds its risk-coverage and
+    calibration to ``selective``.
     """
     loader = DataLoader(dataset, batch_size=cfg.eval.batch_size, shuffle=False, num_workers=cfg.data.workers)
     start = time.perf_counter()
     mu, sigma = embed(model, loader, device=device, channels_last=cfg.train.channels_last,
-                      pooled_features=pooled_features, progress=progress, total=len(loader), desc="embed")
+                      pooled_features=pooled_features, progress=progress, total=len(loader), desc="embed",
+                      precision=cfg.train.precision)
     seconds = time.perf_counter() - start
     labels = np.asarray(dataset.labels)
     domains = np.asarray(dataset.domains)
@@ -71,17 +77,17 @@ def evaluate_model(
         def blend_uncertainty(ratio: float, max_images: int | None = None) -> np.ndarray:
             blends = iterate_blends(loader, ratio, seed=cfg.train.seed, max_images=max_images)
             _, sigma_blend = embed(model, blends, device=device, channels_last=cfg.train.channels_last,
-                                   progress=progress, desc=f"embed blends r={ratio}")
+                                   progress=progress, desc=f"embed blends r={ratio}", precision=cfg.train.precision)
             return image_uncertainty(sigma_blend)
 
-        mixed = blend_uncertainty(0.5)
+        # A blend at ratio 0 is the clean image itself: reuse its uncertainty, don't embed it again.
+        sweep = {r: clean[:BLEND_SWEEP_IMAGES] if r == 0 else blend_uncertainty(r, BLEND_SWEEP_IMAGES)
+                 for r in sorted({*DEFAULT_RATIOS, MIXED_RATIO})}
+        mixed = sweep[MIXED_RATIO]
         result["uncertainty_bins"] = recall_by_uncertainty(mu, labels, clean)
         result["uncertainty"] = uncertainty_summary(clean, mixed)
-        # A blend at ratio 0 is the clean image itself: reuse its uncertainty, don't embed it again.
-        result["blend_ratio"] = uncertainty_by_blend_ratio(
-            {r: clean[:BLEND_SWEEP_IMAGES] if r == 0 else blend_uncertainty(r, BLEND_SWEEP_IMAGES)
-             for r in DEFAULT_RATIOS})
-        result["selective"] = selective_retrieval(mu, labels, clean)
+        result["blend_ratio"] = uncertainty_by_blend_ratio(sweep)
+        result["selective"] = selective_retrieval(mu, labels, clean, confidence=confidence)
         if plot_path is not None:
             plot_uncertainty_analysis(result["uncertainty_bins"], clean, mixed, plot_path)
             plot_selective_retrieval(result["selective"], result["blend_ratio"],
@@ -103,7 +109,10 @@ def summary_metrics(result: dict[str, Any]) -> dict[str, float]:
         out["uncertainty_blend_spearman"] = result["blend_ratio"]["spearman"]
         for name, curve in result["selective"]["signals"].items():
             out[f"aurc_{name}"] = curve["aurc"]
+            out[f"r_auroc_{name}"] = curve["r_auroc"]
         out["aurc_oracle"] = result["selective"]["oracle_aurc"]
+        if "calibration" in result["selective"]:
+            out["confidence_ece"] = result["selective"]["calibration"]["ece"]
     out["embed_images_per_s"] = result["images_per_s"]
     return out
 
@@ -122,5 +131,9 @@ def describe_selective(result: dict[str, Any]) -> str | None:
     if not selective:
         return None
     curves = ", ".join(f"{name} {curve['aurc']:.3f}" for name, curve in selective["signals"].items())
-    return (f"selective retrieval, AURC (lower is better): {curves}; random {selective['random_aurc']:.3f}, "
-            f"oracle {selective['oracle_aurc']:.3f}")
+    r_auroc = ", ".join(f"{name} {curve['r_auroc']:.3f}" for name, curve in selective["signals"].items())
+    line = (f"selective retrieval, AURC (lower is better): {curves}; random {selective['random_aurc']:.3f}, "
+            f"oracle {selective['oracle_aurc']:.3f}\nR-AUROC (a wrong top-1 predicted; 0.5 = chance): {r_auroc}")
+    if "calibration" in selective:
+        line += f"\nconfidence calibration error (ECE): {selective['calibration']['ece']:.3f}"
+    return line

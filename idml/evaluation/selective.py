@@ -46,16 +46,11 @@ def risk_coverage(hits: np.ndarray, confidence: np.ndarray, coverages: Sequence[
     }
 
 
-def selective_retrieval(
-    embeddings: Any, labels: Any, uncertainty: Any, *, coverages: Sequence[float] = DEFAULT_COVERAGES
-) -> dict[str, Any]:
-    """Risk-coverage of leave-one-out R@1 under three confidence signals.
-
-    ``uncertainty`` (answer the least uncertain first), ``top1_similarity`` and
-    ``top1_gap`` (top-1 minus top-2 cosine similarity), plus ``oracle`` and ``random``
-    reference AURCs. Queries whose class has no other item are left out, as in
-    :func:`~idml.evaluation.retrieval.retrieval_metrics`.
-    """
+def query_signals(embeddings: Any, labels: Any, uncertainty: Any) -> dict[str, np.ndarray]:
+    """Leave-one-out top-1 retrieval over a split and each query's confidence signals: ``hits``
+    (1 where the top-1 neighbour has the query's class), ``uncertainty``, ``top1_similarity``
+    and ``top1_gap`` (top-1 minus top-2 cosine similarity). Queries whose class has no other
+    item are left out, as in :func:`~idml.evaluation.retrieval.retrieval_metrics`."""
     emb = check_embeddings(embeddings)
     codes = check_labels(labels, len(emb))
     u = check_uncertainty(uncertainty, "uncertainty", len(emb))
@@ -65,17 +60,55 @@ def selective_retrieval(
     valid = np.bincount(codes)[codes] > 1
     if not valid.any():
         raise ValueError("no query has another item with its label; nothing to evaluate")
-    hits = (codes[idx[:, 0]] == codes)[valid].astype(np.float64)
-    signals = {
-        "uncertainty": -u[valid],
+    return {
+        "hits": (codes[idx[:, 0]] == codes)[valid].astype(np.float64),
+        "uncertainty": u[valid],
         "top1_similarity": sims[valid, 0],
         "top1_gap": sims[valid, 0] - sims[valid, 1],
     }
+
+
+def failure_auroc(hits: np.ndarray, confidence: np.ndarray) -> float:
+    """R-AUROC (URL benchmark): how well low confidence predicts a wrong top-1 neighbour (0.5:
+    no better than chance; nan when every query is right or every one wrong)."""
+    from sklearn.metrics import roc_auc_score
+
+    missed = 1.0 - np.asarray(hits, dtype=np.float64)
+    if missed.min() == missed.max():
+        return float("nan")
+    return float(roc_auc_score(missed, -np.asarray(confidence, dtype=np.float64)))
+
+
+def selective_retrieval(
+    embeddings: Any, labels: Any, uncertainty: Any, *, coverages: Sequence[float] = DEFAULT_COVERAGES,
+    confidence=None,
+) -> dict[str, Any]:
+    """Risk-coverage of leave-one-out R@1 under the confidence signals: ``uncertainty``
+    (answer the least uncertain first), ``top1_similarity`` and ``top1_gap``, and with a
+    fitted ``confidence`` (``idml.evaluation.confidence.Confidence``) its probability, whose
+    calibration is reported too; plus ``oracle`` and ``random`` reference AURCs. Each signal
+    also gets its R-AUROC."""
+    q = query_signals(embeddings, labels, uncertainty)
+    hits = q["hits"]
+    signals = {
+        "uncertainty": -q["uncertainty"],
+        "top1_similarity": q["top1_similarity"],
+        "top1_gap": q["top1_gap"],
+    }
+    if confidence is not None:
+        signals["confidence"] = confidence.predict(q["uncertainty"], q["top1_similarity"], q["top1_gap"])
+    curves = {}
+    for name, conf in signals.items():
+        curves[name] = {**risk_coverage(hits, conf, coverages), "r_auroc": failure_auroc(hits, conf)}
     out: dict[str, Any] = {
-        "num_queries": int(valid.sum()),
+        "num_queries": int(len(hits)),
         "recall@1": float(hits.mean()),
-        "signals": {name: risk_coverage(hits, conf, coverages) for name, conf in signals.items()},
+        "signals": curves,
         "oracle_aurc": risk_coverage(hits, hits, coverages)["aurc"],
         "random_aurc": float(1.0 - hits.mean()),
     }
+    if confidence is not None:
+        from .confidence import calibration
+
+        out["calibration"] = calibration(signals["confidence"], hits)
     return out

@@ -37,6 +37,9 @@ def test_an_uncertainty_that_tracks_the_noise_beats_a_random_one():
     assert informed["oracle_aurc"] <= informed["signals"]["uncertainty"]["aurc"]
     assert informed["signals"]["uncertainty"]["aurc"] < random["signals"]["uncertainty"]["aurc"]
     assert informed["signals"]["uncertainty"]["aurc"] < informed["random_aurc"]
+    # R-AUROC: low confidence predicts a wrong top-1 better than chance, a random order does not
+    assert informed["signals"]["uncertainty"]["r_auroc"] > 0.6
+    assert abs(random["signals"]["uncertainty"]["r_auroc"] - 0.5) < 0.15
     # on well-separated clusters the free signals also beat a random order
     assert informed["signals"]["top1_similarity"]["aurc"] < informed["random_aurc"]
     # the free signals do not depend on the uncertainty given
