@@ -20,8 +20,12 @@ Groups:
                 value (0 is plain ProxyAnchor).
   lambda_mixup  full IDML (metric + mixup) at each --lambdas value (0 is ProxyAnchor + mixup).
   losses        every base loss but ProxyAnchor (the ablation's), plain vs the introspective metric
-                without mixup (the default's IDML: on ProxyAnchor, mixup cost retrieval and
-                doubled the compute).
+                without mixup (on ProxyAnchor, mixup cost retrieval and doubled the compute).
+  uncertainty   how the uncertainty is learned, on the config's base loss (model.uncertainty):
+                IDML's introspective metric; a PFE head (mutual likelihood on positive pairs);
+                a failure predictor (wrong top-1 neighbour); the released code's constant
+                uncertainty as the floor. PFE and the failure predictor read a stop-gradient
+                copy of the features, so the base loss trains the embedding alone.
 """
 
 from __future__ import annotations
@@ -46,7 +50,13 @@ IDML_FULL = {"loss.introspective": True, "loss.mixup": True}
 METRIC_ONLY = {"loss.introspective": True, "loss.mixup": False}  # configs/emoji.yaml's IDML
 # The ablation and the lambda sweeps are the paper's IDML-ProxyAnchor, whatever the config's loss.
 PROXY_ANCHOR = {"loss.name": "proxy_anchor"}
-GROUPS = ("ablation", "lambda", "lambda_mixup", "losses")
+GROUPS = ("ablation", "lambda", "lambda_mixup", "losses", "uncertainty")
+UNCERTAINTY_VARIANTS = (
+    ("metric", METRIC_ONLY, "introspective metric (IDML), lambda 0.1"),
+    ("pfe", {**PLAIN, "model.uncertainty": "pfe"}, "PFE head (stop-gradient, mutual likelihood)"),
+    ("failure", {**PLAIN, "model.uncertainty": "failure"}, "failure predictor (stop-gradient)"),
+    ("constant", {**METRIC_ONLY, "model.uncertainty_norm": "unit"}, "released code's constant uncertainty"),
+)
 OTHER_LOSSES = ("proxy_nca", "multi_similarity", "contrastive", "triplet", "margin", "fastap")
 # The issue asks 3 seeds of these two; FastAP joined them as the best base loss at this budget.
 FULL_SEED_LOSSES = ("multi_similarity", "contrastive", "fastap")
@@ -62,7 +72,9 @@ UNCERTAINTY_COLUMNS = [
     ("mixed AUROC", "uncertainty_auroc_mixed", 1), ("blend Spearman", "uncertainty_blend_spearman", 1),
     ("R@1 low-u Q1", "recall_at_1_lowest_uncertainty", 100), ("R@1 high-u Q4", "recall_at_1_highest_uncertainty", 100),
     ("AURC uncertainty", "aurc_uncertainty", 1), ("AURC top-1 sim", "aurc_top1_similarity", 1),
-    ("AURC top-1 gap", "aurc_top1_gap", 1), ("AURC oracle", "aurc_oracle", 1),
+    ("AURC top-1 gap", "aurc_top1_gap", 1), ("AURC confidence", "aurc_confidence", 1), ("AURC oracle", "aurc_oracle", 1),
+    ("R-AUROC uncertainty", "r_auroc_uncertainty", 1), ("R-AUROC gap", "r_auroc_top1_gap", 1),
+    ("R-AUROC confidence", "r_auroc_confidence", 1), ("ECE confidence", "confidence_ece", 1),
 ]
 
 
@@ -101,6 +113,9 @@ def variants(groups: list[str], seeds: int, loss_seeds: int, lambdas: list[float
             n = seeds if loss in FULL_SEED_LOSSES else loss_seeds
             out += [Variant(f"{loss}", "losses", {**PLAIN, "loss.name": loss}, n, f"{loss}"),
                     Variant(f"{loss}_idml", "losses", {**METRIC_ONLY, "loss.name": loss}, n, f"IDML-{loss}")]
+    if "uncertainty" in groups:
+        out += [Variant(f"uncertainty_{name}", "uncertainty", overrides, seeds, description)
+                for name, overrides, description in UNCERTAINTY_VARIANTS]
     return out
 
 

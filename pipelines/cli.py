@@ -289,55 +289,19 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    import torch
-
-    from idml.checkpoint import load_checkpoint, model_from_checkpoint
-    from idml.config import validate_config
-    from idml.evaluation.confidence import Confidence
-    from idml.data import ImageShardDataset, open_dataset
-    from idml.engine import configure_threads
+    from idml.evaluate import EvaluateRequest, evaluate_checkpoint
     from idml.evaluation import format_metrics_table
-    from idml.evaluation.protocol import describe_selective, evaluate_model, summary_metrics, uncertainty_report
-    from idml.model import build_model
-    from idml.transforms import eval_transform
+    from idml.evaluation.protocol import describe_selective
 
     cfg = _load(args)
-    if args.checkpoint:
-        from idml.registry import is_model_uri, resolve_checkpoint
-
-        state = load_checkpoint(resolve_checkpoint(args.checkpoint))
-        model, trained_cfg = model_from_checkpoint(state)
-        # The confidence fitted on validation when the model was trained, if it was.
-        confidence = Confidence.from_dict(state["confidence"]) if state.get("confidence") else None
-        # The checkpoint decides the model and preprocessing; the CLI may pick data and eval options.
-        cfg.model, cfg.data.image_size = trained_cfg.model, trained_cfg.data.image_size
-        name = args.checkpoint if is_model_uri(args.checkpoint) else Path(args.checkpoint).name
-    else:
-        validate_config(cfg)
-        model = build_model(cfg.model.backbone, embedding_dim=cfg.model.embedding_dim,
-                            pretrained=cfg.model.pretrained, weights_path=cfg.model.weights_path).eval()
-        name = f"frozen {cfg.model.backbone}"
-        confidence = None
-    configure_threads(cfg.train.threads)
-    if cfg.train.channels_last:
-        model.to(memory_format=torch.channels_last)
-    source = open_dataset(cfg.data.dataset)
-    source.check_local()
-    split = args.split or cfg.data.test_split
-    dataset = ImageShardDataset(source.root, split, transform=eval_transform(cfg.data.image_size))
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    result = evaluate_model(model, dataset, cfg, pooled_features=args.frozen_backbone, confidence=confidence,
-                            plot_path=None if args.frozen_backbone else out / f"uncertainty_{split}.png")
-    metrics = summary_metrics(result)
-    print(format_metrics_table({f"{name} / {split}": metrics}, _table_metrics(cfg, metrics)))
-    _print_cross_domain(result["cross_domain"])
-    if describe_selective(result):
-        print("\n" + describe_selective(result))
-    print(f"\neval throughput: {metrics['embed_images_per_s']:.1f} images/s")
+    done = evaluate_checkpoint(EvaluateRequest(cfg, checkpoint=args.checkpoint, split=args.split))
+    print(format_metrics_table({f"{done.name} / {done.split}": done.metrics}, _table_metrics(cfg, done.metrics)))
+    _print_cross_domain(done.result["cross_domain"])
+    if describe_selective(done.result):
+        print("\n" + describe_selective(done.result))
+    print(f"\neval throughput: {done.metrics['embed_images_per_s']:.1f} images/s")
     if args.json:
-        Path(args.json).write_text(json.dumps({"metrics": metrics, "cross_domain": result["cross_domain"],
-                                               **uncertainty_report(result)}, indent=2, default=float))
+        Path(args.json).write_text(json.dumps(done.report(), indent=2, default=float))
     return 0
 
 
