@@ -154,6 +154,14 @@ def _best_score(progress: Progress) -> float:
 
 def _evaluate(state: TrainingState, cfg: Config, epoch: int, record: dict, progress: Progress, val, reported,
               best_path: Path, *, device, show_progress: bool) -> None:
+    started = time.perf_counter()
+    _evaluate_splits(state, cfg, epoch, record, progress, val, reported, best_path, device=device,
+                     show_progress=show_progress)
+    record["eval/seconds"] = time.perf_counter() - started  # what evaluating cost this epoch
+
+
+def _evaluate_splits(state: TrainingState, cfg: Config, epoch: int, record: dict, progress: Progress, val, reported,
+                     best_path: Path, *, device, show_progress: bool) -> None:
     if val is not None:
         metrics = summary_metrics(evaluate_model(state.model, val, cfg, device=device, uncertainty=False,
                                                  progress=show_progress))
@@ -253,6 +261,7 @@ def evaluate_and_summarize(cfg: Config, checkpoint: Path, test_ds, history: list
     (the validation split), first fits the confidence there and stores it in the checkpoint
     (key ``confidence``), so every later user of the checkpoint gets it.
     Returns the summary and the raw evaluation result (embeddings included)."""
+    started = time.perf_counter()
     out = Path(cfg.output_dir)
     ckpt = load_checkpoint(checkpoint)
     model, _ = model_from_checkpoint(ckpt)
@@ -284,6 +293,7 @@ def evaluate_and_summarize(cfg: Config, checkpoint: Path, test_ds, history: list
         "confidence": ckpt.get("confidence"),
         "train_images_per_s": _mean([h.get("train/images_per_s") for h in history]),
         "history": history,
+        "final_evaluation_s": time.perf_counter() - started,  # calibration, test, analyses, figures
     }
     (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=float))
     return summary, result

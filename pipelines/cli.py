@@ -273,7 +273,8 @@ def _train(args) -> int:
     if describe_selective(summary):
         print("\n" + describe_selective(summary))
     print(f"\ntrain throughput: {summary['train_images_per_s']:.1f} images/s; "
-          f"eval throughput: {summary['test']['embed_images_per_s']:.1f} images/s")
+          f"eval throughput: {summary['test']['embed_images_per_s']:.1f} images/s; "
+          f"final evaluation (confidence, test, analyses, figures): {summary['final_evaluation_s']:.0f} s")
     # With --ray and validation, last.pt lives in Ray's checkpoint only: name what is there.
     written = [n for n in ("best.pt", "last.pt", "metrics.json", *FIGURES) if (Path(cfg.output_dir) / n).exists()]
     print(f"outputs in {cfg.output_dir}: {', '.join(written)}")
