@@ -48,6 +48,7 @@ import numpy as np
 from ..errors import InputError
 from ..filelock import exclusive
 from ..faiss_import import faiss
+from .labels import SHARD_BITS, labels_for, split_labels  # noqa: F401
 
 if TYPE_CHECKING:
     from .exact_vectors import ShardVectors
@@ -62,8 +63,6 @@ INDEX_KINDS = ("flat", "ivf", "hnsw", "scan")
 # Up to here exact search costs ~n*d flops per query (about 3 ms on two CPU cores at d=512),
 # cheap enough to keep every answer exact.
 FLAT_MAX_VECTORS = 200_000
-SHARD_BITS = 32
-ROW_MASK = (1 << SHARD_BITS) - 1
 # faiss warns below 39 training points per centroid; 64 gives stabler centroids at little cost.
 TRAIN_POINTS_PER_LIST = 64
 # A PQ/SQ codebook (2^8 centroids per sub-quantizer) trained on fewer points is noisy.
@@ -456,15 +455,6 @@ def gpu_status() -> tuple[int, str]:
 def gpu_count() -> int:
     """GPUs faiss can use (``gpu_status``)."""
     return gpu_status()[0]
-
-
-def labels_for(shard: int, n: int) -> np.ndarray:
-    return (np.int64(shard) << SHARD_BITS) | np.arange(n, dtype=np.int64)
-
-
-def split_labels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    labels = np.asarray(labels, np.int64)
-    return labels >> SHARD_BITS, labels & ROW_MASK
 
 
 def train_index(sample: np.ndarray | None, spec: IndexSpec) -> faiss.Index:
