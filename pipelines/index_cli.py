@@ -50,7 +50,7 @@ def _recall(text: str) -> float:
 
 
 def _memory(text: str) -> int:
-    from idml.index.faiss_index import parse_bytes
+    from idml.index.spec import parse_bytes
 
     try:
         return parse_bytes(text)
@@ -69,6 +69,8 @@ def _milliseconds(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from idml.index.kinds import NAMED_INDEXES
+
     parser = argparse.ArgumentParser(prog="idml index", description="Embed image corpora and build versioned, sharded faiss indexes")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logs, Ray's own logs, and tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -110,10 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     build = sub.add_parser("build", help="embed the whole corpus and publish a new index version")
     add_writer_args(build, update=False)
-    build.add_argument("--index", dest="index_type", default="auto", metavar="auto|flat|ivf|FACTORY",
+    named = {name: factory("<nlist>") for name, factory in NAMED_INDEXES.items()}
+    build.add_argument("--index", dest="index_type", default="auto", metavar="|".join(["auto", *named, "FACTORY"]),
                        help="auto: exact Flat up to 200k vectors, IVF-Flat above (with --max-index-memory: Flat, IVF-Flat "
-                            "or IVF-PQ, whichever fits); flat; ivf (IVF-Flat); or a faiss index_factory string searching "
-                            "by inner product, e.g. 'IVF4096,PQ64', 'IVF1024,SQ8', 'HNSW32' (checked before embedding)")
+                            "or IVF-PQ, whichever fits); "
+                            + "; ".join(f"{name} ({factory})" for name, factory in named.items())
+                            + "; or a faiss index_factory string searching by inner product, e.g. 'IVF4096,PQ64', "
+                            "'IVF1024,SQ8', 'HNSW32' (checked before embedding)")
     build.add_argument("--max-index-memory", dest="max_index_bytes", type=_memory, metavar="SIZE",
                        help="memory budget of the index, e.g. 8GB or 512MiB: --index auto picks the best index that "
                             "fits it; any other --index is refused if its estimate exceeds it")
@@ -292,7 +297,7 @@ def _load_model(ref: str):
 
 
 def _print_summary(manifest: dict, published: bool, embedded: int) -> None:
-    from idml.index.faiss_index import format_bytes
+    from idml.index.spec import format_bytes
 
     c, spec = manifest["counts"], manifest["faiss"]
     state = "published" if published else "unchanged (up to date)"

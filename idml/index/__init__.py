@@ -5,9 +5,9 @@ from ..faiss_import import faiss  # noqa: F401  (first: a missing faiss names th
 from .builder import BuildRequest, StagedBuild
 from .corpus import Corpus, resolve_corpus
 from .embed import BatchEmbedder, content_hash
-from .faiss_index import IndexSpec, resolve_spec
 from .partitions import PartitionSink, embedding_table
 from .search import Hit, IndexSearcher, QueryResult, format_results
+from .spec import IndexSpec, resolve_spec
 from .store import IndexStore
 from .verify import verify_against_corpus, verify_index
 

@@ -37,7 +37,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..faiss_import import faiss
-from . import faiss_index as fx
+from .combined import CombinedIndex, combine
+from .factory import check_factory
+from .faiss_io import read_index, write_index_atomic
+from .kinds import INDEX_SHORTHANDS
+from .labels import labels_for, split_labels
+from .recall import ExactTopK
+from .shards import build_shard, train_index, write_shard
+from .spec import DEFAULT_REFINE, FLAT_MAX_VECTORS, IndexSpec, resolve_spec
+from .tuning import Tuning, query_latency_ms, search_values, set_search_param, tune_search
 from .corpus import FILE_STATS_SCHEMA, UNKNOWN_MTIME, Corpus
 from .embed import STATUS_KNOWN
 from .exact_vectors import ShardVectors, open_vectors, vectors_name, write_vectors
@@ -69,7 +77,7 @@ class BuildRequest:
     dim: int
     checkpoint: dict[str, Any]  # path, sha256, backbone, image_size, uncertainty_weight
     corpus: dict[str, Any]  # uri, kind, splits, fingerprint, num_rows
-    index_type: str = "auto"  # auto, flat, ivf, or a faiss factory string (IVF4096,PQ64, HNSW32, ...)
+    index_type: str = "auto"  # auto, a name of kinds.NAMED_INDEXES, or a faiss factory string (IVF4096,PQ64, HNSW32, ...)
     nlist: int | None = None
     nprobe: int | None = None
     train_size: int | None = None
@@ -78,15 +86,15 @@ class BuildRequest:
     target_recall: float = 0.95
     max_index_bytes: int | None = None  # build only: choose (auto) or check the index against this memory
     max_query_ms: float | None = None  # latency budget of the nprobe/efSearch tuning
-    # build only: re-scoring depth of lossy codes (None: fx.DEFAULT_REFINE; 0 or 1: off, no vector
+    # build only: re-scoring depth of lossy codes (None: DEFAULT_REFINE; 0 or 1: off, no vector
     # files); an update keeps its parent's, whose vector files it reuses
     refine: int | None = None
 
     def __post_init__(self):
         if self.kind not in ("build", "update"):
             raise ValueError(f"kind must be build or update, got {self.kind!r}")
-        if self.index_type not in fx.INDEX_SHORTHANDS:
-            fx.check_factory(self.index_type, self.dim)  # a bad string is refused before any embedding
+        if self.index_type not in INDEX_SHORTHANDS:
+            check_factory(self.index_type, self.dim)  # a bad string is refused before any embedding
         if self.max_index_bytes is not None and self.max_index_bytes <= 0:
             raise ValueError(f"--max-index-memory must be positive, got {self.max_index_bytes} bytes")
         if self.max_query_ms is not None and self.max_query_ms <= 0:
@@ -98,7 +106,7 @@ class BuildRequest:
             # A budget nothing fits, or a refine an exact index has no use for, is refused before
             # the embedding, not after it (corrupt images only shrink the index).
             rows = int(self.corpus["num_rows"])
-            fx.resolve_spec(self.index_type, rows, self.dim, nlist=self.nlist, max_index_bytes=self.max_index_bytes,
+            resolve_spec(self.index_type, rows, self.dim, nlist=self.nlist, max_index_bytes=self.max_index_bytes,
                             shards=self.shards or max(1, math.ceil(rows / DEFAULT_SHARD_ROWS)), refine=self.refine)
         if self.shards is not None and self.shards < 1:
             raise ValueError(f"--shards must be >= 1, got {self.shards}")
@@ -170,7 +178,7 @@ class _Sources:
 
 @dataclass
 class _Shards:
-    exact: Any  # fx.ExactTopK of the recall queries
+    exact: Any  # ExactTopK of the recall queries
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     entries: list[dict[str, Any]] = field(default_factory=list)
     ids_by_shard: dict[int, np.ndarray] = field(default_factory=dict)
@@ -405,12 +413,12 @@ class StagedBuild:
         rest = rest.join(staged_rows.select(keys), keys=keys, join_type="left anti")
         return _Sources(partitions, parent_rows, from_parent, from_staging, self._corrupt_of(rest, partitions))
 
-    def _write_shards(self, plan: list[_ShardPlan], spec: fx.IndexSpec, trained, version_dir: Path, queries,
+    def _write_shards(self, plan: list[_ShardPlan], spec: IndexSpec, trained, version_dir: Path, queries,
                       timings: dict[str, float]) -> "_Shards":
         """Each planned shard's embeddings and faiss index in ``version_dir`` (and, for lossy
         codes, its exact vectors); exact neighbours of the recall queries among the new vectors
         are gathered on the way."""
-        out = _Shards(exact=fx.ExactTopK(queries, GT_DEPTH + 1))
+        out = _Shards(exact=ExactTopK(queries, GT_DEPTH + 1))
         timings["exact_seconds"] = 0.0
         t = time.time()
         for p in plan:
@@ -434,16 +442,16 @@ class StagedBuild:
                     write_embeddings(out_parquet, pq.read_table(p.src_parquet).take(pa.array(p.rows)))
                 table = pq.read_table(out_parquet, columns=["id", "mu"])
                 mu = _vectors(table)
-                fx.write_shard(fx.build_shard(mu, p.shard, spec, trained), out_index)
+                write_shard(build_shard(mu, p.shard, spec, trained), out_index)
                 if rel_vectors:
                     write_vectors(mu, version_dir / rel_vectors)
                 if p.source == "new":
                     t_exact = time.time()
-                    out.exact.add(mu, fx.labels_for(p.shard, len(mu)))
+                    out.exact.add(mu, labels_for(p.shard, len(mu)))
                     timings["exact_seconds"] += time.time() - t_exact
                 del mu
             # IVF shards are memory-mapped: the build never holds the whole index in RAM.
-            out.indexes.append(fx.read_shard(out_index, spec, trained))
+            out.indexes.append(spec.kind.open_shard(out_index, trained))
             if rel_vectors:
                 out.vectors[p.shard] = open_vectors(version_dir / rel_vectors, p.count, spec.dim)
             out.ids_by_shard[p.shard] = table.column("id").to_numpy(zero_copy_only=False).astype(str)
@@ -453,13 +461,13 @@ class StagedBuild:
         timings["shards_seconds"] = time.time() - t - timings["exact_seconds"]
         return out
 
-    def _measure_recall(self, shards: "_Shards", spec: fx.IndexSpec, trained, queries, query_ids, query_labels,
-                        from_parent: pa.Table, n_vectors: int, version_dir: Path) -> fx.Tuning:
+    def _measure_recall(self, shards: "_Shards", spec: IndexSpec, trained, queries, query_ids, query_labels,
+                        from_parent: pa.Table, n_vectors: int, version_dir: Path) -> Tuning:
         """recall@10 of the combined index against exact search and its query latency, nprobe or
         efSearch tuned, as the searcher delivers them (lossy candidates re-scored by exact
         cosine); the sample is saved with the version (``verify`` measures it again)."""
         vectors = ShardVectors(shards.vectors, spec.dim) if shards.vectors else None
-        combined = fx.combine(shards.indexes, spec, trained, vectors=vectors)
+        combined = combine(shards.indexes, spec, trained, vectors=vectors)
         scores, labels = shards.exact.result()
         if query_ids is None:  # build: the queries are stored vectors, named once all shards are known
             query_ids = _labels_to_ids(query_labels, shards.ids_by_shard)
@@ -481,8 +489,8 @@ class StagedBuild:
                 files[rel] = checksum(version_dir / rel)
         return dict(sorted(files.items()))
 
-    def _manifest(self, spec: fx.IndexSpec, counts: dict[str, int], src: "_Sources", shards: "_Shards",
-                  files: dict[str, Any], tuning: fx.Tuning, n_vectors: int, timings: dict[str, float], *,
+    def _manifest(self, spec: IndexSpec, counts: dict[str, int], src: "_Sources", shards: "_Shards",
+                  files: dict[str, Any], tuning: Tuning, n_vectors: int, timings: dict[str, float], *,
                   index_seconds: float, embed_seconds: float, embedded_this_run: int) -> dict[str, Any]:
         req = self.request
         return {
@@ -581,33 +589,33 @@ class StagedBuild:
                 next_shard += 1
         return plan
 
-    def _spec(self, n_vectors: int, shards: int) -> fx.IndexSpec:
+    def _spec(self, n_vectors: int, shards: int) -> IndexSpec:
         req = self.request
         if req.kind == "update":
             # The parent's spec, its refine too: the reused shards have vector files exactly when it is > 1.
-            spec = fx.IndexSpec.from_dict(self.parent["faiss"])
+            spec = IndexSpec.from_dict(self.parent["faiss"])
             if req.nprobe is not None:
-                if spec.index_type != "ivf":
+                if spec.search_param != "nprobe":
                     raise ValueError(f"--nprobe applies to IVF indexes; {self.parent_version} is {spec.factory}")
                 spec.nprobe, spec.nprobe_auto = req.nprobe, False
             if req.max_query_ms is not None:
                 spec.max_query_ms = req.max_query_ms
             if spec.estimated_bytes:  # the same bytes per vector, for the new count
-                spec.estimated_bytes = fx.check_factory(spec.factory, spec.dim).estimated_bytes(n_vectors, shards)
+                spec.estimated_bytes = check_factory(spec.factory, spec.dim).estimated_bytes(n_vectors, shards)
             if n_vectors < 1:
                 raise ValueError("nothing to index: every image was removed from the corpus or is corrupt")
-            if spec.index_type == "flat" and req.index_type == "auto" and n_vectors > fx.FLAT_MAX_VECTORS:
+            if spec.kind.exact and req.index_type == "auto" and n_vectors > FLAT_MAX_VECTORS:
                 self.progress(f"note: {n_vectors} vectors in a Flat index; `idml index build` would switch to IVF")
             return spec
-        return fx.resolve_spec(req.index_type, n_vectors, req.dim, nlist=req.nlist, nprobe=req.nprobe,
+        return resolve_spec(req.index_type, n_vectors, req.dim, nlist=req.nlist, nprobe=req.nprobe,
                                train_size=req.train_size, target_recall=req.target_recall,
                                max_index_bytes=req.max_index_bytes, max_query_ms=req.max_query_ms, shards=shards,
                                refine=req.refine)
 
-    def _samples(self, spec: fx.IndexSpec, plan: list[_ShardPlan]):
+    def _samples(self, spec: IndexSpec, plan: list[_ShardPlan]):
         """One pass over the new shards: recall queries (build; an update keeps its parent's)
         and the training sample (build), drawn uniformly."""
-        build, approximate = self.request.kind == "build", spec.index_type != "flat"
+        build, approximate = self.request.kind == "build", not spec.kind.exact
         n = sum(p.count for p in plan)
         rng = np.random.default_rng(spec.seed)
         # A Flat index is exact: its recall is 1 by construction, so it needs no sample.
@@ -624,7 +632,7 @@ class StagedBuild:
                 if p.rows is not None:
                     mu = mu[p.rows]
                 queries.append(mu[q])
-                query_labels.append(fx.labels_for(p.shard, p.count)[q])
+                query_labels.append(labels_for(p.shard, p.count)[q])
                 train.append(mu[tr])
             start += p.count
         if not build:
@@ -634,20 +642,20 @@ class StagedBuild:
         query_labels = np.concatenate(query_labels) if query_labels else np.zeros(0, np.int64)
         return queries, None, query_labels, (np.concatenate(train) if train else None)
 
-    def _trained(self, spec: fx.IndexSpec, sample: np.ndarray | None, version_dir: Path) -> faiss.Index | None:
-        if spec.index_type == "flat":
+    def _trained(self, spec: IndexSpec, sample: np.ndarray | None, version_dir: Path) -> faiss.Index | None:
+        if spec.kind.exact:
             return None
         path = version_dir / "trained.faiss"
         if self.request.kind == "update":
             link_or_copy(self.store.version_dir(self.parent_version) / "trained.faiss", path)
-            return fx.read_index(path)
+            return read_index(path)
         cached = self.dir / "work" / f"trained-{spec.factory}-{spec.train_size}-{spec.niter}-{spec.seed}.faiss"
         if not cached.is_file():
             if spec.train_size:
                 self.progress(f"training {spec.factory} on {len(sample)} vectors")
-            fx.write_index_atomic(fx.train_index(sample, spec), cached)
+            write_index_atomic(train_index(sample, spec), cached)
         link_or_copy(cached, path)
-        return fx.read_index(path)
+        return read_index(path)
 
     def _recall_sample(self, queries, query_ids, scores, ids, from_parent, n_vectors) -> RecallSample:
         """Build: the exact neighbours just computed. Update: the parent's, minus neighbours that
@@ -661,15 +669,15 @@ class StagedBuild:
         sample = sample.without(old_ids - kept)
         return sample.merged(scores, ids)
 
-    def _tune(self, combined: fx.CombinedIndex, spec: fx.IndexSpec, sample: RecallSample, ids_by_shard) -> fx.Tuning:
+    def _tune(self, combined: CombinedIndex, spec: IndexSpec, sample: RecallSample, ids_by_shard) -> Tuning:
         """recall@10 of the index on the sample and its single-query latency; with nprobe_auto,
         the smallest nprobe (IVF) or efSearch (HNSW) reaching target_recall within max_query_ms
         (an update starts from its parent's value)."""
-        if spec.index_type == "flat":
-            return fx.Tuning(0, 1.0, 0, None, True, [])  # exact search: nothing to measure
+        if spec.kind.exact:
+            return Tuning(0, 1.0, 0, None, True, [])  # exact search: nothing to measure
 
         def apply(value: int) -> None:
-            fx.set_search_param(combined.index, spec.search_param, value)
+            set_search_param(combined.index, spec.search_param, value)
 
         def measure(value: int) -> tuple[float, int]:
             apply(value)
@@ -678,18 +686,15 @@ class StagedBuild:
 
         def latency(value: int) -> float:
             apply(value)
-            return fx.query_latency_ms(combined, sample.queries, RECALL_K)
+            return query_latency_ms(combined, sample.queries, RECALL_K)
 
         if spec.nprobe_auto:
             start = spec.search_value if self.request.kind == "update" else 0
-            values = fx.search_values(spec, start)
+            values = search_values(spec, start)
         else:
             values = [spec.search_value]
-        tuning = fx.tune_search(measure, latency, values, spec.target_recall, spec.max_query_ms)
-        if spec.index_type == "ivf":
-            spec.nprobe = tuning.value
-        elif spec.index_type == "hnsw":
-            spec.ef_search = tuning.value
+        tuning = tune_search(measure, latency, values, spec.target_recall, spec.max_query_ms)
+        spec.kind.set_tuned_value(spec, tuning.value)
         apply(tuning.value)
         if not tuning.reached and not math.isnan(tuning.recall):
             budget = f" within {spec.max_query_ms:g} ms/query" if spec.max_query_ms else ""
@@ -761,7 +766,7 @@ def _vectors(table: pa.Table) -> np.ndarray:
 def _labels_to_ids(labels: np.ndarray, ids_by_shard: dict[int, np.ndarray]) -> np.ndarray:
     labels = np.asarray(labels, np.int64)
     out = np.full(labels.shape, "", dtype=object)
-    shards, rows = fx.split_labels(labels)
+    shards, rows = split_labels(labels)
     valid = labels >= 0
     for shard in np.unique(shards[valid]):
         mask = valid & (shards == shard)

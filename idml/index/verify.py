@@ -14,7 +14,9 @@ import pyarrow.parquet as pq
 
 from idml.errors import DamagedFileError
 
-from . import faiss_index as fx
+from .faiss_io import read_index
+from .labels import labels_for
+from .spec import IndexSpec
 from .exact_vectors import open_vectors
 from .partitions import KEY_SCHEMA
 from .recall import RecallSample
@@ -39,7 +41,7 @@ def verify_index(index_dir: str | os.PathLike, version: str | None = None, *, ch
     if problems:
         return problems  # the deeper checks would only repeat the damage
 
-    spec = fx.IndexSpec.from_dict(manifest["faiss"])
+    spec = IndexSpec.from_dict(manifest["faiss"])
     all_ids, total = [], 0
     for entry in manifest["shards"]:
         problems += _check_shard(vdir, entry, spec)
@@ -69,7 +71,7 @@ def verify_index(index_dir: str | os.PathLike, version: str | None = None, *, ch
     return problems
 
 
-def _check_shard(vdir: Path, entry: dict[str, Any], spec: fx.IndexSpec) -> list[str]:
+def _check_shard(vdir: Path, entry: dict[str, Any], spec: IndexSpec) -> list[str]:
     problems = []
     name = entry["embeddings"]
     meta = pq.ParquetFile(vdir / name).metadata
@@ -77,7 +79,7 @@ def _check_shard(vdir: Path, entry: dict[str, Any], spec: fx.IndexSpec) -> list[
         problems.append(f"{name} has {meta.num_rows} rows, the manifest says {entry['count']}")
     # Only labels and counts are checked: an IVF shard stored without its coarse quantizer needs
     # no trained.faiss for them.
-    index = fx.read_index(vdir / entry["index"], mmap=spec.index_type == "ivf")
+    index = read_index(vdir / entry["index"], mmap=spec.kind.shared_quantizer)
     if index.d != spec.dim:
         problems.append(f"{entry['index']} has dimension {index.d}, expected {spec.dim}")
     if index.ntotal != entry["count"]:
@@ -85,7 +87,7 @@ def _check_shard(vdir: Path, entry: dict[str, Any], spec: fx.IndexSpec) -> list[
     if index.metric_type != faiss.METRIC_INNER_PRODUCT:
         problems.append(f"{entry['index']} does not use inner product")
     labels = _index_labels(index)
-    expected = fx.labels_for(entry["shard"], entry["count"])
+    expected = labels_for(entry["shard"], entry["count"])
     if labels is not None and not np.array_equal(np.sort(labels), expected):
         problems.append(f"{entry['index']} does not hold exactly the labels of shard {entry['shard']} rows 0..{entry['count'] - 1}")
     if spec.refine and not entry.get("vectors"):
