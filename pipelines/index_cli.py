@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -209,91 +208,22 @@ def _unless_busy(handler, args) -> int:
 
 # -- commands -------------------------------------------------------------------------------
 def _build_or_update(args) -> int:
-    from idml.index import BuildRequest, IndexStore, StagedBuild, resolve_corpus
-    from idml.index.corpus import OUTSIDE
-    from idml.index.mlflow_log import IndexRun, index_params
+    from idml.index.build import BuildIndexRequest, build_index
 
-    from .index import DELAY_ENV, embed_with_ray, parse_actors
+    from .index import DELAY_ENV, RayEmbedding, parse_actors
 
-    store = IndexStore(args.index_dir)
-    kind = args.command
-    actors = parse_actors(args.actors)
-    checkpoint_ref, corpus_uri, splits, follow_links = BuildRequest.inputs(
-        kind, store, checkpoint=args.checkpoint, corpus=args.corpus, splits=args.split, follow_links=args.follow_links)
-    corpus = resolve_corpus(corpus_uri, splits, follow_links=follow_links)
-    if corpus.outside:
-        examples = ", ".join(os.path.relpath(p, corpus.root) for p in corpus.outside[:3])
-        _say(f"skipped {len(corpus.outside)} image file(s) {OUTSIDE} {corpus.root} (links leading out of it: "
-             f"{examples}{', ...' if len(corpus.outside) > 3 else ''}); pass --follow-links to index them")
-    checkpoint, model_state = _load_model(checkpoint_ref)
+    embedding = RayEmbedding(batch_size=args.batch_size, actors=parse_actors(args.actors), threads=args.threads,
+                             use_gpu=args.gpu, delay_s=float(os.environ.get(DELAY_ENV, "0") or 0))
     build_only = {k: getattr(args, k) for k in ("index_type", "max_index_bytes", "nlist", "train_size", "shards", "refine")
                   if hasattr(args, k)}
-    request = BuildRequest(kind, checkpoint["embedding_dim"], checkpoint, corpus.describe(), nprobe=args.nprobe,
-                           recall_sample=args.recall_sample, target_recall=args.target_recall,
-                           max_query_ms=args.max_query_ms, **build_only)
-    delay_s = float(os.environ.get(DELAY_ENV, "0") or 0)
-
-    with StagedBuild(store, request, progress=_say, wait_s=args.wait) as staged:
-        run = None
-        if not args.no_mlflow:
-            run = IndexRun.start(args.experiment, f"index-{kind}-{staged.key}", index_params(asdict(request)), uri=args.tracking_uri)
-        try:
-            embedded = 0
-            if staged.finished_version:
-                manifest = staged.publish_finished()
-            else:
-                if staged.resumed:
-                    rows = sum(p.rows + len(p.corrupt) for p in staged.resumed)
-                    _say(f"resuming an interrupted {kind}: {len(staged.resumed)} finished partition(s), {rows} images, reused")
-                plan = staged.plan_reads(corpus)
-                if plan.note:
-                    _say(plan.note)
-                if plan.unchanged:
-                    _say(f"{plan.unchanged} of {plan.total} corpus file(s) unchanged since {staged.parent_version} "
-                         "(size, mtime and checksum as recorded): not read")
-                sink = staged.sink()
-                report = None
-                if plan.files:
-                    report = embed_with_ray(corpus, plan.files, model_state, sink, staged.known(), batch_size=args.batch_size,
-                                            actors=actors, threads=args.threads, use_gpu=args.gpu, delay_s=delay_s)
-                else:
-                    sink.close()
-                embedded = sink.counts["embedded"]
-                seconds = report.seconds if report else 0.0
-                _say(f"read {len(plan.files)} corpus file(s); embedded {embedded} images in {seconds:.1f}s "
-                     f"({embedded / max(seconds, 1e-9):.1f} images/s); {sink.counts['corrupt']} corrupt, "
-                     f"{sink.counts['known']} already embedded")
-                manifest = staged.finish(sink.listing(), embed_seconds=seconds, embedded_this_run=embedded,
-                                         embedding=report.manifest_entry() if report else None)
-        except BaseException:
-            if run is not None:
-                run.fail()
-            raise
-        if run is not None:
-            if staged.published:
-                run.finish(manifest["metrics"], store.version_dir(manifest["version"]) / "manifest.json")
-            else:
-                run.finish({"images_embedded": embedded, "build_seconds": time.time() - staged.t_start})
-    _print_summary(manifest, staged.published, embedded)
-    return 0 if staged.published else UP_TO_DATE
-
-
-def _load_model(ref: str):
-    """The checkpoint ``ref`` names (a path, a shared-storage URI, an MLflow model URI), loaded
-    on the driver: ``(what the manifest records, the state the actors get)``. A download lives
-    only until it is loaded: nothing downstream may depend on a file of the driver's."""
-    import tempfile
-
-    from idml.checkpoint import load_checkpoint
-    from idml.index.embed import describe_checkpoint, model_state
-    from idml.registry import describe_model, is_model_uri, resolve_checkpoint
-
-    with tempfile.TemporaryDirectory(prefix="idml-model-") as downloads:
-        local = resolve_checkpoint(ref, cache_dir=downloads)
-        state = load_checkpoint(local)
-        model = describe_model(ref) if is_model_uri(ref) else None
-        described = describe_checkpoint(local, state, ref=ref, model=model)
-    return described, model_state(state)
+    request = BuildIndexRequest(
+        args.index_dir, args.command, checkpoint=args.checkpoint, corpus=args.corpus, splits=args.split,
+        follow_links=args.follow_links, nprobe=args.nprobe, recall_sample=args.recall_sample,
+        target_recall=args.target_recall, max_query_ms=args.max_query_ms, wait_s=args.wait,
+        experiment=None if args.no_mlflow else args.experiment, tracking_uri=args.tracking_uri, **build_only)
+    result = build_index(request, embed=embedding, progress=_say)
+    _print_summary(result.manifest, result.published, result.embedded)
+    return 0 if result.published else UP_TO_DATE
 
 
 def _print_summary(manifest: dict, published: bool, embedded: int) -> None:

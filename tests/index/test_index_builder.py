@@ -192,7 +192,7 @@ def test_update_refuses_another_checkpoint(tmp_path, checkpoint):
     other = make_checkpoint(tmp_path / "other.pt", embedding_dim=16)
     with pytest.raises(ValueError, match="run `idml index build` instead"):
         build_in_process(tmp_path / "idx", ds, other, kind="update")
-    with pytest.raises(FileNotFoundError, match="no version is published"):
+    with pytest.raises(FileNotFoundError, match="empty does not exist; run `idml index build"):
         build_in_process(tmp_path / "empty", ds, checkpoint, kind="update")
 
 
