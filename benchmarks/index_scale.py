@@ -343,7 +343,7 @@ def run(args, distribution: str, clusters: int, spread: float | None) -> None:
 def report_pq(args, pq_row, exact_s: float, n_queries: int, n: int, d: int) -> None:
     """The IVF-PQ row, and what the same index would take for ``--estimate-n`` vectors."""
     from idml.index import spec as fx
-    from idml.index.builder import DEFAULT_SHARD_ROWS
+    from idml.index.request import DEFAULT_SHARD_ROWS
 
     built, build_s, search_s, recall, ivf_flat_bytes, plain_recall = pq_row
     spec, m = built["faiss"], built["metrics"]

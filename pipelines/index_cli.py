@@ -357,9 +357,10 @@ def _verify(args) -> int:
 
 def _versions(args) -> int:
     from idml.index import IndexStore
+    from idml.index.versions import list_versions
 
     store = IndexStore(args.index_dir)
-    rows = store.describe_versions()
+    rows = list_versions(store)
     if args.json:
         print(json.dumps([asdict(r) for r in rows], indent=2))
         return 0
@@ -379,9 +380,10 @@ def _versions(args) -> int:
 
 def _publish(args) -> int:
     from idml.index import IndexStore
+    from idml.index.versions import publish_version
 
     store = IndexStore(args.index_dir)
-    previous = store.publish_existing(args.version, wait_s=args.wait)
+    previous = publish_version(store, args.version, wait_s=args.wait)
     vectors = store.read_manifest(args.version)["counts"]["vectors"]
     if previous == args.version:
         print(f"{args.version} is already the published version ({vectors} vectors)")
@@ -392,8 +394,9 @@ def _publish(args) -> int:
 
 def _prune(args) -> int:
     from idml.index import IndexStore
+    from idml.index.versions import prune_versions
 
-    result = IndexStore(args.index_dir).prune(args.keep, dry_run=args.dry_run, wait_s=args.wait)
+    result = prune_versions(IndexStore(args.index_dir), args.keep, dry_run=args.dry_run, wait_s=args.wait)
     verb = "would delete" if args.dry_run else "deleted"
     if result.removed:
         print(f"{verb} {len(result.removed)} version(s): {', '.join(result.removed)} "

@@ -2,10 +2,11 @@
 ``pipelines.index`` runs the embedding on Ray Data)."""
 
 from ..faiss_import import faiss  # noqa: F401  (first: a missing faiss names the extras)
-from .builder import BuildRequest, StagedBuild
+from .builder import StagedBuild
 from .corpus import Corpus, resolve_corpus
 from .embed import BatchEmbedder, content_hash
 from .partitions import PartitionSink, embedding_table
+from .request import BuildRequest
 from .search import Hit, IndexSearcher, QueryResult, format_results
 from .spec import IndexSpec, resolve_spec
 from .store import IndexStore

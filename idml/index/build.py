@@ -20,7 +20,9 @@ import pyarrow as pa
 from .corpus import OUTSIDE, Corpus, read_ids_and_images, resolve_corpus
 from .embed import BatchEmbedder, describe_checkpoint, model_state
 from .partitions import PartitionSink
-from .builder import BuildRequest, ReadPlan, StagedBuild
+from .reads import ReadPlan
+from .request import BuildRequest
+from .builder import StagedBuild
 from .store import IndexStore
 
 

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 from support import build_in_process, make_image_folder, make_index_dataset, shape_image
 
 from idml.index import IndexStore, verify_index
-from idml.index.builder import CORPUS_RECORD
+from idml.index.reads import CORPUS_RECORD
 from idml.index.store import MANIFEST_NAME, write_json_atomic
 
 
