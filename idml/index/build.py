@@ -22,6 +22,7 @@ from .embed import BatchEmbedder, describe_checkpoint, model_state
 from .partitions import PartitionSink
 from .reads import ReadPlan
 from .request import BuildRequest
+from .spec import IndexSpec, format_bytes
 from .builder import StagedBuild
 from .store import IndexStore
 
@@ -181,3 +182,49 @@ def load_model(ref: str) -> tuple[dict[str, Any], dict[str, Any]]:
         model = describe_model(ref) if is_model_uri(ref) else None
         described = describe_checkpoint(local, state, ref=ref, model=model)
     return described, model_state(state)
+
+
+def format_build_summary(result: BuildIndexResult, *, nothing_published: str = "nothing published") -> str:
+    """What a build or update did, for people: the index, what was embedded and reused, its recall."""
+    manifest, c = result.manifest, result.manifest["counts"]
+    spec = IndexSpec.from_dict(manifest["faiss"])
+    state = "published" if result.published else "unchanged (up to date)"
+    lines = [f"\nindex {manifest['version']} {state}"]
+    tuned = f", {spec.search_param} {spec.search_value}" if spec.search_param else ""
+    lines.append(f"  vectors {c['vectors']} in {c['shards']} shard(s), {spec.factory}{tuned}")
+    if spec.choice:
+        budget = f" (budget {format_bytes(spec.max_index_bytes)})" if spec.max_index_bytes else ""
+        lines.append(f"  index chosen: {spec.choice}; estimated memory {format_bytes(spec.estimated_bytes)}{budget}")
+    if not result.published:
+        lines.append(f"  nothing changed in the corpus: reused all {c['vectors']} vectors; corrupt {c['corrupt']} "
+                     f"({nothing_published})")
+        return "\n".join(lines)
+    m, r = manifest["metrics"], manifest["recall"]
+    changes = "".join(f", {k} {c[k]}" for k in ("added", "changed", "removed") if k in c)
+    lines.append(f"  images embedded {result.embedded} (this run){changes}; {_reused(manifest)}; corrupt {c['corrupt']}")
+    if "files_read" in c:
+        lines.append(f"  corpus files read {c['files_read']}, unchanged and not read {c['files_unchanged']}")
+    if spec.kind.exact:
+        recall = "exact search (recall 1)"
+    else:
+        within = f", within {r['max_query_ms']:g} ms" if r.get("max_query_ms") else ""
+        target = (f" (target {r['target_recall']:g}{within}{'' if r.get('reached', True) else ': NOT reached'})"
+                  if "target_recall" in r else "")
+        latency = f"; {r['query_ms']:.2f} ms/query" if r.get("query_ms") is not None else ""
+        recall = f"recall@10 vs exact {r['recall']:.4f} on {r['queries']} sampled vectors{target}{latency}"
+    if r.get("refine"):
+        recall += f"; lossy codes re-scored by exact cosine ({r['refine']}x k candidates)"
+    vectors = f" + exact vectors {m['exact_vector_bytes'] / 2**20:.1f} MiB on disk" if m.get("exact_vector_bytes") else ""
+    lines.append(f"  {recall}; index {m['index_bytes'] / 2**20:.1f} MiB{vectors}; {m['build_seconds']:.1f}s")
+    lines += [f"  corrupt: {bad['id']}: {bad['reason']}" for bad in manifest.get("corrupt", [])[:10]]
+    return "\n".join(lines)
+
+
+def _reused(manifest: dict[str, Any]) -> str:
+    """Vectors this run did not compute: the parent version's and an interrupted run's."""
+    c = manifest["counts"]
+    parts = [f"{c['reused']} from {manifest['parent']}" if c.get("reused") else "",
+             f"{c['resumed']} from the interrupted run" if c.get("resumed") else ""]
+    parts = [p for p in parts if p]
+    total = c.get("reused", 0) + c.get("resumed", 0)
+    return f"reused {total}" + (f" ({' + '.join(parts)})" if parts else "")

@@ -34,6 +34,12 @@ class PruneResult:
     kept: list[str] = field(default_factory=list)
     freed_bytes: int = 0  # files no kept version links any more
 
+    def describe(self, *, dry_run: bool = False) -> str:
+        verb = "would delete" if dry_run else "deleted"
+        removed = (f"{verb} {len(self.removed)} version(s): {', '.join(self.removed)} "
+                   f"({self.freed_bytes / 2**20:.1f} MiB no kept version shares)" if self.removed else "nothing to delete")
+        return f"{removed}\nkept: {', '.join(self.kept) or 'none'}"
+
 
 def model_label(checkpoint: dict[str, Any]) -> str:
     """A version's model in a word: the registered name and version when it came from MLflow."""
@@ -64,6 +70,22 @@ def list_versions(store: IndexStore) -> list[VersionInfo]:
             info.problem = next(iter(problems.values())) + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
         out.append(info)
     return out
+
+def format_versions(rows: list[VersionInfo], root: str | os.PathLike) -> str:
+    """``list_versions`` as a table, the published one marked."""
+    if not rows:
+        return f"no index versions in {root}"
+    lines = [f"  {'VERSION':<9} {'CREATED':<25} {'KIND':<6} {'VECTORS':>9}  {'PARENT':<8}  MODEL"]
+    for r in rows:
+        mark = "*" if r.current else " "
+        vectors = "" if r.vectors is None else str(r.vectors)
+        lines.append(f"{mark} {r.version:<9} {r.created_at or '?':<25} {r.kind or '?':<6} {vectors:>9}  "
+                     f"{r.parent or '-':<8}  {r.model or '?'}" + ("  CURRENT" if r.current else "")
+                     + (f"\n    DAMAGED: {r.problem}" if r.problem else ""))
+    if not any(r.current for r in rows):
+        lines.append(f"(nothing published: `idml index publish --index-dir {root} VERSION`)")
+    return "\n".join(lines)
+
 
 def publish_version(store: IndexStore, version: str, *, wait_s: float = 0.0) -> str | None:
     """Point ``CURRENT`` at an existing version (a rollback, or forward again) once all its

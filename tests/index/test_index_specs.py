@@ -200,10 +200,9 @@ def test_ivf_pq_build_update_and_query(tmp_path, checkpoint, capsys):
     assert recall["queries"] > 0 and recall["query_ms"] > 0 and recall["tried"] and recall["max_query_ms"] == 1000
     assert 0 < recall["recall"] <= 1 and "trained.faiss" in m["files"] and m["metrics"]["estimated_index_bytes"] > 0
     assert verify_index(store.root) == []
-    from pipelines.index_cli import _print_summary
+    from idml.index.build import BuildIndexResult, format_build_summary
 
-    _print_summary(m, True, 40)
-    summary = capsys.readouterr().out
+    summary = format_build_summary(BuildIndexResult(m, True, 40))
     assert f"IVF2,PQ8x4, nprobe {spec['nprobe']}" in summary and "index chosen: --index IVF2,PQ8x4; estimated memory" in summary
     assert "ms/query" in summary and "(target 0.95, within 1000 ms" in summary
 
