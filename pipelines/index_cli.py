@@ -18,6 +18,7 @@ from pathlib import Path
 from ._errors import run_command
 from .index_args import INDEX_BUSY, UP_TO_DATE, build_parser
 
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not logging.getLogger().handlers:

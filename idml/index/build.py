@@ -19,11 +19,11 @@ import pyarrow as pa
 
 from .corpus import OUTSIDE, Corpus, read_ids_and_images, resolve_corpus
 from .embed import BatchEmbedder, describe_checkpoint, model_state
+from .builder import StagedBuild
 from .partitions import PartitionSink
 from .reads import ReadPlan
 from .request import BuildRequest
 from .spec import IndexSpec, format_bytes
-from .builder import StagedBuild
 from .store import IndexStore
 
 
@@ -50,8 +50,9 @@ class LocalEmbedding:
     batch_size: int = 64
     threads: int = 0  # torch threads (0: torch's default)
 
-    def __call__(self, corpus: Corpus, files: list[str], model: dict[str, Any], sink: PartitionSink,
-                 known: pa.Table) -> Embedded:
+    def __call__(self, corpus: Corpus, files: list[str], model: dict[str, Any] | str, sink: PartitionSink,
+                 known: pa.Table | None) -> Embedded:
+        """As ``EmbeddingStep``; ``model`` may also be a checkpoint's path."""
         started = time.time()
         embedder = BatchEmbedder(model, known=known, id_prefix=corpus.root if corpus.kind == "images" else None,
                                  threads=self.threads)

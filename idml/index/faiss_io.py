@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..faiss_import import faiss
 
+
 def faiss_reason(err: Exception) -> str:
     """faiss's message without its C++ location prefix, on one line."""
     text = " ".join(str(err).split())

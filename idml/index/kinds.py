@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from ..faiss_import import faiss
-from .faiss_io import components, read_index
+from .faiss_io import components, quantizer_stripped, read_index, write_index_atomic
 
 # efSearch values the tuning of an HNSW index tries, ascending.
 EF_SEARCH_VALUES = (16, 32, 64, 128, 256, 512, 1024)
@@ -63,8 +64,14 @@ class IndexKind:
             raise ValueError(f"a {factory} shard needs the trained index (trained.faiss)")
         return faiss.clone_index(trained)
 
+    def write_shard(self, index: faiss.Index, path: Path) -> None:
+        """A shard's file; IVF's without the coarse quantizer: trained.faiss holds it once, instead
+        of every shard file repeating it (4096 x 512 centroids are 8 MB)."""
+        with quantizer_stripped(index):  # a no-op for other kinds
+            write_index_atomic(index, path)
+
     def open_shard(self, path: str | os.PathLike, trained: faiss.Index | None) -> faiss.Index:
-        """A shard file as ``new_shard`` and ``shards.write_shard`` made it. IVF shards are
+        """A shard file as ``new_shard`` and ``write_shard`` made it. IVF shards are
         memory-mapped (opening is instant and a query reads only the lists it probes) and get the
         coarse quantizer of ``trained`` back; older shard files that still hold their own copy keep it."""
         index = read_index(path, mmap=self.shared_quantizer)

@@ -21,7 +21,7 @@ from .parent import ParentVersion
 from .partitions import read_vectors, vectors, write_embeddings
 from .recall import GT_DEPTH, ExactTopK, RecallSample
 from .shard_plan import ShardPlan
-from .shards import build_shard, train_index, write_shard
+from .shards import build_shard, train_index
 from .spec import IndexSpec
 from .store import link_or_copy
 
@@ -126,7 +126,7 @@ def write_shards(plan: list[ShardPlan], spec: IndexSpec, trained, version_dir: P
                 write_embeddings(out_parquet, pq.read_table(p.src_parquet).take(pa.array(p.rows)))
             table = pq.read_table(out_parquet, columns=["id", "mu"])
             mu = vectors(table, "mu")
-            write_shard(build_shard(mu, p.shard, spec, trained), out_index)
+            spec.kind.write_shard(build_shard(mu, p.shard, spec, trained), out_index)
             if rel_vectors:
                 write_vectors(mu, version_dir / rel_vectors)
             if p.source == "new":

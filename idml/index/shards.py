@@ -1,18 +1,14 @@
-"""Shards: the trained template every shard is a copy of, building a shard from one embedding
-partition, and its file. The IVF coarse quantizer is stored once, in ``trained.faiss``: shard
-files are written without it (``write_shard``) and get it back when opened
-(``kinds.IndexKind.open_shard``)."""
+"""Shards: the trained template every shard is a copy of, and building a shard from one embedding
+partition (writing and opening its file: ``kinds.IndexKind``)."""
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
-
 import numpy as np
 
 from ..errors import InputError
 from ..faiss_import import faiss
-from .faiss_io import faiss_reason, no_polysemous_training, quantizer_stripped, write_index_atomic
+from .faiss_io import faiss_reason, no_polysemous_training
 from .gpu import gpu_count
 from .labels import labels_for
 from .spec import IndexSpec
@@ -53,11 +49,4 @@ def build_shard(mu: np.ndarray, shard: int, spec: IndexSpec, trained: faiss.Inde
     if len(mu):
         index.add_with_ids(np.ascontiguousarray(mu, np.float32), labels_for(shard, len(mu)))
     return index
-
-
-def write_shard(index: faiss.Index, path: Path) -> None:
-    """A shard's file, without the IVF coarse quantizer: trained.faiss holds it once, instead of
-    every shard file repeating it (4096 x 512 centroids are 8 MB)."""
-    with quantizer_stripped(index):
-        write_index_atomic(index, path)
 

@@ -71,6 +71,7 @@ def list_versions(store: IndexStore) -> list[VersionInfo]:
         out.append(info)
     return out
 
+
 def format_versions(rows: list[VersionInfo], root: str | os.PathLike) -> str:
     """``list_versions`` as a table, the published one marked."""
     if not rows:
@@ -101,6 +102,7 @@ def publish_version(store: IndexStore, version: str, *, wait_s: float = 0.0) -> 
         if previous != version:
             store.publish(version)
         return previous
+
 
 def prune_versions(store: IndexStore, keep: int, *, dry_run: bool = False, wait_s: float = 0.0) -> PruneResult:
     """Delete all but the ``keep`` newest versions, never the published one.
@@ -134,6 +136,7 @@ def prune_versions(store: IndexStore, keep: int, *, dry_run: bool = False, wait_
         _empty_trash(store)
         return result
 
+
 def _bytes_freed_by_removing(store: IndexStore, versions: list[str]) -> int:
     """Bytes of the files whose every hard link lies in ``versions`` (only those are freed)."""
     links: dict[int, list] = {}  # inode -> [size, links found, links in all]
@@ -144,6 +147,7 @@ def _bytes_freed_by_removing(store: IndexStore, versions: list[str]) -> int:
                 entry = links.setdefault(st.st_ino, [st.st_size, 0, st.st_nlink])
                 entry[1] += 1
     return sum(size for size, found, total in links.values() if found >= total)
+
 
 def _empty_trash(store: IndexStore) -> None:
     trash = store.root / "trash"

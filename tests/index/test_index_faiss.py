@@ -11,7 +11,7 @@ from idml.index.faiss_io import write_index_atomic
 from idml.index.gpu import gpu_count, gpu_status
 from idml.index.labels import labels_for, split_labels
 from idml.index.recall import exact_topk
-from idml.index.shards import build_shard, train_index, write_shard
+from idml.index.shards import build_shard, train_index
 from idml.index.spec import FLAT_MAX_VECTORS, TRAIN_POINTS_PER_LIST, IndexSpec, resolve_spec
 
 
@@ -83,7 +83,7 @@ def test_processes_opening_one_version_at_once_merge_it_once(tmp_path, monkeypat
     write_index_atomic(trained, tmp_path / "trained.faiss")
     paths = []
     for s, rows in enumerate(np.array_split(np.arange(len(x)), 2)):
-        write_shard(build_shard(x[rows], s, spec, trained), tmp_path / f"s{s}.faiss")
+        spec.kind.write_shard(build_shard(x[rows], s, spec, trained), tmp_path / f"s{s}.faiss")
         paths.append(tmp_path / f"s{s}.faiss")
     real, calls = faiss.contrib.ondisk.merge_ondisk, []
 

@@ -16,7 +16,7 @@ from idml.index import BuildRequest, IndexSearcher, IndexStore, StagedBuild, ver
 from idml.index.combined import combine, merge_ondisk
 from idml.index.factory import check_factory
 from idml.index.faiss_io import read_index, write_index_atomic
-from idml.index.shards import build_shard, train_index, write_shard
+from idml.index.shards import build_shard, train_index
 from idml.index.spec import DEFAULT_REFINE, IndexSpec, resolve_spec
 from idml.index.embed import embedded_batch
 from idml.index.partitions import read_vectors
@@ -222,7 +222,7 @@ def test_ivf_shard_files_leave_the_quantizer_to_trained_faiss_and_search_the_sam
         old_paths.append(tmp_path / f"old-{s}.faiss")
         new_paths.append(tmp_path / f"new-{s}.faiss")
         write_index_atomic(shard, old_paths[-1])  # as shard files were written before
-        write_shard(shard, new_paths[-1])
+        spec.kind.write_shard(shard, new_paths[-1])
         assert faiss.extract_index_ivf(shard).quantizer.ntotal == 512  # the shard in memory keeps it
         saved = old_paths[-1].stat().st_size - new_paths[-1].stat().st_size
         assert abs(saved - quantizer_bytes) < 200, (saved, quantizer_bytes)
