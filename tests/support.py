@@ -339,24 +339,30 @@ def make_checkpoint(path: Path, *, embedding_dim: int = 32) -> str:
     return str(path)
 
 
-def embed_in_process(corpus, checkpoint: str, sink, known: pa.Table | None = None) -> None:
-    """The library's in-process embedding step, as the tests run it: every file of ``corpus``
-    into ``sink`` in batches of 8, with one torch thread (two OpenMP threads crawl when the two
-    cores are shared with other work)."""
+def in_process_embedding():
+    """The library's in-process embedding step as the tests run it: batches of 8, one torch thread
+    (two OpenMP threads crawl when the two cores are shared with other work)."""
     from idml.index.build import LocalEmbedding
 
-    LocalEmbedding(batch_size=8, threads=1)(corpus, list(corpus.files), checkpoint, sink, known)
+    return LocalEmbedding(batch_size=8, threads=1)
 
 
-def build_in_process(index_dir, corpus_uri: str, checkpoint: str, kind: str = "build", splits=None, **options):
-    """``idml.index.build.build_index`` with that embedding step; ``planned=True`` returns the
-    whole ``BuildIndexResult`` (what the run read and embedded), else the manifest."""
-    from idml.index.build import BuildIndexRequest, LocalEmbedding, build_index
+def embed_in_process(corpus, checkpoint: str, sink, known: pa.Table | None = None) -> None:
+    """Every file of ``corpus`` through that step into ``sink``."""
+    in_process_embedding()(corpus, list(corpus.files), checkpoint, sink, known)
 
-    planned = options.pop("planned", False)
+
+def run_build(index_dir, corpus_uri: str, checkpoint: str, kind: str = "build", splits=None, **options):
+    """``idml.index.build.build_index`` with that step: its ``BuildIndexResult``."""
+    from idml.index.build import BuildIndexRequest, build_index
+
     request = BuildIndexRequest(index_dir, kind, checkpoint=checkpoint, corpus=corpus_uri, splits=splits, **options)
-    result = build_index(request, embed=LocalEmbedding(batch_size=8, threads=1), progress=lambda message: None)
-    return result if planned else result.manifest
+    return build_index(request, embed=in_process_embedding(), progress=lambda message: None)
+
+
+def build_in_process(index_dir, corpus_uri: str, checkpoint: str, kind: str = "build", splits=None, **options) -> dict:
+    """``run_build``'s manifest."""
+    return run_build(index_dir, corpus_uri, checkpoint, kind, splits, **options).manifest
 
 
 def clustered_vectors(n: int, d: int = 32, *, clusters: int, noise: float, seed: int = 0) -> np.ndarray:

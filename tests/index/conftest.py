@@ -1,5 +1,5 @@
 import pytest
-from support import build_in_process, make_checkpoint
+from support import make_checkpoint, run_build
 
 
 @pytest.fixture(scope="session")
@@ -13,7 +13,7 @@ def planned_build():
     sink counts, published)``."""
 
     def run(index_dir, corpus_uri, checkpoint, kind="build", **options):
-        result = build_in_process(index_dir, corpus_uri, checkpoint, kind, planned=True, **options)
+        result = run_build(index_dir, corpus_uri, checkpoint, kind, **options)
         return result.manifest, result.read_plan, result.sink_counts, result.published
 
     return run
