@@ -212,7 +212,7 @@ def main(argv=None) -> int:
 
 def run(args, distribution: str, clusters: int, spread: float | None) -> None:
     from idml.index import IndexSearcher
-    from idml.index import faiss_index as fx
+    from idml.index import spec as fx
 
     d, n = args.d, args.n
     n_new = max(1, int(n * args.update_fraction))
@@ -342,8 +342,8 @@ def run(args, distribution: str, clusters: int, spread: float | None) -> None:
 
 def report_pq(args, pq_row, exact_s: float, n_queries: int, n: int, d: int) -> None:
     """The IVF-PQ row, and what the same index would take for ``--estimate-n`` vectors."""
-    from idml.index import faiss_index as fx
-    from idml.index.builder import DEFAULT_SHARD_ROWS
+    from idml.index import spec as fx
+    from idml.index.request import DEFAULT_SHARD_ROWS
 
     built, build_s, search_s, recall, ivf_flat_bytes, plain_recall = pq_row
     spec, m = built["faiss"], built["metrics"]
@@ -382,7 +382,7 @@ def report_pq(args, pq_row, exact_s: float, n_queries: int, n: int, d: int) -> N
 
 
 def faiss_index_with(searcher, nprobe: int):
-    from idml.index.faiss_index import set_nprobe
+    from idml.index.tuning import set_nprobe
 
     set_nprobe(searcher.index.index, nprobe)
     return searcher.index

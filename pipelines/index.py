@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
+from idml.index.build import Embedded
 from idml.index.embed import BatchEmbedder
 
 from ._ray import init_ray
@@ -201,6 +202,23 @@ def embed_with_ray(corpus, files: list[str], model_state: dict, sink, known, *, 
                 bar.update(batch.num_rows)
         sink.close()
     return EmbedReport(time.time() - start, pool, dict(nodes))
+
+
+@dataclass(frozen=True)
+class RayEmbedding:
+    """The embedding step of ``idml.index.build.build_index`` on a Ray Data actor pool
+    (``embed_with_ray``), as ``idml index build|update`` runs it."""
+
+    batch_size: int = 64
+    actors: tuple[int, int] = (0, 0)
+    threads: int = 0
+    use_gpu: bool = False
+    delay_s: float = 0.0
+
+    def __call__(self, corpus, files: list[str], model: dict, sink, known) -> Embedded:
+        report = embed_with_ray(corpus, files, model, sink, known, batch_size=self.batch_size, actors=self.actors,
+                                threads=self.threads, use_gpu=self.use_gpu, delay_s=self.delay_s)
+        return Embedded(report.seconds, report.manifest_entry())
 
 
 def listing_with_ray(corpus):

@@ -339,35 +339,30 @@ def make_checkpoint(path: Path, *, embedding_dim: int = 32) -> str:
     return str(path)
 
 
-def embed_in_process(corpus, checkpoint: str, sink, known: pa.Table | None = None, batch_size: int = 8) -> None:
-    """The library path without Ray: every corpus file through one BatchEmbedder into ``sink``."""
-    from idml.index.corpus import read_ids_and_images
-    from idml.index.embed import BatchEmbedder
+def in_process_embedding():
+    """The library's in-process embedding step as the tests run it: batches of 8, one torch thread
+    (two OpenMP threads crawl when the two cores are shared with other work)."""
+    from idml.index.build import LocalEmbedding
 
-    # One thread: two OpenMP threads crawl when the two cores are shared with other work.
-    embedder = BatchEmbedder(checkpoint, known=known, id_prefix=corpus.root if corpus.kind == "images" else None,
-                             threads=1)
-    for path in corpus.files:
-        table = read_ids_and_images(corpus, path)
-        for start in range(0, table.num_rows, batch_size):
-            sink.add(embedder(table.slice(start, batch_size)))
-    sink.close()
+    return LocalEmbedding(batch_size=8, threads=1)
+
+
+def embed_in_process(corpus, checkpoint: str, sink, known: pa.Table | None = None) -> None:
+    """Every file of ``corpus`` through that step into ``sink``."""
+    in_process_embedding()(corpus, list(corpus.files), checkpoint, sink, known)
+
+
+def run_build(index_dir, corpus_uri: str, checkpoint: str, kind: str = "build", splits=None, **options):
+    """``idml.index.build.build_index`` with that step: its ``BuildIndexResult``."""
+    from idml.index.build import BuildIndexRequest, build_index
+
+    request = BuildIndexRequest(index_dir, kind, checkpoint=checkpoint, corpus=corpus_uri, splits=splits, **options)
+    return build_index(request, embed=in_process_embedding(), progress=lambda message: None)
 
 
 def build_in_process(index_dir, corpus_uri: str, checkpoint: str, kind: str = "build", splits=None, **options) -> dict:
-    """A whole build/update without Ray (what pipelines.index does, with the plain loop)."""
-    from idml.index import BuildRequest, IndexStore, StagedBuild, resolve_corpus
-    from idml.index.embed import describe_checkpoint
-
-    corpus = resolve_corpus(corpus_uri, splits)
-    ckpt = describe_checkpoint(checkpoint)
-    request = BuildRequest(kind, ckpt["embedding_dim"], ckpt, corpus.describe(), **options)
-    with StagedBuild(IndexStore(index_dir), request) as staged:
-        if staged.finished_version:
-            return staged.publish_finished()
-        sink = staged.sink()
-        embed_in_process(corpus, checkpoint, sink, staged.known())
-        return staged.finish(sink.listing(), embed_seconds=1.0, embedded_this_run=sink.counts["embedded"])
+    """``run_build``'s manifest."""
+    return run_build(index_dir, corpus_uri, checkpoint, kind, splits, **options).manifest
 
 
 def clustered_vectors(n: int, d: int = 32, *, clusters: int, noise: float, seed: int = 0) -> np.ndarray:

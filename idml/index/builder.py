@@ -19,163 +19,32 @@ before publishing is finished by the rerun (``finished_version``).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
-import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..faiss_import import faiss
-from . import faiss_index as fx
-from .corpus import FILE_STATS_SCHEMA, UNKNOWN_MTIME, Corpus
-from .embed import STATUS_KNOWN
-from .exact_vectors import ShardVectors, open_vectors, vectors_name, write_vectors
-from .partitions import (
-    KEY_SCHEMA,
-    LISTING_SCHEMA,
-    Partition,
-    PartitionSink,
-    done_partitions,
-    known_rows,
-    read_vectors,
-    write_embeddings,
-)
-from .recall import GT_DEPTH, RecallSample
-from .store import FORMAT_VERSION, INDEX_FORMAT, MANIFEST_NAME, IndexStore, checksum, link_or_copy, write_json_atomic
+from .corpus import Corpus
+from .factory import check_factory
+from .parent import ParentVersion
+from .partitions import KEY_SCHEMA, PartitionSink, done_partitions, known_rows
+from .reads import CORPUS_RECORD, ReadPlan, complete_listing, plan_reads
+from .recall_tuning import RECALL_K, measure_recall
+from .request import DEFAULT_SHARD_ROWS, BuildRequest
+from .shard_build import RECALL_SAMPLE_NAME, TRAINED_NAME, BuiltShards, draw_samples, trained_index, write_shards
+from .shard_plan import Sources, count_images, find_sources, plan_shards
+from .spec import FLAT_MAX_VECTORS, IndexSpec, resolve_spec
+from .store import FORMAT_VERSION, INDEX_FORMAT, MANIFEST_NAME, IndexStore, checksum, write_json_atomic
+from .tuning import Tuning
 
 log = logging.getLogger(__name__)
-
-DEFAULT_SHARD_ROWS = 250_000
-RECALL_K = 10
-# Every corpus image with its file's size, mtime and checksum when this version was built.
-CORPUS_RECORD = "corpus.parquet"
-CORPUS_RECORD_SCHEMA = pa.schema([("id", pa.string()), ("content_hash", pa.string()), *FILE_STATS_SCHEMA])
-
-
-@dataclass
-class BuildRequest:
-    kind: str  # "build" (embed everything) or "update" (embed only new and changed images)
-    dim: int
-    checkpoint: dict[str, Any]  # path, sha256, backbone, image_size, uncertainty_weight
-    corpus: dict[str, Any]  # uri, kind, splits, fingerprint, num_rows
-    index_type: str = "auto"  # auto, flat, ivf, or a faiss factory string (IVF4096,PQ64, HNSW32, ...)
-    nlist: int | None = None
-    nprobe: int | None = None
-    train_size: int | None = None
-    shards: int | None = None  # build only; default: one per DEFAULT_SHARD_ROWS images
-    recall_sample: int = 256
-    target_recall: float = 0.95
-    max_index_bytes: int | None = None  # build only: choose (auto) or check the index against this memory
-    max_query_ms: float | None = None  # latency budget of the nprobe/efSearch tuning
-    # build only: re-scoring depth of lossy codes (None: fx.DEFAULT_REFINE; 0 or 1: off, no vector
-    # files); an update keeps its parent's, whose vector files it reuses
-    refine: int | None = None
-
-    def __post_init__(self):
-        if self.kind not in ("build", "update"):
-            raise ValueError(f"kind must be build or update, got {self.kind!r}")
-        if self.index_type not in fx.INDEX_SHORTHANDS:
-            fx.check_factory(self.index_type, self.dim)  # a bad string is refused before any embedding
-        if self.max_index_bytes is not None and self.max_index_bytes <= 0:
-            raise ValueError(f"--max-index-memory must be positive, got {self.max_index_bytes} bytes")
-        if self.max_query_ms is not None and self.max_query_ms <= 0:
-            raise ValueError(f"--max-query-ms must be positive, got {self.max_query_ms}")
-        if self.kind == "update" and self.refine is not None:
-            raise ValueError("--refine is chosen at build: an update keeps the re-scoring depth of the version it "
-                             "updates (query --refine and serve --refine change it per search)")
-        if self.kind == "build" and (self.max_index_bytes or self.refine is not None) and self.corpus.get("num_rows"):
-            # A budget nothing fits, or a refine an exact index has no use for, is refused before
-            # the embedding, not after it (corrupt images only shrink the index).
-            rows = int(self.corpus["num_rows"])
-            fx.resolve_spec(self.index_type, rows, self.dim, nlist=self.nlist, max_index_bytes=self.max_index_bytes,
-                            shards=self.shards or max(1, math.ceil(rows / DEFAULT_SHARD_ROWS)), refine=self.refine)
-        if self.shards is not None and self.shards < 1:
-            raise ValueError(f"--shards must be >= 1, got {self.shards}")
-        if self.recall_sample < 1:
-            raise ValueError(f"--recall-sample must be >= 1, got {self.recall_sample}")
-
-    @staticmethod
-    def inputs(kind: str, store: IndexStore, *, checkpoint: str | None, corpus: str | None,
-               splits: list[str] | None, follow_links: bool | None = None) -> tuple[str, str, list[str] | None, bool]:
-        """``(checkpoint, corpus, splits, follow_links)`` to embed: as given; an update fills what
-        is not given from the published version (its splits and links choice only when the corpus
-        is the same)."""
-        if kind == "update":
-            published = store.read_manifest()
-            checkpoint = checkpoint or published["checkpoint"]["path"]
-            corpus = corpus or published["corpus"]["uri"]
-            same_corpus = corpus == published["corpus"]["uri"]
-            if splits is None and published["corpus"].get("splits") and same_corpus:
-                splits = published["corpus"]["splits"]
-            if follow_links is None and same_corpus:
-                follow_links = published["corpus"].get("follow_links", False)
-        if not checkpoint or not corpus:
-            raise ValueError("a build needs --checkpoint and --corpus")
-        return checkpoint, corpus, splits, bool(follow_links)
-
-    def key(self, parent: str | None) -> str:
-        data = {**asdict(self), "parent": parent, "format_version": FORMAT_VERSION}
-        return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:24]
-
-
-@dataclass
-class ReadPlan:
-    """Which corpus files a run reads. The images of the files it skips keep the identity
-    (id, content hash) the parent version recorded for them."""
-
-    files: list[str]  # paths inside the corpus filesystem: new files, and files whose stats differ
-    unchanged: int  # files skipped: size, mtime (and a dataset shard's checksum) as recorded
-    carried: pa.Table  # LISTING_SCHEMA rows of the skipped files' images
-    note: str = ""  # why every file is read, when that is not obvious
-
-    @property
-    def total(self) -> int:
-        return len(self.files) + self.unchanged
-
-
-@dataclass
-class _ShardPlan:
-    shard: int
-    source: str  # "reused" (parent shard, untouched), "rewritten" (parent shard minus rows), "new" (a partition)
-    src_parquet: Path
-    src_index: Path | None = None  # reused only
-    src_vectors: Path | None = None  # reused only, when the index re-scores (lossy codes)
-    rows: np.ndarray | None = None  # rows of src_parquet to keep; None = all
-    count: int = 0
-
-    @property
-    def name(self) -> str:
-        return f"shard-{self.shard:06d}"
-
-
-@dataclass
-class _Sources:
-    partitions: list[Partition]
-    parent_rows: pa.Table  # id, content_hash, shard, row of the parent version (update)
-    from_parent: pa.Table  # listed images unchanged since the parent
-    from_staging: pa.Table  # listed images embedded by this run
-    corrupt: list[dict[str, str]]
-
-
-@dataclass
-class _Shards:
-    exact: Any  # fx.ExactTopK of the recall queries
-    files: dict[str, dict[str, Any]] = field(default_factory=dict)
-    entries: list[dict[str, Any]] = field(default_factory=list)
-    ids_by_shard: dict[int, np.ndarray] = field(default_factory=dict)
-    indexes: list[Any] = field(default_factory=list)
-    vectors: dict[int, np.ndarray] = field(default_factory=dict)  # exact, memory-mapped (lossy codes only)
 
 
 @dataclass
@@ -189,13 +58,15 @@ class StagedBuild:
 
     def __enter__(self) -> "StagedBuild":
         self._lock = self.store.lock(wait_s=self.wait_s, holder=f"idml index {self.request.kind}")
-        self._corpus: Corpus | None = None
         self.read_plan: ReadPlan | None = None
         self._lock.__enter__()
         try:
             self.t_start = time.time()
             self.parent_version = self.store.current_version()
             self.parent = self.store.read_manifest(self.parent_version) if self.parent_version else None
+            # The version an update starts from (a build starts from nothing).
+            self.update_parent = (ParentVersion(self.store, self.parent_version, self.parent)
+                                  if self.request.kind == "update" and self.parent else None)
             if self.request.kind == "update":
                 self._check_update_parent()
             self.key = self.request.key(self.parent_version)
@@ -235,49 +106,17 @@ class StagedBuild:
         """(id, content_hash) of images that need no embedding: the parent version's rows (and
         its known-corrupt images) on update, plus the finished partitions of an interrupted run."""
         tables = [known_rows(self.resumed)]
-        if self.request.kind == "update":
-            tables.append(self._parent_rows().select(["id", "content_hash"]))
-            corrupt = self.parent.get("corrupt", [])
-            tables.append(pa.table({"id": pa.array([c["id"] for c in corrupt], pa.string()),
-                                    "content_hash": pa.array([c["content_hash"] for c in corrupt], pa.string())}))
+        if self.update_parent is not None:
+            tables.append(self.update_parent.rows.select(["id", "content_hash"]))
+            tables.append(self.update_parent.corrupt_keys())
         return pa.concat_tables([t.cast(KEY_SCHEMA) for t in tables]).combine_chunks()
 
     def plan_reads(self, corpus: Corpus) -> ReadPlan:
-        """The files of ``corpus`` to read: all of them for a build; for an update, those that are
-        new or whose size, mtime (or, for a dataset shard, the checksum its manifest records)
-        differ from the parent version's record. Stat first, read only on change: a changed file
-        is still identified by content hash, so one rewritten with the same bytes is hashed
-        again but not embedded again. ``finish`` adds the skipped files' images to the listing
-        and records this corpus's stats for the next update."""
-        self._corpus = corpus
-        self._file_stats = stats = corpus.file_stats if corpus.file_stats is not None else FILE_STATS_SCHEMA.empty_table()
-        previous, note = self._parent_record(corpus)
-        empty = LISTING_SCHEMA.empty_table()
-        if previous is None:
-            self.read_plan = ReadPlan(list(corpus.files), 0, empty, note)
-            return self.read_plan
-        keys = ["file", "size", "mtime_ns", "sha256"]
-        recorded = previous.select(keys).group_by(keys).aggregate([])
-        trusted = pc.not_equal(recorded.column("mtime_ns"), UNKNOWN_MTIME)
-        same = stats.join(recorded.filter(trusted), keys=keys, join_type="left semi")
-        unchanged = pc.is_in(stats.column("file"), value_set=same.column("file")).to_numpy(zero_copy_only=False)
-        files = np.asarray(corpus.files, dtype=object)[~unchanged].tolist()
-        carried = previous.join(same.select(["file"]), keys="file", join_type="left semi")
-        carried = pa.table({"id": carried.column("id"), "content_hash": carried.column("content_hash"),
-                            "status": pa.array([STATUS_KNOWN] * carried.num_rows, pa.string()),
-                            "file": carried.column("file")}, schema=LISTING_SCHEMA)
-        self.read_plan = ReadPlan(files, same.num_rows, carried, note)
+        """The files of ``corpus`` to read (``reads.plan_reads``): all of them for a build, the new
+        and changed ones for an update. ``finish`` adds the skipped files' images to the listing and
+        records this corpus's stats for the next update."""
+        self.read_plan = plan_reads(corpus, self.update_parent)
         return self.read_plan
-
-    def _parent_record(self, corpus: Corpus) -> tuple[pa.Table | None, str]:
-        """The parent version's ``corpus.parquet`` when an update may trust it, else why not."""
-        if self.request.kind != "update":
-            return None, ""
-        if self.parent["corpus"]["uri"] != corpus.uri:
-            return None, f"another corpus than {self.parent_version}'s: every file is read"
-        if CORPUS_RECORD not in self.parent.get("files", {}):
-            return None, f"{self.parent_version} records no file sizes and mtimes (an older version): every file is read"
-        return pq.read_table(self.store.version_dir(self.parent_version) / CORPUS_RECORD), ""
 
     def target_rows(self) -> int:
         if self.request.kind == "update":
@@ -309,14 +148,15 @@ class StagedBuild:
         ``plan_reads``, the images of the files it skipped are added here. ``embedding``: how the
         vectors were computed (actors, nodes), recorded in the manifest."""
         t0 = time.time()
-        listing = self._complete_listing(listing)
-        src = self._sources(listing)
-        plan = self._plan(src.partitions, src.parent_rows, src.from_parent, src.from_staging)
+        parent = self.update_parent
+        listing = complete_listing(listing, self.read_plan)
+        src = find_sources(listing, done_partitions(self.partitions_dir), parent)
+        plan = plan_shards(src, parent)
         n_vectors = sum(p.count for p in plan)
-        counts = self._counts(listing, src.parent_rows, src.from_parent, src.from_staging, src.corrupt, n_vectors, len(plan))
+        counts = count_images(listing, src, self.resumed, parent, n_vectors, len(plan))
         if self.read_plan is not None:
             counts["files_read"], counts["files_unchanged"] = len(self.read_plan.files), self.read_plan.unchanged
-        if self.request.kind == "update" and counts["added"] == counts["changed"] == counts["removed"] == 0:
+        if parent is not None and counts["added"] == counts["changed"] == counts["removed"] == 0:
             self.store.remove_staging()
             self.published = False
             self.progress(f"{self.parent_version} is up to date with the corpus; nothing to publish")
@@ -329,20 +169,20 @@ class StagedBuild:
 
         timings: dict[str, float] = {}
         t = time.time()
-        queries, query_ids, query_labels, train_sample = self._samples(spec, plan)
+        samples = draw_samples(spec, plan, self.request.recall_sample, parent)
         timings["sample_seconds"] = time.time() - t
         t = time.time()
-        trained = self._trained(spec, train_sample, version_dir)
+        trained = trained_index(spec, samples.train, version_dir, parent=parent, work_dir=self.dir / "work",
+                                progress=self.progress)
         timings["train_seconds"] = time.time() - t
-        del train_sample
-        shards = self._write_shards(plan, spec, trained, version_dir, queries, timings)
+        samples.train = None
+        shards = write_shards(plan, spec, trained, version_dir, samples.queries, timings, parent)
         t = time.time()
-        tuning = self._measure_recall(shards, spec, trained, queries, query_ids, query_labels, src.from_parent,
-                                      n_vectors, version_dir)
-        recall, used = tuning.recall, tuning.queries
+        tuning = measure_recall(shards, spec, trained, samples, src.from_parent, n_vectors, version_dir,
+                                parent=parent, progress=self.progress)
         timings["recall_seconds"] = time.time() - t
-        if self._corpus is not None:
-            pq.write_table(self._corpus_record(listing), version_dir / CORPUS_RECORD, compression="zstd")
+        if self.read_plan is not None:
+            pq.write_table(self.read_plan.corpus_record(listing), version_dir / CORPUS_RECORD, compression="zstd")
         t = hashed_since = time.time()
         files = self._checksums(shards, version_dir)
         timings["checksum_seconds"] = time.time() - t
@@ -355,134 +195,47 @@ class StagedBuild:
         self.store.remember_built(manifest["version"], manifest, hashed_since=hashed_since,
                                   parent_stamps=self.store.remembered(self.parent_version) if self.parent else {})
         tuned = f", {spec.search_param} {spec.search_value}" if spec.search_param else ""
-        self.progress(f"published {manifest['version']}: {n_vectors} vectors, recall@{RECALL_K} {recall:.3f}{tuned}")
+        self.progress(f"published {manifest['version']}: {n_vectors} vectors, recall@{RECALL_K} {tuning.recall:.3f}{tuned}")
         return manifest
 
     # -- finishing steps ---------------------------------------------------------------------
-    def _complete_listing(self, listing: pa.Table) -> pa.Table:
-        """The run's listing in LISTING_SCHEMA with corpus-relative file names, plus the images of
-        the files ``plan_reads`` skipped."""
-        n = listing.num_rows
-        columns = {"id": listing.column("id"), "content_hash": listing.column("content_hash"),
-                   "status": listing.column("status") if "status" in listing.column_names else pa.nulls(n, pa.string()),
-                   "file": listing.column("file") if "file" in listing.column_names else pa.nulls(n, pa.string())}
-        if self._corpus is not None and n:
-            prefix = self._corpus.root.rstrip("/") + "/"
-            columns["file"] = pc.replace_substring_regex(columns["file"].cast(pa.string()), pattern="^" + re.escape(prefix),
-                                                         replacement="")
-        listing = pa.table(columns).cast(LISTING_SCHEMA)
-        if self.read_plan is not None and self.read_plan.carried.num_rows:
-            listing = pa.concat_tables([listing, self.read_plan.carried])
-        return listing.combine_chunks()
+    def _spec(self, n_vectors: int, shards: int) -> IndexSpec:
+        req = self.request
+        if req.kind == "update":
+            # The parent's spec, its refine too: the reused shards have vector files exactly when it is > 1.
+            spec = IndexSpec.from_dict(self.parent["faiss"])
+            if req.nprobe is not None:
+                if spec.search_param != "nprobe":
+                    raise ValueError(f"--nprobe applies to IVF indexes; {self.parent_version} is {spec.factory}")
+                spec.nprobe, spec.nprobe_auto = req.nprobe, False
+            if req.max_query_ms is not None:
+                spec.max_query_ms = req.max_query_ms
+            if spec.estimated_bytes:  # the same bytes per vector, for the new count
+                spec.estimated_bytes = check_factory(spec.factory, spec.dim).estimated_bytes(n_vectors, shards)
+            if n_vectors < 1:
+                raise ValueError("nothing to index: every image was removed from the corpus or is corrupt")
+            if spec.kind.exact and req.index_type == "auto" and n_vectors > FLAT_MAX_VECTORS:
+                self.progress(f"note: {n_vectors} vectors in a Flat index; `idml index build` would switch to IVF")
+            return spec
+        return resolve_spec(req.index_type, n_vectors, req.dim, nlist=req.nlist, nprobe=req.nprobe,
+                            train_size=req.train_size, target_recall=req.target_recall,
+                            max_index_bytes=req.max_index_bytes, max_query_ms=req.max_query_ms, shards=shards,
+                            refine=req.refine)
 
-    def _corpus_record(self, listing: pa.Table) -> pa.Table:
-        """CORPUS_RECORD rows: each image with its file's stats from this run's listing of the
-        corpus (a file the reader did not name gets size -1: the next update reads it again)."""
-        keyed = listing.select(["id", "content_hash", "file"])
-        joined = keyed.join(self._file_stats, keys="file", join_type="left outer")
-        return pa.table({
-            "id": joined.column("id"), "content_hash": joined.column("content_hash"),
-            "file": pc.fill_null(joined.column("file"), ""), "size": pc.fill_null(joined.column("size"), -1),
-            "mtime_ns": pc.fill_null(joined.column("mtime_ns"), UNKNOWN_MTIME),
-            "sha256": pc.fill_null(joined.column("sha256"), ""),
-        }, schema=CORPUS_RECORD_SCHEMA)
-
-    def _sources(self, listing: pa.Table) -> "_Sources":
-        """Where every listed image's vectors come from: an unchanged row of the parent version,
-        a finished partition of this run, or nowhere (a corrupt image)."""
-        listing = listing.select(["id", "content_hash"]).combine_chunks()
-        _check_unique(listing)
-        partitions = done_partitions(self.partitions_dir)
-        parent_rows = self._parent_rows() if self.request.kind == "update" else _empty_rows("shard")
-        staged_rows = _partition_rows(partitions)
-        keys = ["id", "content_hash"]
-        # One join splits the listing: rows the parent has (its shard and row) and the rest.
-        joined = listing.join(parent_rows, keys=keys, join_type="left outer")
-        in_parent = pc.is_valid(joined.column("row"))
-        from_parent = joined.filter(in_parent)
-        rest = joined.filter(pc.invert(in_parent)).select(keys)
-        from_staging = rest.join(staged_rows, keys=keys, join_type="inner")
-        rest = rest.join(staged_rows.select(keys), keys=keys, join_type="left anti")
-        return _Sources(partitions, parent_rows, from_parent, from_staging, self._corrupt_of(rest, partitions))
-
-    def _write_shards(self, plan: list[_ShardPlan], spec: fx.IndexSpec, trained, version_dir: Path, queries,
-                      timings: dict[str, float]) -> "_Shards":
-        """Each planned shard's embeddings and faiss index in ``version_dir`` (and, for lossy
-        codes, its exact vectors); exact neighbours of the recall queries among the new vectors
-        are gathered on the way."""
-        out = _Shards(exact=fx.ExactTopK(queries, GT_DEPTH + 1))
-        timings["exact_seconds"] = 0.0
-        t = time.time()
-        for p in plan:
-            rel_parquet, rel_index = f"shards/{p.name}.parquet", f"shards/{p.name}.faiss"
-            # Only a search that re-scores (refine > 1) reads them: with refine 0 (an exact index, a
-            # lossy one built with --refine 0, or an update of either) there are none to write.
-            rel_vectors = f"shards/{vectors_name(p.name)}" if spec.refine > 1 else None
-            out_parquet, out_index = version_dir / rel_parquet, version_dir / rel_index
-            if p.source == "reused":
-                link_or_copy(p.src_parquet, out_parquet)
-                link_or_copy(p.src_index, out_index)
-                if rel_vectors:
-                    link_or_copy(p.src_vectors, version_dir / rel_vectors)
-                for rel in filter(None, (rel_parquet, rel_index, rel_vectors)):
-                    out.files[rel] = self.parent["files"][rel]
-                table = pq.read_table(out_parquet, columns=["id"])
-            else:
-                if p.rows is None:
-                    link_or_copy(p.src_parquet, out_parquet)
-                else:
-                    write_embeddings(out_parquet, pq.read_table(p.src_parquet).take(pa.array(p.rows)))
-                table = pq.read_table(out_parquet, columns=["id", "mu"])
-                mu = _vectors(table)
-                fx.write_shard(fx.build_shard(mu, p.shard, spec, trained), out_index)
-                if rel_vectors:
-                    write_vectors(mu, version_dir / rel_vectors)
-                if p.source == "new":
-                    t_exact = time.time()
-                    out.exact.add(mu, fx.labels_for(p.shard, len(mu)))
-                    timings["exact_seconds"] += time.time() - t_exact
-                del mu
-            # IVF shards are memory-mapped: the build never holds the whole index in RAM.
-            out.indexes.append(fx.read_shard(out_index, spec, trained))
-            if rel_vectors:
-                out.vectors[p.shard] = open_vectors(version_dir / rel_vectors, p.count, spec.dim)
-            out.ids_by_shard[p.shard] = table.column("id").to_numpy(zero_copy_only=False).astype(str)
-            out.entries.append({"shard": p.shard, "count": p.count, "source": p.source,
-                                "embeddings": rel_parquet, "index": rel_index,
-                                **({"vectors": rel_vectors} if rel_vectors else {})})
-        timings["shards_seconds"] = time.time() - t - timings["exact_seconds"]
-        return out
-
-    def _measure_recall(self, shards: "_Shards", spec: fx.IndexSpec, trained, queries, query_ids, query_labels,
-                        from_parent: pa.Table, n_vectors: int, version_dir: Path) -> fx.Tuning:
-        """recall@10 of the combined index against exact search and its query latency, nprobe or
-        efSearch tuned, as the searcher delivers them (lossy candidates re-scored by exact
-        cosine); the sample is saved with the version (``verify`` measures it again)."""
-        vectors = ShardVectors(shards.vectors, spec.dim) if shards.vectors else None
-        combined = fx.combine(shards.indexes, spec, trained, vectors=vectors)
-        scores, labels = shards.exact.result()
-        if query_ids is None:  # build: the queries are stored vectors, named once all shards are known
-            query_ids = _labels_to_ids(query_labels, shards.ids_by_shard)
-        sample = self._recall_sample(queries, query_ids, scores, _labels_to_ids(labels, shards.ids_by_shard),
-                                     from_parent, n_vectors)
-        tuning = self._tune(combined, spec, sample, shards.ids_by_shard)
-        sample.save(version_dir / "recall_sample.npz")
-        return tuning
-
-    def _checksums(self, shards: "_Shards", version_dir: Path) -> dict[str, dict[str, Any]]:
+    def _checksums(self, shards: BuiltShards, version_dir: Path) -> dict[str, dict[str, Any]]:
         """Size and sha256 of every file of the version (reused shards keep the parent's)."""
         files = dict(shards.files)
         for entry in shards.entries:
             for rel in filter(None, (entry["embeddings"], entry["index"], entry.get("vectors"))):
                 if rel not in files:
                     files[rel] = checksum(version_dir / rel)
-        for rel in ("trained.faiss", "recall_sample.npz", CORPUS_RECORD):
+        for rel in (TRAINED_NAME, RECALL_SAMPLE_NAME, CORPUS_RECORD):
             if (version_dir / rel).is_file():
                 files[rel] = checksum(version_dir / rel)
         return dict(sorted(files.items()))
 
-    def _manifest(self, spec: fx.IndexSpec, counts: dict[str, int], src: "_Sources", shards: "_Shards",
-                  files: dict[str, Any], tuning: fx.Tuning, n_vectors: int, timings: dict[str, float], *,
+    def _manifest(self, spec: IndexSpec, counts: dict[str, int], src: Sources, shards: BuiltShards,
+                  files: dict[str, Any], tuning: Tuning, n_vectors: int, timings: dict[str, float], *,
                   index_seconds: float, embed_seconds: float, embedded_this_run: int) -> dict[str, Any]:
         req = self.request
         return {
@@ -531,239 +284,3 @@ class StagedBuild:
         self.store.remove_staging()
 
     # -- helpers -----------------------------------------------------------------------------
-    def _parent_rows(self) -> pa.Table:
-        if getattr(self, "_parent_rows_cache", None) is None:
-            tables = []
-            vdir = self.store.version_dir(self.parent_version)
-            for entry in self.parent["shards"]:
-                t = pq.read_table(vdir / entry["embeddings"], columns=["id", "content_hash"])
-                tables.append(t.append_column("shard", pa.array(np.full(t.num_rows, entry["shard"], np.int64)))
-                               .append_column("row", pa.array(np.arange(t.num_rows, dtype=np.int64))))
-            self._parent_rows_cache = pa.concat_tables(tables or [_empty_rows("shard")]).combine_chunks()
-        return self._parent_rows_cache
-
-    def _corrupt_of(self, rest: pa.Table, partitions: list[Partition]) -> list[dict[str, str]]:
-        reasons = {(c["id"], c["content_hash"]): c["reason"] for p in partitions for c in p.corrupt}
-        if self.parent is not None and self.request.kind == "update":
-            for c in self.parent.get("corrupt", []):
-                reasons.setdefault((c["id"], c["content_hash"]), c["reason"])
-        out = []
-        for row in rest.to_pylist():
-            key = (row["id"], row["content_hash"])
-            if key not in reasons:
-                raise RuntimeError(f"image {row['id']!r} was neither embedded nor reported corrupt; rerun the build")
-            out.append({"id": row["id"], "content_hash": row["content_hash"], "reason": reasons[key]})
-        return sorted(out, key=lambda c: c["id"])
-
-    def _plan(self, partitions, parent_rows, from_parent, from_staging) -> list[_ShardPlan]:
-        plan: list[_ShardPlan] = []
-        next_shard = 0
-        if self.request.kind == "update":
-            vdir = self.store.version_dir(self.parent_version)
-            kept = _rows_by(from_parent, "shard")
-            next_shard = max((e["shard"] for e in self.parent["shards"]), default=-1) + 1
-            for entry in self.parent["shards"]:
-                rows = kept.get(entry["shard"], np.zeros(0, np.int64))
-                src = vdir / entry["embeddings"]
-                if len(rows) == entry["count"]:
-                    vectors = vdir / entry["vectors"] if entry.get("vectors") else None
-                    plan.append(_ShardPlan(entry["shard"], "reused", src, vdir / entry["index"], vectors,
-                                           count=entry["count"]))
-                elif len(rows):
-                    plan.append(_ShardPlan(next_shard, "rewritten", src, rows=np.sort(rows), count=len(rows)))
-                    next_shard += 1
-        used = _rows_by(from_staging, "part")
-        for part in partitions:
-            rows = used.get(part.index, np.zeros(0, np.int64))
-            if len(rows):
-                keep = None if len(rows) == part.rows else np.sort(rows)
-                plan.append(_ShardPlan(next_shard, "new", part.path, rows=keep, count=len(rows)))
-                next_shard += 1
-        return plan
-
-    def _spec(self, n_vectors: int, shards: int) -> fx.IndexSpec:
-        req = self.request
-        if req.kind == "update":
-            # The parent's spec, its refine too: the reused shards have vector files exactly when it is > 1.
-            spec = fx.IndexSpec.from_dict(self.parent["faiss"])
-            if req.nprobe is not None:
-                if spec.index_type != "ivf":
-                    raise ValueError(f"--nprobe applies to IVF indexes; {self.parent_version} is {spec.factory}")
-                spec.nprobe, spec.nprobe_auto = req.nprobe, False
-            if req.max_query_ms is not None:
-                spec.max_query_ms = req.max_query_ms
-            if spec.estimated_bytes:  # the same bytes per vector, for the new count
-                spec.estimated_bytes = fx.check_factory(spec.factory, spec.dim).estimated_bytes(n_vectors, shards)
-            if n_vectors < 1:
-                raise ValueError("nothing to index: every image was removed from the corpus or is corrupt")
-            if spec.index_type == "flat" and req.index_type == "auto" and n_vectors > fx.FLAT_MAX_VECTORS:
-                self.progress(f"note: {n_vectors} vectors in a Flat index; `idml index build` would switch to IVF")
-            return spec
-        return fx.resolve_spec(req.index_type, n_vectors, req.dim, nlist=req.nlist, nprobe=req.nprobe,
-                               train_size=req.train_size, target_recall=req.target_recall,
-                               max_index_bytes=req.max_index_bytes, max_query_ms=req.max_query_ms, shards=shards,
-                               refine=req.refine)
-
-    def _samples(self, spec: fx.IndexSpec, plan: list[_ShardPlan]):
-        """One pass over the new shards: recall queries (build; an update keeps its parent's)
-        and the training sample (build), drawn uniformly."""
-        build, approximate = self.request.kind == "build", spec.index_type != "flat"
-        n = sum(p.count for p in plan)
-        rng = np.random.default_rng(spec.seed)
-        # A Flat index is exact: its recall is 1 by construction, so it needs no sample.
-        query_rows = (np.sort(rng.choice(n, size=min(n, self.request.recall_sample), replace=False))
-                      if build and approximate else np.zeros(0, int))
-        train_rows = (np.sort(rng.choice(n, size=min(n, spec.train_size), replace=False))
-                      if build and spec.train_size else np.zeros(0, int))
-        queries, query_labels, train, start = [], [], [], 0
-        for p in plan:
-            q = query_rows[(query_rows >= start) & (query_rows < start + p.count)] - start
-            tr = train_rows[(train_rows >= start) & (train_rows < start + p.count)] - start
-            if len(q) or len(tr):
-                mu = read_vectors(p.src_parquet)
-                if p.rows is not None:
-                    mu = mu[p.rows]
-                queries.append(mu[q])
-                query_labels.append(fx.labels_for(p.shard, p.count)[q])
-                train.append(mu[tr])
-            start += p.count
-        if not build:
-            parent_sample = RecallSample.load(self.store.version_dir(self.parent_version) / "recall_sample.npz")
-            return parent_sample.queries, parent_sample.query_ids, None, None
-        queries = np.concatenate(queries) if queries else np.zeros((0, spec.dim), np.float32)
-        query_labels = np.concatenate(query_labels) if query_labels else np.zeros(0, np.int64)
-        return queries, None, query_labels, (np.concatenate(train) if train else None)
-
-    def _trained(self, spec: fx.IndexSpec, sample: np.ndarray | None, version_dir: Path) -> faiss.Index | None:
-        if spec.index_type == "flat":
-            return None
-        path = version_dir / "trained.faiss"
-        if self.request.kind == "update":
-            link_or_copy(self.store.version_dir(self.parent_version) / "trained.faiss", path)
-            return fx.read_index(path)
-        cached = self.dir / "work" / f"trained-{spec.factory}-{spec.train_size}-{spec.niter}-{spec.seed}.faiss"
-        if not cached.is_file():
-            if spec.train_size:
-                self.progress(f"training {spec.factory} on {len(sample)} vectors")
-            fx.write_index_atomic(fx.train_index(sample, spec), cached)
-        link_or_copy(cached, path)
-        return fx.read_index(path)
-
-    def _recall_sample(self, queries, query_ids, scores, ids, from_parent, n_vectors) -> RecallSample:
-        """Build: the exact neighbours just computed. Update: the parent's, minus neighbours that
-        are gone, plus those among the new vectors."""
-        if self.request.kind == "build":
-            return RecallSample.from_exact(query_ids, queries, scores, ids, complete=n_vectors <= GT_DEPTH + 1)
-        sample = RecallSample.load(self.store.version_dir(self.parent_version) / "recall_sample.npz")
-        # Exact neighbours that are not indexed any more (removed, or changed content) go.
-        kept = set(from_parent.column("id").to_pylist())
-        old_ids = set(np.unique(sample.gt_ids).tolist()) - {""}
-        sample = sample.without(old_ids - kept)
-        return sample.merged(scores, ids)
-
-    def _tune(self, combined: fx.CombinedIndex, spec: fx.IndexSpec, sample: RecallSample, ids_by_shard) -> fx.Tuning:
-        """recall@10 of the index on the sample and its single-query latency; with nprobe_auto,
-        the smallest nprobe (IVF) or efSearch (HNSW) reaching target_recall within max_query_ms
-        (an update starts from its parent's value)."""
-        if spec.index_type == "flat":
-            return fx.Tuning(0, 1.0, 0, None, True, [])  # exact search: nothing to measure
-
-        def apply(value: int) -> None:
-            fx.set_search_param(combined.index, spec.search_param, value)
-
-        def measure(value: int) -> tuple[float, int]:
-            apply(value)
-            _, labels = combined.search(sample.queries, RECALL_K + 1)
-            return sample.recall(_labels_to_ids(labels, ids_by_shard), RECALL_K)
-
-        def latency(value: int) -> float:
-            apply(value)
-            return fx.query_latency_ms(combined, sample.queries, RECALL_K)
-
-        if spec.nprobe_auto:
-            start = spec.search_value if self.request.kind == "update" else 0
-            values = fx.search_values(spec, start)
-        else:
-            values = [spec.search_value]
-        tuning = fx.tune_search(measure, latency, values, spec.target_recall, spec.max_query_ms)
-        if spec.index_type == "ivf":
-            spec.nprobe = tuning.value
-        elif spec.index_type == "hnsw":
-            spec.ef_search = tuning.value
-        apply(tuning.value)
-        if not tuning.reached and not math.isnan(tuning.recall):
-            budget = f" within {spec.max_query_ms:g} ms/query" if spec.max_query_ms else ""
-            self.progress(f"note: recall@{RECALL_K} {tuning.recall:.3f} is below the target {spec.target_recall:g}{budget} "
-                          f"({spec.factory}, {spec.search_param or 'nothing to tune'} {tuning.value or ''}); "
-                          "a larger index (more bytes per vector) or a larger --max-query-ms would reach it")
-        return tuning
-
-    def _counts(self, listing, parent_rows, from_parent, from_staging, corrupt, n_vectors, n_shards) -> dict[str, int]:
-        resumed = pa.array([p.index for p in self.resumed], pa.int64())
-        counts = {"vectors": n_vectors, "shards": n_shards, "corpus_images": listing.num_rows, "corrupt": len(corrupt),
-                  # reused: vectors of the parent version; resumed: of partitions an interrupted run finished
-                  "reused": from_parent.num_rows,
-                  "resumed": int(pc.sum(pc.is_in(from_staging.column("part"), value_set=resumed)).as_py() or 0),
-                  "from_partitions": from_staging.num_rows}
-        if self.request.kind == "update":
-            corrupt = self.parent.get("corrupt", [])
-            parent = pa.table({column: pa.concat_arrays([parent_rows.column(key).combine_chunks(),
-                                                         pa.array([c[key] for c in corrupt], pa.string())])
-                               for column, key in (("id", "id"), ("old_hash", "content_hash"))})
-            joined = listing.join(parent, keys="id", join_type="inner")
-            counts["changed"] = int(pc.sum(pc.not_equal(joined.column("content_hash"), joined.column("old_hash"))).as_py() or 0)
-            counts["added"] = listing.num_rows - joined.num_rows
-            counts["removed"] = parent.num_rows - joined.num_rows
-        return counts
-
-
-def _empty_rows(extra: str) -> pa.Table:
-    return pa.table({"id": pa.array([], pa.string()), "content_hash": pa.array([], pa.string()),
-                     extra: pa.array([], pa.int64()), "row": pa.array([], pa.int64())})
-
-
-def _check_unique(listing: pa.Table) -> None:
-    ids = listing.column("id")
-    if pc.count_distinct(ids).as_py() != len(ids):
-        counts = pc.value_counts(ids)
-        dups = [v["values"] for v in counts.to_pylist() if v["counts"] > 1][:5]
-        raise ValueError(f"the corpus has duplicate image ids (e.g. {dups}); every id must be unique")
-
-
-def _partition_rows(partitions: list[Partition]) -> pa.Table:
-    tables = []
-    for p in partitions:
-        if not p.rows:
-            continue
-        t = pq.read_table(p.path, columns=["id", "content_hash"])
-        tables.append(t.append_column("part", pa.array(np.full(t.num_rows, p.index, np.int64)))
-                      .append_column("row", pa.array(np.arange(t.num_rows, dtype=np.int64))))
-    return pa.concat_tables(tables or [_empty_rows("part")]).combine_chunks()
-
-
-def _rows_by(table: pa.Table, key: str) -> dict[int, np.ndarray]:
-    if not table.num_rows:
-        return {}
-    keys = table.column(key).to_numpy()
-    rows = table.column("row").to_numpy()
-    order = np.argsort(keys, kind="stable")
-    keys, rows = keys[order], rows[order]
-    bounds = np.flatnonzero(np.diff(keys)) + 1
-    return {int(k[0]): r for k, r in zip(np.split(keys, bounds), np.split(rows, bounds))}
-
-
-def _vectors(table: pa.Table) -> np.ndarray:
-    from .partitions import vectors
-
-    return vectors(table, "mu")
-
-
-def _labels_to_ids(labels: np.ndarray, ids_by_shard: dict[int, np.ndarray]) -> np.ndarray:
-    labels = np.asarray(labels, np.int64)
-    out = np.full(labels.shape, "", dtype=object)
-    shards, rows = fx.split_labels(labels)
-    valid = labels >= 0
-    for shard in np.unique(shards[valid]):
-        mask = valid & (shards == shard)
-        out[mask] = ids_by_shard[int(shard)][rows[mask]]
-    return out.astype(str)

@@ -2,7 +2,7 @@
 
 Listing a corpus records every file's size and mtime (and a dataset shard's checksum from the
 dataset's manifest): an update compares them with the previous version's record and reads only
-the files that differ (``idml.index.builder.StagedBuild.plan_reads``)."""
+the files that differ (``idml.index.reads.plan_reads``)."""
 
 from __future__ import annotations
 

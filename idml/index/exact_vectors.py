@@ -22,7 +22,7 @@ import numpy as np
 
 from idml.errors import DamagedFileError
 
-from .faiss_index import split_labels
+from .labels import split_labels
 
 
 def vectors_name(shard_name: str) -> str:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..faiss_import import faiss
+
 # Exact neighbours kept per query: enough for later updates to remove some and keep >= k.
 GT_DEPTH = 50
 
@@ -90,3 +92,34 @@ class RecallSample:
             found = [i for i in found_ids[q] if i and i != self.query_ids[q]][:k]
             hits.append(len(set(found) & set(self.gt_ids[q, :k])) / k)
         return (float(np.mean(hits)) if hits else float("nan")), int(use.sum())
+
+
+class ExactTopK:
+    """Exact inner-product top-k of ``queries`` over vectors added part by part (one part in
+    memory at a time). Missing neighbours have label -1 and score -inf."""
+
+    def __init__(self, queries: np.ndarray, k: int):
+        self.queries = np.ascontiguousarray(queries, np.float32)
+        self.k = k
+        self.heap = faiss.ResultHeap(len(self.queries), k, keep_max=True) if len(self.queries) else None
+
+    def add(self, vecs: np.ndarray, labels: np.ndarray) -> None:
+        if self.heap is None or not len(vecs):
+            return
+        dist, idx = faiss.knn(self.queries, np.ascontiguousarray(vecs, np.float32), min(self.k, len(vecs)),
+                              metric=faiss.METRIC_INNER_PRODUCT)
+        self.heap.add_result(dist, np.where(idx >= 0, np.asarray(labels)[np.maximum(idx, 0)], -1))
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.heap is None:
+            return np.zeros((0, self.k), np.float32), np.zeros((0, self.k), np.int64)
+        self.heap.finalize()
+        return self.heap.D, self.heap.I
+
+
+def exact_topk(queries: np.ndarray, parts, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``ExactTopK`` over an iterable of (vectors, labels)."""
+    acc = ExactTopK(queries, k)
+    for vecs, labels in parts:
+        acc.add(vecs, labels)
+    return acc.result()

@@ -13,7 +13,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from . import faiss_index as fx
+from . import combined
+from .combined import merge_ondisk
+from .faiss_io import read_index
+from .labels import labels_for, split_labels
+from .spec import IndexSpec
 from .exact_vectors import ShardVectors
 from .partitions import vectors
 from .store import IndexStore
@@ -46,7 +50,7 @@ class IndexSearcher:
     memory-mapped file, as fast as one unsharded index; a sharded IVF search is 1.6-1.9x
     slower); ``auto`` is ``ondisk`` for an IVF index of several shards (``shards`` where the
     cache cannot be written, with a warning), else ``shards``. ``gpu``: search a Flat index on
-    the GPUs faiss sees (``faiss_index.combine``). ``refine``: for lossy codes (PQ, SQ), how many
+    the GPUs faiss sees (``combined.combine``). ``refine``: for lossy codes (PQ, SQ), how many
     candidates per result are re-scored by exact cosine (default: the version's, as its recall
     was measured; 0 or 1: off, scores are the codes' approximations).
     """
@@ -61,9 +65,9 @@ class IndexSearcher:
         # Sizes and checksums once at open, not per query: a damaged file is refused, never searched.
         self.version, self.manifest = self.store.checked_manifest(version, purpose="query")
         self.dir = self.store.version_dir(self.version)
-        self.spec = fx.IndexSpec.from_dict(self.manifest["faiss"])
+        self.spec = IndexSpec.from_dict(self.manifest["faiss"])
         if nprobe is not None:
-            if self.spec.index_type != "ivf":
+            if self.spec.search_param != "nprobe":
                 log.info("--nprobe has no effect on a %s index (not IVF)", self.spec.factory)
             elif not 1 <= nprobe <= self.spec.nlist:
                 raise ValueError(f"nprobe={nprobe} must be between 1 and nlist={self.spec.nlist}")
@@ -86,13 +90,13 @@ class IndexSearcher:
         vectors = ShardVectors.open(self.dir, self.manifest["shards"], self.spec.dim) if self.spec.refine > 1 else None
         if combine == "ondisk" and gpu:
             raise ValueError("--gpu searches exact (Flat) indexes in memory, not a merged on-disk IVF")
-        merge = combine == "ondisk" or (combine == "auto" and self.spec.index_type == "ivf" and len(shard_paths) > 1
+        merge = combine == "ondisk" or (combine == "auto" and self.spec.kind.shared_quantizer and len(shard_paths) > 1
                                         and not gpu)
         self.index = None
         if merge:
             try:
                 merged_dir = self.store.cache_dir / self.version
-                self.index = fx.merge_ondisk(self.dir / "trained.faiss", shard_paths, merged_dir, self.spec,
+                self.index = merge_ondisk(self.dir / "trained.faiss", shard_paths, merged_dir, self.spec,
                                              vectors=vectors)
                 found, expected = self.index.ntotal, sum(int(e["count"]) for e in self.manifest["shards"])
                 if found != expected:  # the cache is not part of the checked version: a damaged copy
@@ -105,8 +109,8 @@ class IndexSearcher:
                 log.warning("searching the %d shards of %s one by one (slower): cannot merge them into %s: %s",
                             len(shard_paths), self.version, self.store.cache_dir, e)
         if self.index is None:
-            trained = fx.read_index(self.dir / "trained.faiss") if self.spec.index_type == "ivf" else None
-            self.index = fx.combine([fx.read_shard(p, self.spec, trained) for p in shard_paths],
+            trained = read_index(self.dir / "trained.faiss") if self.spec.kind.shared_quantizer else None
+            self.index = combined.combine([self.spec.kind.open_shard(p, trained) for p in shard_paths],
                                     self.spec, trained, gpu=gpu, vectors=vectors)
         self._where: dict[str, int] | None = None
 
@@ -123,12 +127,12 @@ class IndexSearcher:
         if self._where is None:
             self._where = {}
             for shard, shard_ids in self.ids.items():
-                labels = fx.labels_for(shard, len(shard_ids))
+                labels = labels_for(shard, len(shard_ids))
                 self._where.update(zip(shard_ids.tolist(), labels.tolist()))
         missing = [i for i in ids if i not in self._where]
         if missing:
             raise ValueError(f"id(s) not in index version {self.version}: {missing[:5]}; check the ids or query by image")
-        shards, rows = fx.split_labels(np.array([self._where[i] for i in ids], np.int64))
+        shards, rows = split_labels(np.array([self._where[i] for i in ids], np.int64))
         mu = np.zeros((len(ids), self.spec.dim), np.float32)
         u = np.zeros(len(ids), np.float32)
         by_shard = {e["shard"]: e for e in self.manifest["shards"]}
@@ -178,7 +182,7 @@ class IndexSearcher:
     def _resolve(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         ids = np.full(labels.shape, "", dtype=object)
         u = np.full(labels.shape, np.nan, np.float32)
-        shards, rows = fx.split_labels(labels)
+        shards, rows = split_labels(labels)
         valid = labels >= 0
         for shard in np.unique(shards[valid]):
             mask = valid & (shards == shard)

@@ -27,7 +27,6 @@ import re
 import shutil
 import stat
 import time
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator
@@ -116,35 +115,6 @@ def _read_stamps(path: Path) -> dict[str, list]:
 
 class IndexLockedError(RuntimeError):
     """Another writer holds the index folder (the CLI exits with its own code for it)."""
-
-
-@dataclass
-class VersionInfo:
-    """One line of ``idml index versions``."""
-
-    version: str
-    current: bool
-    created_at: str | None = None
-    kind: str | None = None
-    parent: str | None = None
-    vectors: int | None = None
-    model: str | None = None
-    problem: str | None = None  # unreadable manifest, missing file or wrong size (sizes only: cheap)
-
-
-@dataclass
-class PruneResult:
-    removed: list[str] = field(default_factory=list)
-    kept: list[str] = field(default_factory=list)
-    freed_bytes: int = 0  # files no kept version links any more
-
-
-def model_label(checkpoint: dict[str, Any]) -> str:
-    """A version's model in a word: the registered name and version when it came from MLflow."""
-    model = checkpoint.get("model") or {}
-    if model.get("registered_model"):
-        return f"{model['registered_model']} v{model['version']}" + (f" (@{model['alias']})" if model.get("alias") else "")
-    return str(model.get("model_uri") or checkpoint.get("path"))
 
 
 class IndexStore:
@@ -249,15 +219,15 @@ class IndexStore:
     def remembered(self, version: str) -> dict[str, list]:
         """The stamps ``file_problems(remember=True)`` keeps for ``version``: {file: [sha256, inode,
         size, mtime_ns, ctime_ns]} of files found sound."""
-        return _read_stamps(self._stamps_path(version))
+        return _read_stamps(self.stamps_path(version))
 
-    def _stamps_path(self, version: str) -> Path:
+    def stamps_path(self, version: str) -> Path:
         return self.cache_dir / f"{version}.checked.json"
 
     def _remember(self, version: str, stamps: dict[str, list]) -> None:
         with contextlib.suppress(OSError):  # a read-only index is simply hashed again next time
             self.cache_dir.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(self._stamps_path(version), stamps)
+            write_json_atomic(self.stamps_path(version), stamps)
 
     def remember_built(self, version: str, manifest: dict[str, Any], *, hashed_since: float,
                        parent_stamps: dict[str, list]) -> None:
@@ -382,93 +352,7 @@ class IndexStore:
             raise FileNotFoundError(f"cannot publish {version}: {self.version_dir(version)} has no manifest")
         write_json_atomic(self.current_path, {"version": version})
 
-    # -- managing versions -------------------------------------------------------------------
-    def describe_versions(self) -> list[VersionInfo]:
-        """Every version, oldest first, with what ``idml index versions`` shows. Files are
-        checked by size only (``verify`` hashes them)."""
-        current = self._current_or_none()
-        out = []
-        for version in self.versions():
-            info = VersionInfo(version, version == current)
-            try:
-                manifest = self.read_manifest(version)
-            except (FileNotFoundError, ValueError) as e:
-                info.problem = str(e)
-                out.append(info)
-                continue
-            info.created_at, info.kind, info.parent = manifest.get("created_at"), manifest.get("kind"), manifest.get("parent")
-            info.vectors = manifest.get("counts", {}).get("vectors")
-            info.model = model_label(manifest.get("checkpoint", {}))
-            problems = self.file_problems(version, manifest, checksums=False)
-            if problems:
-                info.problem = next(iter(problems.values())) + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
-            out.append(info)
-        return out
-
-    def publish_existing(self, version: str, *, wait_s: float = 0.0) -> str | None:
-        """Point ``CURRENT`` at an existing version (a rollback, or forward again) once all its
-        files have their recorded sizes and checksums; returns the version it replaced. Under the
-        lock, so it never interleaves with a build's own publish."""
-        with self.lock(wait_s=wait_s, holder=f"idml index publish {version}"):
-            self.version_dir(version)  # a bad name is refused before anything else
-            if version not in self.versions():
-                known = ", ".join(self.versions()) or "none"
-                raise FileNotFoundError(f"index version {version} does not exist in {self.versions_dir} (versions: {known})")
-            self.checked_manifest(version, purpose="republish")
-            previous = self._current_or_none()
-            if previous != version:
-                self.publish(version)
-            return previous
-
-    def prune(self, keep: int, *, dry_run: bool = False, wait_s: float = 0.0) -> PruneResult:
-        """Delete all but the ``keep`` newest versions, never the published one.
-
-        Under the lock, so no build or update is running: none can be reading a version as its
-        parent (a build's parent is always the published version, which is kept). Each version
-        is renamed out of ``versions/`` first (atomic: a reader sees it whole or not at all),
-        then deleted; a prune killed half-way leaves only ``trash/``, emptied by the next one.
-        Files a kept version shares (hard links) stay: only the pruned version's names go."""
-        if keep < 1:
-            raise ValueError(f"--keep must be >= 1, got {keep}")
-        with self.lock(wait_s=wait_s, holder=f"idml index prune --keep {keep}"):
-            current = self.current_version()  # a damaged pointer is refused: what to keep would be a guess
-            versions = self.versions()
-            kept = set(versions[-keep:]) | ({current} if current else set())
-            result = PruneResult(removed=[v for v in versions if v not in kept], kept=[v for v in versions if v in kept])
-            result.freed_bytes = self._bytes_freed_by_removing(result.removed)
-            if dry_run:
-                return result
-            self._empty_trash()
-            trash = self.root / "trash"
-            for version in result.removed:
-                trash.mkdir(exist_ok=True)
-                os.rename(self.version_dir(version), trash / f"{version}.{os.getpid()}")
-                fsync_dir(self.versions_dir)
-                for merged in (self.cache_dir / version, *self.cache_dir.glob(f"{version}.tmp-*")):  # and killed merges' leftovers
-                    shutil.rmtree(merged, ignore_errors=True)
-                for path in (self._stamps_path(version), self.cache_dir / f"{version}.lock"):  # the latter: merge_ondisk's
-                    with contextlib.suppress(FileNotFoundError):
-                        path.unlink()
-            self._empty_trash()
-            return result
-
-    def _bytes_freed_by_removing(self, versions: list[str]) -> int:
-        """Bytes of the files whose every hard link lies in ``versions`` (only those are freed)."""
-        links: dict[int, list] = {}  # inode -> [size, links found, links in all]
-        for version in versions:
-            for path in self.version_dir(version).rglob("*"):
-                st = path.lstat()
-                if stat.S_ISREG(st.st_mode):
-                    entry = links.setdefault(st.st_ino, [st.st_size, 0, st.st_nlink])
-                    entry[1] += 1
-        return sum(size for size, found, total in links.values() if found >= total)
-
-    def _empty_trash(self) -> None:
-        trash = self.root / "trash"
-        if trash.is_dir():
-            shutil.rmtree(trash, ignore_errors=True)
-
-    def _current_or_none(self) -> str | None:
+    def current_or_none(self) -> str | None:
         """The published version, or None when the pointer is missing or damaged (publishing
         another version is how a damaged pointer is repaired)."""
         try:

@@ -1,10 +1,13 @@
-"""Checking an index version: files against their checksums, counts, labels, every id once."""
+"""Checking an index version: files against their checksums, counts, labels, every id once
+(``verify_index``), and against the corpus as it is now (``verify_against_corpus``);
+``verify_version`` is the whole ``idml index verify``."""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import faiss
 import numpy as np
@@ -14,11 +17,56 @@ import pyarrow.parquet as pq
 
 from idml.errors import DamagedFileError
 
-from . import faiss_index as fx
+from .corpus import Corpus, read_ids_and_images, resolve_corpus
+from .embed import hash_batch
+from .faiss_io import read_index
+from .labels import labels_for
+from .spec import IndexSpec
 from .exact_vectors import open_vectors
 from .partitions import KEY_SCHEMA
 from .recall import RecallSample
 from .store import MANIFEST_NAME, IndexStore
+
+
+@dataclass
+class VerifyRequest:
+    index_dir: str | os.PathLike
+    version: str | None = None  # default: the published one
+    # Also compare with a corpus: its URI, or "" for the one the version was built from; None: not compared.
+    corpus: str | None = None
+    checksums: bool = True  # hash every file (False: sizes only, faster)
+
+
+@dataclass
+class VerifyResult:
+    version: str  # the version checked (or why there is none)
+    problems: list[str]
+
+
+def verify_version(request: VerifyRequest, *,
+                   list_corpus: Callable[[Corpus], pa.Table] | None = None) -> VerifyResult:
+    """``verify_index``, then, when the version is sound and ``request.corpus`` is given,
+    ``verify_against_corpus`` on the corpus's (id, content_hash) listing: ``list_corpus``
+    (``pipelines.index.listing_with_ray`` hashes on Ray), by default ``local_listing``."""
+    store = IndexStore(request.index_dir)
+    problems = verify_index(request.index_dir, request.version, checksums=request.checksums)
+    version = request.version or store.current_version() or f"({store.root}: nothing published)"
+    if request.corpus is not None and not problems:
+        manifest = store.read_manifest(version)
+        built_from = manifest["corpus"]
+        uri = request.corpus or built_from["uri"]
+        same_corpus = uri == built_from["uri"]
+        splits = built_from.get("splits") if same_corpus else None
+        corpus = resolve_corpus(uri, splits or None, follow_links=same_corpus and built_from.get("follow_links", False))
+        problems += verify_against_corpus(manifest, request.index_dir, (list_corpus or local_listing)(corpus))
+    return VerifyResult(version, problems)
+
+
+def local_listing(corpus: Corpus) -> pa.Table:
+    """(id, content_hash) of every corpus image, hashed in this process."""
+    id_prefix = corpus.root if corpus.kind == "images" else None
+    tables = [hash_batch(read_ids_and_images(corpus, path), id_prefix) for path in corpus.files]
+    return pa.concat_tables(tables or [pa.schema([("id", pa.string()), ("content_hash", pa.string())]).empty_table()])
 
 
 def verify_index(index_dir: str | os.PathLike, version: str | None = None, *, checksums: bool = True) -> list[str]:
@@ -39,7 +87,7 @@ def verify_index(index_dir: str | os.PathLike, version: str | None = None, *, ch
     if problems:
         return problems  # the deeper checks would only repeat the damage
 
-    spec = fx.IndexSpec.from_dict(manifest["faiss"])
+    spec = IndexSpec.from_dict(manifest["faiss"])
     all_ids, total = [], 0
     for entry in manifest["shards"]:
         problems += _check_shard(vdir, entry, spec)
@@ -69,7 +117,7 @@ def verify_index(index_dir: str | os.PathLike, version: str | None = None, *, ch
     return problems
 
 
-def _check_shard(vdir: Path, entry: dict[str, Any], spec: fx.IndexSpec) -> list[str]:
+def _check_shard(vdir: Path, entry: dict[str, Any], spec: IndexSpec) -> list[str]:
     problems = []
     name = entry["embeddings"]
     meta = pq.ParquetFile(vdir / name).metadata
@@ -77,7 +125,7 @@ def _check_shard(vdir: Path, entry: dict[str, Any], spec: fx.IndexSpec) -> list[
         problems.append(f"{name} has {meta.num_rows} rows, the manifest says {entry['count']}")
     # Only labels and counts are checked: an IVF shard stored without its coarse quantizer needs
     # no trained.faiss for them.
-    index = fx.read_index(vdir / entry["index"], mmap=spec.index_type == "ivf")
+    index = read_index(vdir / entry["index"], mmap=spec.kind.shared_quantizer)
     if index.d != spec.dim:
         problems.append(f"{entry['index']} has dimension {index.d}, expected {spec.dim}")
     if index.ntotal != entry["count"]:
@@ -85,7 +133,7 @@ def _check_shard(vdir: Path, entry: dict[str, Any], spec: fx.IndexSpec) -> list[
     if index.metric_type != faiss.METRIC_INNER_PRODUCT:
         problems.append(f"{entry['index']} does not use inner product")
     labels = _index_labels(index)
-    expected = fx.labels_for(entry["shard"], entry["count"])
+    expected = labels_for(entry["shard"], entry["count"])
     if labels is not None and not np.array_equal(np.sort(labels), expected):
         problems.append(f"{entry['index']} does not hold exactly the labels of shard {entry['shard']} rows 0..{entry['count'] - 1}")
     if spec.refine and not entry.get("vectors"):

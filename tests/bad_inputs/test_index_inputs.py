@@ -326,7 +326,7 @@ def test_prune_must_keep_at_least_one(index_copy, capsys):
 
 
 def test_query_on_gpu_without_faiss_gpu(index_copy, capsys):
-    from idml.index.faiss_index import gpu_count
+    from idml.index.gpu import gpu_count
 
     if gpu_count():
         pytest.skip("faiss sees a GPU here")

@@ -1,7 +1,5 @@
-import dataclasses
-
 import pytest
-from support import embed_in_process, make_checkpoint
+from support import make_checkpoint, run_build
 
 
 @pytest.fixture(scope="session")
@@ -11,20 +9,11 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture
 def planned_build():
-    """A build/update the way ``idml index`` runs one, without Ray: ``plan_reads`` picks the files,
-    only those are read. Returns ``(manifest, plan, sink counts, published)``."""
-    from idml.index import BuildRequest, IndexStore, StagedBuild, resolve_corpus
-    from idml.index.embed import describe_checkpoint
+    """A build/update the way ``idml index`` runs one, without Ray. Returns ``(manifest, read plan,
+    sink counts, published)``."""
 
     def run(index_dir, corpus_uri, checkpoint, kind="build", **options):
-        corpus = resolve_corpus(corpus_uri)
-        ckpt = describe_checkpoint(checkpoint)
-        request = BuildRequest(kind, ckpt["embedding_dim"], ckpt, corpus.describe(), **options)
-        with StagedBuild(IndexStore(index_dir), request) as staged:
-            plan = staged.plan_reads(corpus)
-            sink = staged.sink()
-            embed_in_process(dataclasses.replace(corpus, files=plan.files), checkpoint, sink, staged.known())
-            manifest = staged.finish(sink.listing(), embedded_this_run=sink.counts["embedded"])
-            return manifest, plan, dict(sink.counts), staged.published
+        result = run_build(index_dir, corpus_uri, checkpoint, kind, **options)
+        return result.manifest, result.read_plan, result.sink_counts, result.published
 
     return run

@@ -11,7 +11,7 @@ import pytest
 from support import build_in_process, embed_in_process, make_image_folder, make_index_dataset, shape_image
 
 from idml.index import BuildRequest, IndexSearcher, IndexStore, StagedBuild, resolve_corpus, verify_index
-from idml.index import faiss_index as fx
+import idml.index.search as search_module
 from idml.index.embed import describe_checkpoint
 
 
@@ -142,7 +142,7 @@ def test_searcher_falls_back_to_shards_when_the_merge_cannot_be_written(tmp_path
     def read_only(*args, **kwargs):
         raise PermissionError(13, "Permission denied", str(root / "cache"))
 
-    monkeypatch.setattr(fx, "merge_ondisk", read_only)
+    monkeypatch.setattr(search_module, "merge_ondisk", read_only)
     with caplog.at_level(logging.WARNING, logger="idml.index.search"):
         searcher = IndexSearcher(root, nprobe=4)
     assert "one by one (slower): cannot merge them" in caplog.text
@@ -192,7 +192,7 @@ def test_update_refuses_another_checkpoint(tmp_path, checkpoint):
     other = make_checkpoint(tmp_path / "other.pt", embedding_dim=16)
     with pytest.raises(ValueError, match="run `idml index build` instead"):
         build_in_process(tmp_path / "idx", ds, other, kind="update")
-    with pytest.raises(FileNotFoundError, match="no version is published"):
+    with pytest.raises(FileNotFoundError, match="empty does not exist; run `idml index build"):
         build_in_process(tmp_path / "empty", ds, checkpoint, kind="update")
 
 

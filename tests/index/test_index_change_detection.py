@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 from support import build_in_process, make_image_folder, make_index_dataset, shape_image
 
 from idml.index import IndexStore, verify_index
-from idml.index.builder import CORPUS_RECORD
+from idml.index.reads import CORPUS_RECORD
+from idml.index.store import MANIFEST_NAME, write_json_atomic
 
 
 def _age(folder: Path, seconds: float = 3600) -> None:
@@ -97,11 +98,19 @@ def test_a_dataset_update_skips_shards_whose_stats_and_checksum_match(tmp_path, 
     assert verify_index(idx) == []
 
 
+def _drop_record(store: IndexStore, manifest: dict) -> None:
+    version_dir = store.version_dir(manifest["version"])
+    (version_dir / CORPUS_RECORD).unlink()
+    del manifest["files"][CORPUS_RECORD]
+    write_json_atomic(version_dir / MANIFEST_NAME, manifest)
+
+
 def test_a_version_without_a_record_or_another_corpus_reads_every_file(tmp_path, checkpoint, planned_build):
     folder = Path(make_image_folder(tmp_path / "imgs", 4))
     _age(folder)
     idx = tmp_path / "idx"
-    build_in_process(idx, str(folder), checkpoint)  # the library without plan_reads: no record
+    v1 = build_in_process(idx, str(folder), checkpoint)
+    _drop_record(IndexStore(idx), v1)  # as a version built before records were kept
     _, plan, counts, _ = planned_build(idx, str(folder), checkpoint, kind="update")
     assert len(plan.files) == 4 and "records no file sizes" in plan.note and counts["embedded"] == 0
 

@@ -1,7 +1,10 @@
 import faiss
 import numpy as np
 
-from idml.index import faiss_index as fx
+from idml.index.combined import combine
+from idml.index.labels import split_labels
+from idml.index.shards import build_shard
+from idml.index.spec import resolve_spec
 from idml.index.recall import GT_DEPTH, RecallSample
 
 
@@ -41,7 +44,7 @@ def test_incremental_ground_truth_matches_recomputing_it():
 
 
 def test_labels_of_combined_shards_are_global():
-    spec = fx.resolve_spec("flat", 10, 4)
-    a = fx.build_shard(np.eye(4, dtype=np.float32), 3, spec, None)
-    _, labels = fx.combine([a], spec, None).search(np.eye(4, dtype=np.float32)[:1], 1)
-    assert fx.split_labels(labels)[0][0, 0] == 3
+    spec = resolve_spec("flat", 10, 4)
+    a = build_shard(np.eye(4, dtype=np.float32), 3, spec, None)
+    _, labels = combine([a], spec, None).search(np.eye(4, dtype=np.float32)[:1], 1)
+    assert split_labels(labels)[0][0, 0] == 3

@@ -13,7 +13,11 @@ from idml.data.source import file_sha256
 from idml.errors import DamagedFileError, InputError
 from idml.faiss_import import faiss
 from idml.index import BuildRequest, IndexSearcher, IndexStore, StagedBuild, verify_index
-from idml.index import faiss_index as fx
+from idml.index.combined import combine, merge_ondisk
+from idml.index.factory import check_factory
+from idml.index.faiss_io import read_index, write_index_atomic
+from idml.index.shards import build_shard, train_index
+from idml.index.spec import DEFAULT_REFINE, IndexSpec, resolve_spec
 from idml.index.embed import embedded_batch
 from idml.index.partitions import read_vectors
 
@@ -60,11 +64,11 @@ def test_lossy_candidates_are_rescored_by_exact_cosine_in_search_and_in_the_meas
     x = loose_clusters(n, d, seed=1)
     m = build_synthetic(tmp_path / "idx", x, index_type="IVF64,PQ8", shards=2, recall_sample=200)
     spec = m["faiss"]
-    assert spec["refine"] == fx.DEFAULT_REFINE and m["recall"]["refine"] == fx.DEFAULT_REFINE
+    assert spec["refine"] == DEFAULT_REFINE and m["recall"]["refine"] == DEFAULT_REFINE
     for entry in m["shards"]:
         assert entry["vectors"] == entry["index"].replace(".faiss", ".vectors.npy") and entry["vectors"] in m["files"]
     # The vectors are on disk, not in the index's memory: the estimate is the codes' alone.
-    assert spec["estimated_bytes"] == fx.check_factory("IVF64,PQ8", d).estimated_bytes(n, 2)
+    assert spec["estimated_bytes"] == check_factory("IVF64,PQ8", d).estimated_bytes(n, 2)
     assert n * d * 4 < m["metrics"]["exact_vector_bytes"] < n * d * 4 + 1024
     assert verify_index(tmp_path / "idx") == []
 
@@ -118,7 +122,7 @@ def test_query_refine_flag_update_and_damaged_vector_files(tmp_path, capsys):
     assert [s["source"] for s in m2["shards"]] == ["reused", "reused", "new"]
     assert all("vectors" in s for s in m2["shards"])
     assert os.path.samefile(v1 / "shard-000000.vectors.npy", v2 / "shard-000000.vectors.npy")
-    assert verify_index(idx) == [] and m2["recall"]["refine"] == fx.DEFAULT_REFINE
+    assert verify_index(idx) == [] and m2["recall"]["refine"] == DEFAULT_REFINE
 
     # A damaged vector file is refused (never used to re-score), a missing one too.
     damaged = v2 / "shard-000002.vectors.npy"
@@ -142,7 +146,7 @@ def test_exact_indexes_store_no_vector_files(tmp_path):
     m = build_synthetic(tmp_path / "idx", x, index_type="IVF8,Flat")
     assert m["faiss"]["refine"] == 0 and not any(k.endswith(".vectors.npy") for k in m["files"])
     assert "exact_vector_bytes" in m["metrics"] and m["metrics"]["exact_vector_bytes"] == 0
-    assert [fx.check_factory(f, 16).lossy for f in ("Flat", "IVF8,Flat", "HNSW8", "IVF8,PQ4", "IVF8,SQ8", "PQ4")] == \
+    assert [check_factory(f, 16).lossy for f in ("Flat", "IVF8,Flat", "HNSW8", "IVF8,PQ4", "IVF8,SQ8", "PQ4")] == \
         [False, False, False, True, True, True]
     searcher = IndexSearcher(tmp_path / "idx", refine=4)  # nothing to re-score: no effect
     assert not searcher.index.rescores
@@ -182,11 +186,11 @@ def test_refine_is_refused_where_there_is_nothing_to_rescore(tmp_path, checkpoin
 
     from pipelines.index_cli import main
 
-    assert fx.resolve_spec("IVF8,PQ4", 1000, 16, refine=1).refine == 0  # 1 re-scores nothing new: off
-    assert fx.resolve_spec("IVF8,PQ4", 1000, 16).refine == fx.DEFAULT_REFINE
-    assert fx.resolve_spec("flat", 1000, 16, refine=0).refine == 0  # 0 asks for nothing: accepted
+    assert resolve_spec("IVF8,PQ4", 1000, 16, refine=1).refine == 0  # 1 re-scores nothing new: off
+    assert resolve_spec("IVF8,PQ4", 1000, 16).refine == DEFAULT_REFINE
+    assert resolve_spec("flat", 1000, 16, refine=0).refine == 0  # 0 asks for nothing: accepted
     with pytest.raises(InputError, match="must be >= 0"):
-        fx.resolve_spec("IVF8,PQ4", 1000, 16, refine=-1)
+        resolve_spec("IVF8,PQ4", 1000, 16, refine=-1)
 
     ds = make_index_dataset(tmp_path / "ds", 8)
     build = ["build", "--checkpoint", checkpoint, "--corpus", ds, "--index-dir", str(tmp_path / "idx"), "--no-mlflow"]
@@ -205,41 +209,41 @@ def test_refine_is_refused_where_there_is_nothing_to_rescore(tmp_path, checkpoin
 def test_ivf_shard_files_leave_the_quantizer_to_trained_faiss_and_search_the_same(tmp_path, factory):
     x = loose_clusters(12_000, 64, seed=6)
     queries = loose_clusters(100, 64, seed=7)
-    spec = fx.resolve_spec(factory, len(x), 64, nprobe=16)
-    trained = fx.train_index(x[: spec.train_size], spec)
-    fx.write_index_atomic(trained, tmp_path / "trained.faiss")
+    spec = resolve_spec(factory, len(x), 64, nprobe=16)
+    trained = train_index(x[: spec.train_size], spec)
+    write_index_atomic(trained, tmp_path / "trained.faiss")
     quantizer_bytes = len(faiss.serialize_index(faiss.extract_index_ivf(trained).quantizer))
     assert quantizer_bytes >= 512 * 64 * 4
     parts = np.array_split(np.arange(len(x)), 2)
     in_memory, old_paths, new_paths = [], [], []
     for s, rows in enumerate(parts):
-        shard = fx.build_shard(x[rows], s, spec, trained)
+        shard = build_shard(x[rows], s, spec, trained)
         in_memory.append(shard)
         old_paths.append(tmp_path / f"old-{s}.faiss")
         new_paths.append(tmp_path / f"new-{s}.faiss")
-        fx.write_index_atomic(shard, old_paths[-1])  # as shard files were written before
-        fx.write_shard(shard, new_paths[-1])
+        write_index_atomic(shard, old_paths[-1])  # as shard files were written before
+        spec.kind.write_shard(shard, new_paths[-1])
         assert faiss.extract_index_ivf(shard).quantizer.ntotal == 512  # the shard in memory keeps it
         saved = old_paths[-1].stat().st_size - new_paths[-1].stat().st_size
         assert abs(saved - quantizer_bytes) < 200, (saved, quantizer_bytes)
 
-    expected = fx.combine(in_memory, spec, trained).search(queries, 10)
-    on_disk = fx.read_index(tmp_path / "trained.faiss")
+    expected = combine(in_memory, spec, trained).search(queries, 10)
+    on_disk = read_index(tmp_path / "trained.faiss")
     for paths in (new_paths, old_paths):  # old shard files, quantizer included, keep working
-        shards = [fx.read_shard(p, spec, on_disk) for p in paths]
-        found = fx.combine(shards, spec, on_disk).search(queries, 10)
+        shards = [spec.kind.open_shard(p, on_disk) for p in paths]
+        found = combine(shards, spec, on_disk).search(queries, 10)
         np.testing.assert_array_equal(found[1], expected[1])
         np.testing.assert_array_equal(found[0], expected[0])
         alone = shards[0].search(queries, 10)  # one shard searched by itself needs the quantizer too
         np.testing.assert_array_equal(alone[1], in_memory[0].search(queries, 10)[1])
-        merged = fx.merge_ondisk(tmp_path / "trained.faiss", paths, tmp_path / f"merged-{paths[0].stem}", spec)
+        merged = merge_ondisk(tmp_path / "trained.faiss", paths, tmp_path / f"merged-{paths[0].stem}", spec)
         np.testing.assert_array_equal(merged.search(queries, 10)[1], expected[1])
     with pytest.raises(ValueError, match="without its coarse quantizer"):
-        fx.read_shard(new_paths[0], spec, None)
+        spec.kind.open_shard(new_paths[0], None)
 
 
 def test_the_index_estimate_counts_the_coarse_quantizer_once():
-    check = fx.check_factory("IVF1024,PQ8", 64)
+    check = check_factory("IVF1024,PQ8", 64)
     assert check.quantizer_bytes >= 1024 * 64 * 4 and check.fixed_bytes < check.quantizer_bytes
     # More shards add copies of the codebooks (and list headers), never of the centroids.
     assert check.estimated_bytes(10_000, 9) - check.estimated_bytes(10_000, 1) == 8 * check.fixed_bytes
@@ -256,10 +260,10 @@ def test_a_version_written_before_reads_and_updates_as_it_was(tmp_path):
     before = [[h.id for h in r.hits] for r in IndexSearcher(idx, refine=0).search(queries, no_uncertainty, 5)]
 
     # What the previous format wrote: shard files holding their own quantizer, no exact vectors.
-    spec, trained = fx.IndexSpec.from_dict(m["faiss"]), fx.read_index(vdir / "trained.faiss")
+    spec, trained = IndexSpec.from_dict(m["faiss"]), read_index(vdir / "trained.faiss")
     for entry in m["shards"]:
-        shard = fx.build_shard(read_vectors(vdir / entry["embeddings"]), entry["shard"], spec, trained)
-        fx.write_index_atomic(shard, vdir / entry["index"])
+        shard = build_shard(read_vectors(vdir / entry["embeddings"]), entry["shard"], spec, trained)
+        write_index_atomic(shard, vdir / entry["index"])
         (vdir / entry["vectors"]).unlink()
         del m["files"][entry.pop("vectors")]
         m["files"][entry["index"]] = {"sha256": file_sha256(vdir / entry["index"]),

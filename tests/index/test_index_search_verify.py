@@ -6,10 +6,10 @@ import pytest
 import torch
 from support import build_in_process, make_index_dataset
 
-from idml.index import IndexSearcher, IndexStore, format_results, resolve_corpus, verify_against_corpus, verify_index
-from idml.index.corpus import read_ids_and_images
-from idml.index.embed import hash_batch
+from idml.index import IndexSearcher, IndexStore, format_results, verify_index
 from idml.index.partitions import read_vectors
+from idml.index.query import QueryRequest, query_index
+from idml.index.verify import VerifyRequest, verify_version
 from idml.metric import introspective_distance
 
 
@@ -85,18 +85,25 @@ def test_verify_finds_damage(index, tmp_path):
     assert "missing file" in problems and "not listed" in problems
 
 
+def test_query_by_ids_leaves_each_id_out_of_its_own_results(index):
+    """``idml index query --ids``, as the library runs it."""
+    idx, _ = index
+    response = query_index(QueryRequest(idx, ids=["img-000", "img-001"], k=3))
+    assert response.version == IndexStore(idx).current_version() and response.uncertainty_weight is None
+    assert [r.query for r in response.results] == ["img-000", "img-001"]
+    assert all(len(r.hits) == 3 and r.query not in {h.id for h in r.hits} for r in response.results)
+    assert query_index(QueryRequest(idx, ids=["img-000"], rerank=True, uncertainty_weight=0.5)).uncertainty_weight == 0.5
+    with pytest.raises(ValueError, match="one of the two"):
+        query_index(QueryRequest(idx))
+
+
 def test_verify_against_the_corpus(index, tmp_path):
+    """``idml index verify --corpus``, as the library runs it (the corpus hashed in this process)."""
     idx, ds = index
-    manifest = IndexStore(idx).read_manifest()
-    corpus = resolve_corpus(ds)
-
-    def listing():
-        return pa.concat_tables([hash_batch(read_ids_and_images(corpus, f)) for f in corpus.files])
-
-    assert verify_against_corpus(manifest, idx, listing()) == []
+    result = verify_version(VerifyRequest(idx, corpus=""))  # the corpus the version was built from
+    assert result.problems == [] and result.version == IndexStore(idx).current_version()
     make_index_dataset(tmp_path / "ds2", 40, corrupt=(3,), changed={1: 77}, drop=(2,), extra=1)
-    corpus = resolve_corpus(str(tmp_path / "ds2"))
-    problems = "\n".join(verify_against_corpus(manifest, idx, listing()))
+    problems = "\n".join(verify_version(VerifyRequest(idx, corpus=str(tmp_path / "ds2"))).problems)
     assert "1 corpus images are not indexed" in problems and "img-040" in problems
     assert "no longer in the corpus" in problems and "img-002" in problems
     assert "changed since" in problems and "img-001" in problems

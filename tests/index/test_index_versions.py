@@ -11,6 +11,7 @@ from support import build_in_process, make_index_dataset
 from idml.errors import DamagedFileError
 from idml.index import IndexSearcher, IndexStore, verify_index
 from idml.index.store import IndexLockedError
+from idml.index.versions import list_versions, prune_versions, publish_version
 
 
 @pytest.fixture
@@ -28,7 +29,7 @@ def three_versions(tmp_path, checkpoint):
 
 
 def test_versions_lists_created_vectors_model_parent_and_current(three_versions, checkpoint):
-    rows = three_versions.describe_versions()
+    rows = list_versions(three_versions)
     assert [(r.version, r.kind, r.vectors, r.parent, r.current) for r in rows] == [
         ("v000001", "build", 40, None, False), ("v000002", "update", 42, "v000001", False),
         ("v000003", "update", 41, "v000002", True)]
@@ -37,7 +38,7 @@ def test_versions_lists_created_vectors_model_parent_and_current(three_versions,
 
 def test_rollback_then_query_reads_the_published_old_version(three_versions):
     store = three_versions
-    assert store.publish_existing("v000001") == "v000003"
+    assert publish_version(store, "v000001") == "v000003"
     assert store.current_version() == "v000001"
     searcher = IndexSearcher(store.root)
     assert searcher.version == "v000001" and len(searcher) == 40
@@ -46,8 +47,8 @@ def test_rollback_then_query_reads_the_published_old_version(three_versions):
     with pytest.raises(ValueError, match="not in index"):
         searcher.lookup(["img-040"])  # added by v000002
     # ... and forward again; publishing the published version changes nothing.
-    assert store.publish_existing("v000003") == "v000001"
-    assert store.publish_existing("v000003") == "v000003"
+    assert publish_version(store, "v000003") == "v000001"
+    assert publish_version(store, "v000003") == "v000003"
     assert verify_index(store.root) == []
 
 
@@ -55,18 +56,18 @@ def test_publish_refuses_a_damaged_or_unknown_version(three_versions):
     store = three_versions
     (store.version_dir("v000002") / "recall_sample.npz").write_bytes(b"damaged")
     with pytest.raises(DamagedFileError, match="cannot publish index version v000002: it is damaged.*v000003"):
-        store.publish_existing("v000002")
+        publish_version(store, "v000002")
     with pytest.raises(FileNotFoundError, match="v000009 does not exist"):
-        store.publish_existing("v000009")
+        publish_version(store, "v000009")
     with pytest.raises(ValueError, match="not a version name"):
-        store.publish_existing("latest")
+        publish_version(store, "latest")
     assert store.current_version() == "v000003"
 
 
 def test_publish_repairs_a_damaged_pointer(three_versions):
     store = three_versions
     store.current_path.write_text("{broken")
-    assert store.publish_existing("v000002") is None
+    assert publish_version(store, "v000002") is None
     assert store.current_version() == "v000002"
 
 
@@ -74,15 +75,15 @@ def test_prune_keeps_current_and_the_files_kept_versions_share(three_versions):
     store = three_versions
     shared = store.version_dir("v000003") / "shards" / "shard-000001.parquet"  # reused since v000001
     assert os.stat(shared).st_nlink == 3
-    store.publish_existing("v000002")  # a rollback: CURRENT is not the newest
-    dry = store.prune(1, dry_run=True)
+    publish_version(store, "v000002")  # a rollback: CURRENT is not the newest
+    dry = prune_versions(store, 1, dry_run=True)
     assert (dry.removed, dry.kept) == (["v000001"], ["v000002", "v000003"]) and store.versions() == ["v000001", "v000002", "v000003"]
     for leftover in ("v000001/merged.index", "v000001.tmp-123/merged.ivfdata", "v000002/merged.index"):
         (store.cache_dir / leftover).parent.mkdir(parents=True, exist_ok=True)
         (store.cache_dir / leftover).write_text("x")
     for name in ("v000001.lock", "v000001.checked.json"):
         (store.cache_dir / name).write_text("{}")
-    result = store.prune(1)
+    result = prune_versions(store, 1)
     assert result.removed == ["v000001"] and store.versions() == ["v000002", "v000003"]
     # The pruned version's merged index, a killed merge's leftovers, its lock and stamps go with it.
     assert sorted(p.name for p in store.cache_dir.iterdir() if p.name.startswith("v000001")) == []
@@ -92,16 +93,16 @@ def test_prune_keeps_current_and_the_files_kept_versions_share(three_versions):
     assert verify_index(store.root) == [] and verify_index(store.root, "v000003") == []
     assert not (store.root / "trash").exists()
     # The published version survives any --keep.
-    store.publish_existing("v000002")
-    assert store.prune(1).removed == [] and store.versions() == ["v000002", "v000003"]
+    publish_version(store, "v000002")
+    assert prune_versions(store, 1).removed == [] and store.versions() == ["v000002", "v000003"]
     with pytest.raises(ValueError, match="--keep must be >= 1"):
-        store.prune(0)
+        prune_versions(store, 0)
 
 
 def test_prune_frees_only_what_no_kept_version_links(three_versions):
     store = three_versions
     own = {p: p.stat() for p in store.version_dir("v000001").rglob("*") if p.is_file() and p.stat().st_nlink == 1}
-    result = store.prune(2)
+    result = prune_versions(store, 2)
     assert result.removed == ["v000001"] and result.freed_bytes == sum(st.st_size for st in own.values())
 
 
@@ -109,9 +110,9 @@ def test_prune_and_publish_wait_for_the_writer(three_versions):
     store = three_versions
     with store.lock(holder="idml index update"):
         with pytest.raises(IndexLockedError, match=r"another writer holds .*idml index update \(pid"):
-            store.prune(1)
+            prune_versions(store, 1)
         with pytest.raises(IndexLockedError, match="--wait"):
-            store.publish_existing("v000001")
+            publish_version(store, "v000001")
     assert store.versions() == ["v000001", "v000002", "v000003"]
 
     release = threading.Event()
@@ -125,7 +126,7 @@ def test_prune_and_publish_wait_for_the_writer(three_versions):
     holder.start()
     release.wait()
     start = time.monotonic()
-    assert store.publish_existing("v000001", wait_s=30) == "v000003"  # waited for the holder, then published
+    assert publish_version(store, "v000001", wait_s=30) == "v000003"  # waited for the holder, then published
     holder.join()
     assert time.monotonic() - start >= 0.5 and store.current_version() == "v000001"
 
@@ -180,7 +181,7 @@ def test_commands_refuse_a_damaged_version_and_a_held_lock(three_versions, capsy
 
 def test_an_update_after_a_rollback_builds_on_the_published_version(three_versions, checkpoint):
     store = three_versions
-    store.publish_existing("v000001")
+    publish_version(store, "v000001")
     ds = str(store.root.parent / "ds")
     make_index_dataset(store.root.parent / "ds", 40, extra=5)
     m = build_in_process(store.root, ds, checkpoint, kind="update")

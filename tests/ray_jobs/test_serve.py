@@ -136,7 +136,7 @@ def test_a_registered_model_is_accepted_as_the_checkpoint(tiny, tmp_path, monkey
 def test_serve_refine_reaches_the_searcher_of_every_version_it_loads(tiny, tmp_path, capsys):
     """`idml serve --refine N`: parsed into ServeOptions and passed to the IndexSearcher of the
     version a replica loads first and of each one it loads later (load_served; Ray not started)."""
-    from idml.index import faiss_index as fx
+    from idml.index.spec import DEFAULT_REFINE
     from pipelines.cli import build_parser, main
     from pipelines.serve import load_served
     from pipelines.serve_cli import serve_options
@@ -148,7 +148,7 @@ def test_serve_refine_reaches_the_searcher_of_every_version_it_loads(tiny, tmp_p
         return serve_options(build_parser().parse_args(["serve", "--index-dir", str(idx), *flags]))
 
     default = load_served(options())
-    assert default.searcher.spec.refine == fx.DEFAULT_REFINE and default.describe()["refine"] == fx.DEFAULT_REFINE
+    assert default.searcher.spec.refine == DEFAULT_REFINE and default.describe()["refine"] == DEFAULT_REFINE
     deeper = load_served(options("--refine", "3"), previous=default)
     assert deeper.searcher.spec.refine == 3 and deeper.searcher.index.rescores and deeper.describe()["refine"] == 3
     reloaded = load_served(options("--refine", "3"), deeper.version, deeper)  # as a replica loads a new version
