@@ -45,9 +45,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 IDML = Path(sys.executable).parent / "idml"
 
-PLAIN = {"loss.introspective": False, "loss.mixup": False}
-IDML_FULL = {"loss.introspective": True, "loss.mixup": True}
-METRIC_ONLY = {"loss.introspective": True, "loss.mixup": False}  # configs/emoji.yaml's IDML
+# Every variant names how its uncertainty is learned, whatever the config's default: the
+# IDML variants learn it through the metric, the plain ones keep an untrained head as before.
+PLAIN = {"loss.introspective": False, "loss.mixup": False, "model.uncertainty": "metric"}
+IDML_FULL = {"loss.introspective": True, "loss.mixup": True, "model.uncertainty": "metric"}
+METRIC_ONLY = {"loss.introspective": True, "loss.mixup": False, "model.uncertainty": "metric"}
 # The ablation and the lambda sweeps are the paper's IDML-ProxyAnchor, whatever the config's loss.
 PROXY_ANCHOR = {"loss.name": "proxy_anchor"}
 GROUPS = ("ablation", "lambda", "lambda_mixup", "losses", "uncertainty")
@@ -93,7 +95,7 @@ def variants(groups: list[str], seeds: int, loss_seeds: int, lambdas: list[float
     if "ablation" in groups:
         ablation = [
             Variant("proxy_anchor", "ablation", PLAIN, seeds, "ProxyAnchor"),
-            Variant("mixup_only", "ablation", {"loss.introspective": False, "loss.mixup": True}, seeds,
+            Variant("mixup_only", "ablation", {**PLAIN, "loss.mixup": True}, seeds,
                     "ProxyAnchor + mixup"),
             Variant("metric_only", "ablation", METRIC_ONLY, seeds,
                     "ProxyAnchor + introspective metric"),

@@ -23,6 +23,7 @@ from torch import nn
 
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .data.source import file_sha256
+from .metric import image_uncertainty
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class ExportableModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         mu, sigma = self.model(images)
-        return mu, sigma, sigma.pow(2).sum(dim=1)
+        return mu, sigma, image_uncertainty(sigma)
 
 
 def export_metadata(checkpoint: str | Path, state: dict[str, Any], image_size: int, embedding_dim: int) -> dict[str, Any]:

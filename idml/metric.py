@@ -15,6 +15,7 @@ only ``semantic_dim`` wide (a class proxy) has zero uncertainty.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from pytorch_metric_learning.distances import BaseDistance, LpDistance
 
@@ -30,9 +31,13 @@ def pack(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return torch.cat([mu, sigma], dim=1)
 
 
-def image_uncertainty(sigma: torch.Tensor) -> torch.Tensor:
-    """Uncertainty of each image: the squared norm of its uncertainty embedding."""
-    return sigma.pow(2).sum(dim=1)
+def image_uncertainty(sigma):
+    """Uncertainty of each image: the squared norm of its uncertainty embedding (the one
+    definition every module uses; rows of a torch tensor, or of a numpy array in float64)."""
+    if isinstance(sigma, torch.Tensor):
+        return sigma.pow(2).sum(dim=1)
+    sigma = np.asarray(sigma, dtype=np.float64)
+    return np.einsum("ij,ij->i", sigma, sigma)
 
 
 def introspective_distance(alpha: torch.Tensor, beta: torch.Tensor, uncertainty_weight: float) -> torch.Tensor:

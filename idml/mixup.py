@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .metric import image_uncertainty
 from .precision import autocast
 
 
@@ -64,7 +65,7 @@ class IntrospectiveObjective(torch.nn.Module):
             mu, sigma = self.embed(images)
             loss = self.criterion(mu, sigma, labels)
             return self._with_uncertainty_loss(loss, mu, sigma, labels,
-                                               {"uncertainty_clean": sigma.detach().pow(2).sum(1).mean()})
+                                               {"uncertainty_clean": image_uncertainty(sigma.detach()).mean()})
         mixed = mix_batch(images, labels, alpha=self.mixup_alpha)
         # One forward over clean+mixed: BN statistics are frozen, so batch composition is free.
         mu, sigma = self.embed(torch.cat([images, mixed.images]))
@@ -77,7 +78,7 @@ class IntrospectiveObjective(torch.nn.Module):
         )
         with torch.no_grad():
             stats = {
-                "uncertainty_clean": sigma_c.pow(2).sum(1).mean(),
-                "uncertainty_mixed": sigma_m.pow(2).sum(1).mean(),
+                "uncertainty_clean": image_uncertainty(sigma_c).mean(),
+                "uncertainty_mixed": image_uncertainty(sigma_m).mean(),
             }
         return self._with_uncertainty_loss(loss, mu_c, sigma_c, labels, stats)

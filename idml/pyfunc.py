@@ -7,6 +7,8 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 
+from .metric import image_uncertainty
+
 CHECKPOINT_ARTIFACT = "checkpoint"
 IMAGE_COLUMN = "image"
 
@@ -17,9 +19,9 @@ class IDMLPyfunc(mlflow.pyfunc.PythonModel):
     (the uncertainty embedding) and ``uncertainty`` (``||sigma||^2``)."""
 
     def load_context(self, context) -> None:
-        from .index.embed import BatchEmbedder
+        from .inference import Embedder
 
-        self.embedder = BatchEmbedder(context.artifacts[CHECKPOINT_ARTIFACT])
+        self.embedder = Embedder(context.artifacts[CHECKPOINT_ARTIFACT])
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         if IMAGE_COLUMN not in model_input:
@@ -31,4 +33,4 @@ class IDMLPyfunc(mlflow.pyfunc.PythonModel):
 
 def predictions_frame(mu: np.ndarray, sigma: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame({"mu": list(mu.astype(np.float32)), "sigma": list(sigma.astype(np.float32)),
-                         "uncertainty": np.square(sigma).sum(axis=1).astype(np.float64)})
+                         "uncertainty": image_uncertainty(sigma)})

@@ -40,13 +40,13 @@ def log_model(uri: str, run_id: str, checkpoint: str | Path, *, example_images: 
     import mlflow
     from mlflow.models import infer_signature
 
-    from .index.embed import BatchEmbedder
+    from .inference import Embedder
     from .pyfunc import CHECKPOINT_ARTIFACT, IMAGE_COLUMN, IDMLPyfunc, predictions_frame
 
     import pandas as pd
 
     example = pd.DataFrame({IMAGE_COLUMN: [bytes(b) for b in example_images]})
-    mu, sigma = BatchEmbedder(str(checkpoint)).embed_images(list(example[IMAGE_COLUMN]))
+    mu, sigma = Embedder(str(checkpoint)).embed_images(list(example[IMAGE_COLUMN]))
     signature = infer_signature(example, predictions_frame(mu, sigma))
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=run_id, log_system_metrics=False):

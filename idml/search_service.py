@@ -14,32 +14,13 @@ import torch
 
 from . import metric  # noqa: F401 - the re-rank imports it on first use; seconds a request should not wait
 from .data.images import decode_image
-from .data.source import file_sha256
-from .index.embed import BatchEmbedder
+from .inference import Embedder
+from .metric import image_uncertainty
+from .index.query import checkpoint_for_index
 from .index.search import IndexSearcher, QueryResult
-from .registry import resolve_checkpoint
 
 class UnknownIdError(LookupError):
     """A queried id is not in the served index version."""
-
-
-def checkpoint_for_index(manifest: dict[str, Any], checkpoint: str | os.PathLike | None = None) -> str:
-    """A local file holding the model that embeds queries for an index version: ``checkpoint``
-    when given (a path, a shared-storage URI or an MLflow model URI: ``idml.registry``), else the
-    path the version's manifest records. Either way its sha256 must be the one the version was
-    built with: vectors from another model are not comparable with the index's."""
-    recorded = manifest["checkpoint"]
-    try:
-        path = str(resolve_checkpoint(checkpoint if checkpoint is not None else recorded["path"]))
-    except FileNotFoundError:
-        if checkpoint is not None:
-            raise
-        raise FileNotFoundError(f"checkpoint {recorded['path']} of index version {manifest['version']} does not "
-                                "exist; pass the model with --checkpoint") from None
-    if file_sha256(path) != recorded["sha256"]:
-        raise ValueError(f"checkpoint {checkpoint or path} is not the one index version {manifest['version']} was built "
-                         f"with (sha256 {recorded['sha256'][:12]}…); pass that checkpoint with --checkpoint")
-    return path
 
 
 @dataclass(frozen=True)
@@ -48,7 +29,7 @@ class ServedIndex:
     when a new version is published, so a request that took one answers entirely from it."""
 
     searcher: IndexSearcher
-    embedder: BatchEmbedder
+    embedder: Embedder
     checkpoint: str
     checkpoint_sha256: str
     loaded_at: float = field(default_factory=time.time)
@@ -66,7 +47,7 @@ class ServedIndex:
         if previous is not None and previous.checkpoint_sha256 == sha:
             return cls(searcher, previous.embedder, previous.checkpoint, sha)
         path = checkpoint_for_index(searcher.manifest, checkpoint)
-        return cls(searcher, BatchEmbedder(path, threads=threads), path, sha)
+        return cls(searcher, Embedder(path, threads=threads), path, sha)
 
     @property
     def version(self) -> str:
@@ -79,7 +60,7 @@ class ServedIndex:
     def embed(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Prepared images (N, C, H, W) -> ``(mu, uncertainty)``, uncertainty = ||sigma||^2."""
         mu, sigma = self.embedder.embed_tensors(images)
-        return mu, np.square(sigma).sum(axis=1)
+        return mu, image_uncertainty(sigma)
 
     def lookup(self, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Stored ``(mu, uncertainty)`` of indexed images; UnknownIdError names the missing ones."""

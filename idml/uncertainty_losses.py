@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .metric import image_uncertainty
+
 # Other-class embeddings the failure predictor's gallery keeps from earlier steps: about 30
 # batches of 64, a few hundred classes, as many as a test gallery's near neighbours span.
 BANK_SIZE = 2048
@@ -67,7 +69,7 @@ class FailurePredictionLoss(nn.Module):
             nearest_negative = torch.maximum(nearest_negative, bank_sims.amax(1))
         has_positive = torch.isfinite(nearest_positive)
         failed = (nearest_negative > nearest_positive).float()
-        log_odds = sigma.pow(2).sum(1).log()
+        log_odds = image_uncertainty(sigma).log()
         self._remember(mu, labels)
         if not has_positive.any():
             return log_odds.sum() * 0.0

@@ -44,7 +44,8 @@ from ray.serve import Application
 from idml.data.images import InvalidImageError
 from idml.index import IndexStore
 from idml.registry import is_model_uri
-from idml.search_service import ServedIndex, UnknownIdError, checkpoint_for_index, results_as_dicts
+from idml.index.query import checkpoint_for_index
+from idml.search_service import ServedIndex, UnknownIdError, results_as_dicts
 from idml.tracking import tracking_uri
 
 log = logging.getLogger("ray.serve")  # a replica's ray.serve logger writes to its log file

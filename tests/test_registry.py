@@ -53,13 +53,13 @@ def test_pyfunc_predicts_what_the_checkpoint_embeds(tracking):
     import mlflow
     import pandas as pd
 
-    from idml.index.embed import BatchEmbedder
+    from idml.inference import Embedder
 
     uri, checkpoint, run_id, _ = tracking
     model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
     images = [shape_image(5), shape_image(6), shape_image(7)]
     out = model.predict(pd.DataFrame({"image": images}))
-    mu, sigma = BatchEmbedder(checkpoint).embed_images(images)
+    mu, sigma = Embedder(checkpoint).embed_images(images)
     np.testing.assert_allclose(np.stack(out["mu"]), mu, atol=1e-5)
     np.testing.assert_allclose(out["uncertainty"].to_numpy(), np.square(sigma).sum(1), rtol=1e-4)
     assert model.metadata.signature is not None

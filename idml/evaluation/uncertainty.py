@@ -10,6 +10,7 @@ import numpy as np
 from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
+from .. import metric
 from .retrieval import check_embeddings, check_labels, leave_one_out_per_query, to_numpy
 
 logger = logging.getLogger(__name__)
@@ -20,10 +21,9 @@ def image_uncertainty(sigma: Any) -> np.ndarray:
     arr = to_numpy(sigma, "sigma")
     if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
         raise ValueError(f"sigma must be a non-empty (num_items, dim) array, got shape {arr.shape}")
-    arr = arr.astype(np.float64)
     if not np.isfinite(arr).all():
         raise ValueError("sigma contains NaN or inf; check the model output for divergence")
-    return np.einsum("ij,ij->i", arr, arr)
+    return metric.image_uncertainty(arr)
 
 
 def check_uncertainty(u: Any, name: str, n: int | None = None) -> np.ndarray:

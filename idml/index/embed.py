@@ -1,8 +1,8 @@
 """Embedding a batch of encoded images with a trained checkpoint.
 
-``BatchEmbedder`` is a plain callable class (no Ray): Ray Data runs it in ``map_batches`` on an
-actor pool (the model loads once per actor), the benchmark runs the same object in a plain loop,
-and ``query`` uses it in-process for a handful of query images.
+``BatchEmbedder`` is a plain callable class (no Ray) on top of ``idml.inference.Embedder``: Ray
+Data runs it in ``map_batches`` on an actor pool (the model loads once per actor), and the
+benchmark and the in-process build run the same object in a plain loop.
 """
 
 from __future__ import annotations
@@ -17,12 +17,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from idml.checkpoint import checkpoint_config, load_checkpoint, model_from_checkpoint
-from idml.data.source import file_sha256
+from idml.checkpoint import checkpoint_config, load_checkpoint
 from idml.data.images import InvalidImageError, decode_image
-from idml.errors import InputError
+from idml.data.source import file_sha256
+from idml.inference import Embedder
 from idml.registry import is_model_uri
-from idml.transforms import eval_transform
 
 log = logging.getLogger(__name__)
 
@@ -77,20 +76,9 @@ def model_state(state: Mapping[str, Any]) -> dict[str, Any]:
     return {k: state[k] for k in ("model", "config", "epoch") if k in state}
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """Mixed precision for embedding on CUDA (bf16 where the GPU has it, else fp16); None on CPU,
-    where autocast would be slower. Vectors come out float32 either way."""
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-class BatchEmbedder:
-    """Maps a batch of encoded images to semantic (``mu``) and uncertainty (``sigma``) embeddings.
+class BatchEmbedder(Embedder):
+    """Maps a batch of encoded images to semantic (``mu``) and uncertainty (``sigma``) embeddings
+    (the model side is ``idml.inference.Embedder``; this adds the index's batch protocol).
 
     Input batches (a ``pa.Table`` or a dict of columns) hold either ``id`` + ``image`` (the
     dataset format) or ``path`` + ``bytes`` (``read_binary_files``; the id is the path relative
@@ -101,22 +89,9 @@ class BatchEmbedder:
 
     def __init__(self, checkpoint: str | Mapping[str, Any], *, known: pa.Table | None = None,
                  id_prefix: str | None = None, device: str | None = None, threads: int = 0,
-                 channels_last: bool | None = None, autocast: bool = True, batch_size: int = 0,
+                 channels_last: bool | None = None, precision: str = "auto", batch_size: int = 0,
                  delay_s: float = 0.0):
-        if threads > 0:
-            torch.set_num_threads(threads)
-        state = checkpoint if isinstance(checkpoint, Mapping) else load_checkpoint(checkpoint)
-        self.device = torch.device(device) if device else default_device()
-        model, cfg = model_from_checkpoint(dict(state))
-        # channels_last speeds up convolutions on CPU and is neutral on GPU.
-        self.channels_last = cfg.train.channels_last if channels_last is None else channels_last
-        model = model.to(self.device)
-        if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        self.model = model.eval()
-        self.autocast_dtype = autocast_dtype(self.device) if autocast else None
-        self.dim = cfg.model.embedding_dim
-        self.transform = eval_transform(cfg.data.image_size)
+        super().__init__(checkpoint, device=device, threads=threads, channels_last=channels_last, precision=precision)
         self.known = dict(zip(known.column("id").to_pylist(), known.column("content_hash").to_pylist())) if known is not None else {}
         self.id_prefix = id_prefix
         # The model's batch: a longer input (a whole Ray Data block) is embedded in slices of this
@@ -169,40 +144,6 @@ class BatchEmbedder:
             except InvalidImageError as e:
                 status[r], errors[r] = STATUS_CORRUPT, str(e)
         return decoded, tensors
-
-    @torch.inference_mode()
-    def embed_tensors(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 (or [0, 1] float) NCHW images -> float32 ``(mu, sigma)`` numpy arrays."""
-        images = images.to(self.device, non_blocking=True)
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        if self.autocast_dtype is not None:
-            with torch.autocast(self.device.type, dtype=self.autocast_dtype):
-                mu, sigma = self.model(images)
-        else:
-            mu, sigma = self.model(images)
-        return mu.float().cpu().numpy(), sigma.float().cpu().numpy()
-
-    def embed_images(self, blobs: list[bytes], batch_size: int = 64,
-                     names: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Embed encoded images in-process (query images); a corrupt one raises InputError naming
-        it (``names``, else its position)."""
-        mus, sigmas = [], []
-        for start in range(0, len(blobs), batch_size):
-            chunk = [self._decode(b, names[i] if names else f"image {i}")
-                     for i, b in enumerate(blobs[start:start + batch_size], start)]
-            mu, sigma = self.embed_tensors(torch.stack(chunk))
-            mus.append(mu)
-            sigmas.append(sigma)
-        if not mus:
-            return np.zeros((0, self.dim), np.float32), np.zeros((0, self.dim), np.float32)
-        return np.concatenate(mus), np.concatenate(sigmas)
-
-    def _decode(self, blob: bytes, name: str) -> torch.Tensor:
-        try:
-            return self.transform(decode_image(blob))
-        except InvalidImageError as e:
-            raise InputError(f"{name} is not a usable image ({e})") from e
 
 
 def batch_ids_and_images(batch, id_prefix: str | None = None) -> tuple[list[str], list[bytes]]:

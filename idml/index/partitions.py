@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from idml.data.source import file_sha256
+from idml.metric import image_uncertainty
 
 from .embed import STATUS_CORRUPT, STATUS_EMBEDDED
 from .store import read_json, write_json_atomic
@@ -61,7 +62,7 @@ def embedding_table(ids, hashes, mu: np.ndarray, sigma: np.ndarray) -> pa.Table:
         "content_hash": pa.array(hashes, pa.string()),
         "mu": pa.FixedSizeListArray.from_arrays(pa.array(mu.ravel()), dim),
         "sigma": pa.FixedSizeListArray.from_arrays(pa.array(sigma.ravel()), dim),
-        "uncertainty": pa.array(np.square(sigma).sum(axis=1, dtype=np.float32)),
+        "uncertainty": pa.array(image_uncertainty(sigma).astype(np.float32)),
     }, schema=embedding_schema(dim))
 
 

@@ -10,9 +10,10 @@ from typing import Any
 import numpy as np
 import pyarrow.fs as pafs
 
-from idml.data.source import filesystem_for
+from idml.data.source import file_sha256, filesystem_for
+from idml.inference import Embedder, image_uncertainty
+from idml.registry import resolve_checkpoint
 
-from .embed import BatchEmbedder
 from .search import IndexSearcher, QueryResult
 
 
@@ -62,12 +63,10 @@ def query_index(request: QueryRequest) -> QueryResponse:
 
 
 def _embed_query_images(manifest: dict, images: list[str], checkpoint: str | None) -> tuple[np.ndarray, np.ndarray]:
-    from idml.search_service import checkpoint_for_index
-
     blobs = [_read_query_image(image) for image in images]  # a wrong path is refused before the model loads
     path = checkpoint_for_index(manifest, checkpoint)
-    mu, sigma = BatchEmbedder(path).embed_images(blobs, names=[f"query image {i}" for i in images])
-    return mu, np.square(sigma).sum(axis=1)
+    mu, sigma = Embedder(path).embed_images(blobs, names=[f"query image {i}" for i in images])
+    return mu, image_uncertainty(sigma)
 
 
 def _read_query_image(image: str) -> bytes:
@@ -79,3 +78,22 @@ def _read_query_image(image: str) -> bytes:
         raise IsADirectoryError(f"query image {image} is a folder; pass image files")
     with fs.open_input_stream(path) as f:
         return f.read()
+
+
+def checkpoint_for_index(manifest: dict[str, Any], checkpoint: str | os.PathLike | None = None) -> str:
+    """A local file holding the model that embeds queries for an index version: ``checkpoint``
+    when given (a path, a shared-storage URI or an MLflow model URI: ``idml.registry``), else the
+    path the version's manifest records. Either way its sha256 must be the one the version was
+    built with: vectors from another model are not comparable with the index's."""
+    recorded = manifest["checkpoint"]
+    try:
+        path = str(resolve_checkpoint(checkpoint if checkpoint is not None else recorded["path"]))
+    except FileNotFoundError:
+        if checkpoint is not None:
+            raise
+        raise FileNotFoundError(f"checkpoint {recorded['path']} of index version {manifest['version']} does not "
+                                "exist; pass the model with --checkpoint") from None
+    if file_sha256(path) != recorded["sha256"]:
+        raise ValueError(f"checkpoint {checkpoint or path} is not the one index version {manifest['version']} was built "
+                         f"with (sha256 {recorded['sha256'][:12]}…); pass that checkpoint with --checkpoint")
+    return path

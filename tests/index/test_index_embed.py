@@ -8,12 +8,15 @@ from support import CORRUPT_BYTES, make_image_folder, shape_image
 from idml.checkpoint import load_checkpoint
 from idml.index import resolve_corpus
 from idml.index.corpus import read_ids_and_images
-from idml.index.embed import BatchEmbedder, autocast_dtype, describe_checkpoint, model_reference, model_state
+from idml.index.embed import BatchEmbedder, describe_checkpoint, model_reference, model_state
+from idml.inference import Embedder
+from idml.precision import autocast_dtype
 
 
-def test_mixed_precision_only_on_cuda():
-    assert autocast_dtype(torch.device("cpu")) is None
-    assert BatchEmbedder.__init__.__kwdefaults__["autocast"] is True
+def test_embedders_share_the_precision_policy_of_training(checkpoint):
+    # the precision policy of training and evaluation (idml.precision), the same for every embedder
+    assert issubclass(BatchEmbedder, Embedder) and BatchEmbedder.__init__.__kwdefaults__["precision"] == "auto"
+    assert BatchEmbedder(checkpoint, device="cpu", threads=1).autocast_dtype is autocast_dtype("cpu")
 
 
 def test_an_embedder_from_the_shipped_state_embeds_like_one_from_the_file(checkpoint):
