@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from support import CORRUPT_BYTES, TRAIN_OVERRIDES, class_image, make_class_dataset, make_cub, make_sop, write_file
+from support import CORRUPT_BYTES, TRAIN_OVERRIDES, refused, class_image, make_class_dataset, make_cub, make_sop, write_file
 
 from idml.data import read_manifest, read_split, select_val_classes, verify_dataset
 
@@ -33,17 +33,6 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 def ids(root: Path) -> set[str]:
     return {i for split in read_manifest(root)["splits"] for i in read_split(root, split, ["id"]).column("id").to_pylist()}
-
-
-def refused(result, *phrases: str) -> str:
-    """The command exited 2 with one line on stderr holding every phrase, and no traceback."""
-    code, _, err = result
-    lines = [line for line in err.splitlines() if line.startswith("idml: error:")]
-    assert code == BAD_INPUT, err
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for phrase in phrases:
-        assert phrase in lines[0], lines[0]
-    return lines[0]
 
 
 # -- 1. converting into a folder that holds something ------------------------------------------
