@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import pyarrow as pa
@@ -178,3 +179,87 @@ def test_a_manifest_with_wrong_fields_is_refused_before_any_file_is_opened(idml,
     refused(train_locally(idml, dataset, tmp_path / "run"), f"{dataset}/manifest.json is damaged", phrase)
     refused(idml("data", "inspect", dataset, "--verify"), f"{dataset}/manifest.json is damaged", phrase)
     assert opened == [] and not (tmp_path / "run").exists()
+
+
+# -- checkpoints: damaged weights are refused by eval, export and resume ---------------------------
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    from support import make_checkpoint
+
+    return Path(make_checkpoint(tmp_path_factory.mktemp("ckpt") / "best.pt", embedding_dim=16))
+
+
+def overwrite(path: Path, offset: int, count: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset:offset + count] = bytes((b + 1) % 256 for b in data[offset:offset + count])
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture
+def damaged(checkpoint, tmp_path) -> Path:
+    """``best.pt`` with 256 KB inside its weights overwritten (the issue's case: the zip's CRC fails)."""
+    path = tmp_path / "best.pt"
+    path.write_bytes(checkpoint.read_bytes())
+    overwrite(path, path.stat().st_size // 3, 256 << 10)
+    return path
+
+
+def test_eval_refuses_a_checkpoint_with_damaged_weights(idml, damaged, dataset, tmp_path):
+    refused(idml("eval", "--checkpoint", damaged, "--set", f"data.dataset={dataset}", "--output-dir", tmp_path / "eval"),
+            f"checkpoint {damaged} is damaged", "fails its CRC-32 checksum")
+    assert not (tmp_path / "eval").exists()
+
+
+def test_export_refuses_a_checkpoint_with_damaged_weights(idml, damaged, tmp_path):
+    refused(idml("export", "--checkpoint", damaged, "--format", "torchscript", "--output", tmp_path / "model.pt"),
+            f"checkpoint {damaged} is damaged")
+    assert not (tmp_path / "model.pt").exists()
+
+
+def test_resume_refuses_a_last_pt_with_damaged_weights(tmp_path, checkpoint):
+    from idml.checkpoint import load_checkpoint, resume_checkpoint, save_checkpoint
+    from idml.config import load_config
+    from idml.errors import DamagedFileError
+
+    state = load_checkpoint(checkpoint)
+    last = save_checkpoint(tmp_path / "last.pt", state)
+    overwrite(last, last.stat().st_size // 2, 4096)
+    with pytest.raises(DamagedFileError, match=f"cannot resume: checkpoint {last} is damaged"):
+        resume_checkpoint(last, load_config(overrides=[]), start_over="start over")
+
+
+def test_a_sound_checkpoint_still_loads(checkpoint):
+    from idml.checkpoint import model_from_checkpoint
+
+    model, cfg = model_from_checkpoint(checkpoint)
+    assert cfg.model.embedding_dim == 16
+
+
+@pytest.mark.parametrize("change, phrase", [
+    ({"embedding_dim": 64}, "weight(s) of another shape, e.g. "),
+    ({"backbone": "resnet50"}, "weight(s) of another shape, e.g. "),
+])
+def test_a_checkpoint_of_another_backbone_or_embedding_size_is_one_line(idml, checkpoint, dataset, tmp_path, change,
+                                                                       phrase):
+    import torch
+
+    state = torch.load(checkpoint, weights_only=True)
+    state["config"]["model"].update(change)
+    path = tmp_path / "mixed.pt"
+    torch.save(state, path)
+    line = refused(idml("eval", "--checkpoint", path, "--set", f"data.dataset={dataset}", "--output-dir", tmp_path / "e"),
+                   f"checkpoint {path} does not match its own config", phrase)
+    assert "Error(s) in loading state_dict" not in line
+
+
+def test_a_raw_pickle_checkpoint_is_one_line_without_torch_warnings(idml, dataset, tmp_path):
+    import pickle
+
+    path = tmp_path / "raw.pt"
+    path.write_bytes(pickle.dumps({"model": {}, "config": {}, "epoch": 0}, protocol=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning that reached the user would fail the command here
+        code, out, err = idml("eval", "--checkpoint", path, "--set", f"data.dataset={dataset}",
+                              "--output-dir", tmp_path / "e")
+    refused((code, out, err), f"checkpoint {path} is not a torch checkpoint file")
+    assert err.count("\n") == 1 and "Warning" not in err
