@@ -291,7 +291,7 @@ def _eval(args) -> int:
     import torch
 
     from idml.checkpoint import model_from_checkpoint
-    from idml.config import validate_config
+    from idml.config import check_output_dir, validate_config
     from idml.data import ImageShardDataset, open_dataset
     from idml.engine import configure_threads
     from idml.evaluation import format_metrics_table
@@ -300,6 +300,7 @@ def _eval(args) -> int:
     from idml.transforms import eval_transform
 
     cfg = _load(args)
+    check_output_dir(cfg.output_dir)
     if args.checkpoint:
         from idml.registry import is_model_uri, resolve_checkpoint
 

@@ -1,0 +1,58 @@
+"""Inputs that used to end in an internal message (ZeroDivisionError, a bare ``[Errno 17]``) or
+in a silently different job: each now ends in one line naming the input, exit 2, before any work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from support import TRAIN_OVERRIDES, make_class_dataset, refused
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    # 4 training classes of 4 images.
+    return Path(make_class_dataset(tmp_path_factory.mktemp("data") / "ds", train_classes=4, val_classes=2,
+                                   test_classes=2, per_class=4, size=16))
+
+
+def train(idml, dataset, out, *overrides, config=None):
+    return idml("train", "--no-mlflow", *(["--config", config] if config else []), "--output-dir", out, "--set",
+                *TRAIN_OVERRIDES, f"data.dataset={dataset}", "data.image_size=16", "train.epochs=1", *overrides)
+
+
+@pytest.mark.parametrize("overrides, phrase", [
+    (["train.batch_size=0", "train.images_per_class=2"], "train.batch_size (0) must be a positive multiple of "
+                                                         "train.images_per_class (2)"),
+    (["train.batch_size=-4", "train.images_per_class=2"], "train.batch_size (-4) must be a positive multiple"),
+    # Every class holds 4 images: 8 per class would be drawn again and again from the same 4.
+    (["train.batch_size=16", "train.images_per_class=8"], "train.images_per_class 8 is more than most classes hold: "
+                                                          "a batch needs 2 classes of 8 images, and only 0 of the 4 "
+                                                          "training classes have that many (the largest has 4)"),
+])
+def test_train_values_that_cannot_make_a_batch_are_one_line(idml, dataset, tmp_path, overrides, phrase):
+    refused(train(idml, dataset, tmp_path / "run", *overrides), phrase)
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n"])
+def test_an_empty_config_file_is_refused_not_run_as_the_default_job(idml, dataset, tmp_path, text):
+    config = tmp_path / "empty.yaml"
+    config.write_text(text)
+    refused(train(idml, dataset, tmp_path / "run", config=config), f"config file {config} is empty")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "eval"])
+@pytest.mark.parametrize("under", [False, True])
+def test_an_output_dir_naming_a_file_is_one_line(idml, dataset, tmp_path, command, under):
+    file = tmp_path / "notes.txt"
+    file.write_text("keep me")
+    out = file / "run" if under else file
+    if command == "train":
+        result = train(idml, dataset, out, "train.batch_size=4", "train.images_per_class=2")
+    else:
+        result = idml("eval", "--frozen-backbone", "--output-dir", out, "--set", f"data.dataset={dataset}",
+                      "model.backbone=resnet18", "model.pretrained=false", "data.image_size=16")
+    line = refused(result, f"output_dir {out} ", "is a file" if not under else f"lies under {file}, which is a file")
+    assert "Errno" not in line and file.read_text() == "keep me"
