@@ -263,6 +263,10 @@ def _train(args) -> int:
         args.where_stopped = lambda: describe_last_checkpoint(Path(cfg.output_dir) / "last.pt", since=since)
         if args.no_mlflow and args.register_model:
             raise InputError("--register-model needs MLflow; drop --no-mlflow")
+        if not args.no_mlflow:
+            from idml.tracking import check_tracking_store, tracking_uri
+
+            check_tracking_store(tracking_uri(), hint=", or pass --no-mlflow")
         summary = train_local(cfg, resume=not args.no_resume)
         if not args.no_mlflow:
             summary.update(track_local_run(cfg, summary, experiment=args.experiment, register_model=args.register_model))

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from support import TRAIN_OVERRIDES, make_class_dataset, refused
 
+REPO = Path(__file__).resolve().parents[2]
+
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
@@ -56,3 +58,35 @@ def test_an_output_dir_naming_a_file_is_one_line(idml, dataset, tmp_path, comman
                       "model.backbone=resnet18", "model.pretrained=false", "data.image_size=16")
     line = refused(result, f"output_dir {out} ", "is a file" if not under else f"lies under {file}, which is a file")
     assert "Errno" not in line and file.read_text() == "keep me"
+
+
+# -- an MLflow store that cannot be opened: found before any work, not after training -------------
+def bad_stores(tmp_path: Path) -> list[tuple[str, str]]:
+    not_a_db = tmp_path / "notes.db"
+    not_a_db.write_text("these are my notes, not a database\n" * 10)
+    return [("sqlite:////proc/x.db", "/proc/x.db cannot be created"),
+            (f"sqlite:///{not_a_db}", f"{not_a_db} is not a SQLite database"),
+            (f"sqlite:///{tmp_path}", f"{tmp_path} is a folder"),
+            (f"sqlite:///{tmp_path}/missing/mlflow.db", f"its folder {tmp_path}/missing does not exist")]
+
+
+@pytest.mark.parametrize("case", range(4))
+@pytest.mark.parametrize("how", ["local", "ray", "tune"])
+def test_an_mlflow_store_that_cannot_be_opened_is_refused_before_any_work(idml, dataset, tmp_path, monkeypatch,
+                                                                           case, how):
+    import time
+
+    uri, phrase = bad_stores(tmp_path)[case]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    out = tmp_path / "run"
+    started = time.monotonic()
+    args = ["--output-dir", out, "--set", *TRAIN_OVERRIDES, f"data.dataset={dataset}", "data.image_size=16",
+            "train.batch_size=4", "train.images_per_class=2"]
+    if how == "tune":
+        result = idml("tune", "--space", REPO / "tune_spaces" / "smoke.yaml", *args)
+    else:  # with --ray: pipelines.train.plan, on the driver before Ray starts
+        result = idml("train", *(["--ray"] if how == "ray" else []), *args, "train.epochs=1")
+    line = refused(result, f"MLflow tracking store {uri} cannot be opened", phrase, "MLFLOW_TRACKING_URI")
+    assert ("--no-mlflow" in line) == (how == "local")
+    assert time.monotonic() - started < 60 and not out.exists()
+    assert not Path("/proc/x.db").exists()
