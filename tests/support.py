@@ -277,6 +277,18 @@ def make_records(n_classes=4, per_class=3, test_from=2, domains=("default",)):
 
 
 
+def edit_manifest(dataset, edit) -> dict:
+    """Apply ``edit(manifest)`` to a dataset's manifest and store it with a new checksum, as a
+    converter that wrote those values would have (only a comparison with the shards finds it)."""
+    from idml.data.source import seal_manifest
+
+    path = Path(dataset) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(seal_manifest(manifest)))
+    return manifest
+
+
 def make_class_dataset(root, *, train_classes: int = 8, val_classes: int = 2, test_classes: int = 4, per_class: int = 8,
                        domains=("a", "b"), size: int = 32, corrupt: tuple[str, ...] = (), shard_bytes: int | None = None,
                        name: str = "tiny") -> str:

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from idml.data.conversion_report import ConversionReport
-from idml.data.source import DATASET_SCHEMA, FORMAT_VERSION, MANIFEST_NAME, file_sha256, open_dataset
+from idml.data.source import DATASET_SCHEMA, FORMAT_VERSION, MANIFEST_NAME, file_sha256, open_dataset, seal_manifest
 from idml.errors import InputError
 from idml.integrity import STAMPS_NAME
 
@@ -226,6 +226,7 @@ def write_dataset(
     report = report if report is not None else ConversionReport()
     try:
         manifest = _write_into(records, tmp_root, name=name, source=source, shard_bytes=shard_bytes, report=report)
+        manifest = seal_manifest(manifest)
         with open(tmp_root / MANIFEST_NAME, "w") as f:
             json.dump(manifest, f, indent=2)
             f.write("\n")

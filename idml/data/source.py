@@ -4,6 +4,7 @@ and no torch: the local loop, the Ray pipelines and the indexer all start here."
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import posixpath
@@ -19,7 +20,8 @@ from idml.errors import DamagedFileError
 from idml.integrity import STAMPS_NAME, Stamps, describe_digest, file_sha256, is_sha256, stream_sha256
 
 __all__ = ["DATASET_SCHEMA", "FORMAT_VERSION", "MANIFEST_NAME", "DatasetSource", "contiguous_targets", "file_sha256",
-           "filesystem_for", "manifest_problems", "open_dataset", "read_manifest", "schema_problems", "split_info"]
+           "filesystem_for", "manifest_digest", "manifest_problems", "open_dataset", "read_manifest", "schema_problems",
+           "seal_manifest", "split_info"]
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -218,6 +220,12 @@ def open_dataset(name_or_uri: str | os.PathLike, *, builtin: bool = True) -> Dat
     if version != FORMAT_VERSION:
         raise ValueError(f"{where}/{MANIFEST_NAME} has format_version {version!r}; this idml reads version "
                          f"{FORMAT_VERSION}. Re-create the dataset with this idml version")
+    recorded = manifest.get(MANIFEST_CHECKSUM)
+    # Manifests written before the checksum existed have none; their fields are still checked below.
+    if recorded is not None and recorded != manifest_digest(manifest):
+        raise DamagedFileError(f"{where}/{MANIFEST_NAME} is damaged: its content does not match its checksum "
+                               f"({MANIFEST_CHECKSUM}), so it was changed after it was written; re-create the dataset "
+                               "with `idml data convert` or `idml data fetch`")
     problems = manifest_problems(manifest)
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
@@ -227,6 +235,19 @@ def open_dataset(name_or_uri: str | os.PathLike, *, builtin: bool = True) -> Dat
 
 
 _SPLIT_NAMES = ("train", "val", "test")
+# The manifest's own checksum: sha256 of its canonical JSON without this key (``manifest_digest``).
+MANIFEST_CHECKSUM = "manifest_sha256"
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """The checksum of a manifest's content: whitespace and key order do not count."""
+    content = {k: v for k, v in manifest.items() if k != MANIFEST_CHECKSUM}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def seal_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
+    """``manifest`` with its checksum (what ``write_dataset`` stores)."""
+    return {**{k: v for k, v in manifest.items() if k != MANIFEST_CHECKSUM}, MANIFEST_CHECKSUM: manifest_digest(manifest)}
 
 
 def _is_count(value: Any) -> bool:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from support import CORRUPT_BYTES, TRAIN_OVERRIDES, refused, class_image, make_class_dataset, make_cub, make_sop, write_file
+from support import CORRUPT_BYTES, TRAIN_OVERRIDES, edit_manifest, refused, class_image, make_class_dataset, make_cub, make_sop, write_file
 
 from idml.data import read_manifest, read_split, select_val_classes, verify_dataset
 
@@ -315,14 +315,12 @@ def test_train_refuses_a_shard_without_its_image_column(idml, tmp_path, dataset)
 
 @pytest.mark.parametrize("where", ["split", "shard"])
 def test_train_refuses_a_manifest_whose_counts_disagree(idml, tmp_path, dataset, where):
-    manifest = json.loads((dataset / "manifest.json").read_text())
     if where == "split":
-        manifest["splits"]["train"]["num_images"] += 5
+        edit_manifest(dataset, lambda m: m["splits"]["train"].update(num_images=21))
         phrase = "train: shards hold 16 rows, manifest says 21 images"
     else:
-        manifest["splits"]["train"]["shards"][0]["num_rows"] -= 1
+        edit_manifest(dataset, lambda m: m["splits"]["train"]["shards"][0].update(num_rows=15))
         phrase = "has 16 rows, manifest says 15"
-    (dataset / "manifest.json").write_text(json.dumps(manifest))
     refused(train_locally(idml, dataset, tmp_path / "run"), f"dataset {dataset} is damaged", phrase)
     assert not (tmp_path / "run" / "last.pt").exists()
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from support import TRAIN_OVERRIDES, class_image, make_class_dataset, refused
+from support import TRAIN_OVERRIDES, class_image, edit_manifest, make_class_dataset, refused
 
 from idml.data import ImageRecord, verify_dataset, write_dataset
 from idml.integrity import STAMPS_NAME, file_sha256
@@ -42,12 +42,6 @@ def dataset(tmp_path) -> Path:
 def train_locally(idml, dataset: Path, out: Path):
     return idml("train", "--no-mlflow", "--output-dir", out, "--set", *TRAIN_OVERRIDES, f"data.dataset={dataset}",
                 "data.image_size=16", "train.batch_size=4", "train.images_per_class=2", "train.epochs=1")
-
-
-def edit_manifest(dataset: Path, edit) -> None:
-    manifest = json.loads((dataset / "manifest.json").read_text())
-    edit(manifest)
-    (dataset / "manifest.json").write_text(json.dumps(manifest))
 
 
 def rewrite_shard(dataset: Path, split: str, change) -> Path:
@@ -161,6 +155,24 @@ def test_verify_of_a_sound_dataset_is_ok(idml, dataset):
 
 
 # -- manifests whose fields readers rely on are wrong ----------------------------------------------
+def test_a_manifest_changed_after_it_was_written_is_refused(idml, tmp_path, dataset):
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    manifest["splits"]["train"]["labels"] = [0, 1, 2, 9]  # edited by hand: the checksum no longer matches
+    (dataset / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    phrase = "its content does not match its checksum (manifest_sha256)"
+    refused(train_locally(idml, dataset, tmp_path / "run"), f"{dataset}/manifest.json is damaged", phrase)
+    refused(idml("data", "inspect", dataset, "--verify"), f"{dataset}/manifest.json is damaged", phrase)
+
+
+def test_a_manifest_is_sealed_whitespace_and_key_order_aside(dataset):
+    from idml.data import open_dataset
+
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    assert len(manifest["manifest_sha256"]) == 64
+    (dataset / "manifest.json").write_text(json.dumps(dict(reversed(list(manifest.items()))), indent=7))
+    assert open_dataset(dataset).manifest == manifest
+
+
 @pytest.mark.parametrize("edit, phrase", [
     (lambda m: m["splits"]["train"].update(shards="oops"), "splits.train.shards must be a list of shards, got str"),
     (lambda m: m["splits"]["train"]["shards"][0].update(path="../../outside.parquet"),
