@@ -3,6 +3,7 @@ in a silently different job: each now ends in one line naming the input, exit 2,
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,17 @@ def test_an_mlflow_store_that_cannot_be_opened_is_refused_before_any_work(idml, 
     assert ("--no-mlflow" in line) == (how == "local")
     assert time.monotonic() - started < 60 and not out.exists()
     assert not Path("/proc/x.db").exists()
+
+
+# -- a dataset without a validation split: the last epoch is kept, and the run finishes ------------
+def test_a_run_without_a_validation_split_keeps_the_last_epoch_and_prints_the_table(idml, tmp_path):
+    dataset = make_class_dataset(tmp_path / "noval", train_classes=4, val_classes=0, test_classes=2, per_class=4,
+                                 size=16)
+    out = tmp_path / "run"
+    code, stdout, err = train(idml, dataset, out, "train.batch_size=4", "train.images_per_class=2", "train.epochs=2")
+    assert code == 0, err  # was exit 2 in plotting: no history key matches any of ['recall@1', 'map@r']
+    assert "test (epoch 1)" in stdout and "recall@1" in stdout
+    assert (out / "last.pt").exists() and not (out / "best.pt").exists()
+    assert not (out / "recall_curves.png").exists()
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["checkpoint"] == str(out / "last.pt") and summary["selected_epoch"] == 1
