@@ -214,8 +214,9 @@ def open_dataset(name_or_uri: str | os.PathLike, *, builtin: bool = True) -> Dat
         raw = f.read()
     try:
         manifest = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{where}/{MANIFEST_NAME} is not valid JSON ({e}); re-create the dataset") from e
+    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8 text, nested too deeply
+        why = " ".join(str(e).split())[:200] if not isinstance(e, RecursionError) else "nested too deeply"
+        raise DamagedFileError(f"{where}/{MANIFEST_NAME} is not valid JSON ({why}); re-create the dataset") from e
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
     if version != FORMAT_VERSION:
         raise ValueError(f"{where}/{MANIFEST_NAME} has format_version {version!r}; this idml reads version "
