@@ -6,7 +6,9 @@ scheduler (for evaluation and indexing, never resumed)."""
 from __future__ import annotations
 
 import os
+import warnings
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +53,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if path.stat().st_size == 0:
         raise DamagedFileError(f"checkpoint {path} is empty (0 bytes): an interrupted copy or write? "
                                "Use another checkpoint or train again")
+    _check_archive(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. a raw pickle's protocol warning: the error below says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises EOFError, KeyError, RuntimeError or UnpicklingError for bad bytes
         raise DamagedFileError(_unreadable(path, err)) from err
     missing = [key for key in REQUIRED_KEYS if not isinstance(state, dict) or key not in state]
@@ -60,6 +65,28 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise InputError(f"checkpoint {path} is a torch file but not an idml checkpoint (no {', '.join(missing)}); "
                          "pass a best.pt or last.pt written by idml train")
     return state
+
+
+def _check_archive(path: Path) -> None:
+    """A checkpoint's checksums: ``torch.save`` writes a zip archive with a CRC-32 of every member
+    (the weights among them), which ``torch.load`` does not check. Every member is read and
+    checked here, so bytes damaged anywhere in the data are refused instead of evaluated. A file
+    that is not a zip archive at all is left to ``torch.load`` (its error says what it is)."""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError, RuntimeError) as err:
+        raise DamagedFileError(f"checkpoint {path} is damaged (its archive does not read: {_first_line(err)}); "
+                               "use another checkpoint or train again") from err
+    if bad is not None:
+        raise DamagedFileError(f"checkpoint {path} is damaged ({bad.split('/', 1)[-1]} fails its CRC-32 checksum: "
+                               "bytes changed after it was written); use another checkpoint or train again")
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip() or type(err).__name__).splitlines()[0]
 
 
 def _unreadable(path: Path, err: Exception) -> str:
@@ -92,13 +119,23 @@ def model_from_checkpoint(path_or_state: str | Path | dict[str, Any]) -> tuple[I
     cfg = checkpoint_config(state)
     # The checkpoint holds every weight, so skip fetching pretrained ones.
     model = model_from_config(cfg.model, pretrained=False)
+    name = "" if isinstance(path_or_state, dict) else f" {path_or_state}"
+    mismatch = (f"checkpoint{name} does not match its own config ({cfg.model.backbone}, "
+                f"embedding_dim {cfg.model.embedding_dim})")
+    weights = state["model"]
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise DamagedFileError(f"checkpoint{name} holds no model weights (its 'model' is not a dict of tensors)")
+    expected = model.state_dict()
+    wrong = [k for k in expected if k in weights and tuple(weights[k].shape) != tuple(expected[k].shape)]
+    if wrong:
+        k = wrong[0]
+        raise DamagedFileError(f"{mismatch}: {len(wrong)} weight(s) of another shape, e.g. {k} "
+                               f"{tuple(weights[k].shape)} where the model has {tuple(expected[k].shape)}: a "
+                               "checkpoint of another backbone or embedding size?")
     # strict=False only for the one buffer older checkpoints lack; anything else must match.
-    missing, unexpected = model.load_state_dict(state["model"], strict=False)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
     if unexpected or set(missing) - {"uncertainty_norm.running_uncertainty"}:
-        name = "" if isinstance(path_or_state, dict) else f" {path_or_state}"
-        raise DamagedFileError(f"checkpoint{name} does not match its own config ({cfg.model.backbone}, "
-                               f"embedding_dim {cfg.model.embedding_dim}): missing {_few(missing)}, "
-                               f"unexpected {_few(unexpected)}")
+        raise DamagedFileError(f"{mismatch}: missing {_few(missing)}, unexpected {_few(unexpected)}")
     return model.eval(), cfg
 
 
@@ -136,6 +173,10 @@ def resume_checkpoint(path: str | Path, cfg: Config, *, start_over: str) -> dict
         raise InputError(f"{path} holds a run with another config; resuming it would train nothing or mix two "
                          f"runs. Nothing was changed; {start_over}. Differences (checkpoint -> now):\n  "
                          + "\n  ".join(changes))
+    try:
+        model_from_checkpoint({**state, "config": cfg.to_dict()})  # weights of the shapes this config trains
+    except InputError as err:
+        raise type(err)(f"cannot resume: {path}: {err}. Nothing was changed; {start_over}") from err
     return state
 
 

@@ -124,7 +124,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
         if not path.is_file():
             raise ConfigError(f"config file {path} " + ("is a folder" if path.is_dir() else "does not exist"))
         with open(path) as f:
-            data = _yaml(f, f"config file {path}") or {}
+            data = _yaml(f, f"config file {path}")
+        if data is None:
+            raise ConfigError(f"config file {path} is empty (no settings, only blanks or comments); running it "
+                              "would start the default job. Name a config with settings, e.g. configs/smoke.yaml, "
+                              "or leave out --config for the defaults")
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
     for dotted, value in parse_overrides(overrides).items():
@@ -160,8 +164,8 @@ def validate_config(cfg: Config) -> None:
         problems.append(f"model.uncertainty_norm {cfg.model.uncertainty_norm!r} is not one of {', '.join(UNCERTAINTY_NORMS)}")
     if cfg.loss.uncertainty_weight < 0:
         problems.append("loss.uncertainty_weight must be >= 0")
-    if t.images_per_class < 2 or t.batch_size % t.images_per_class:
-        problems.append(f"train.batch_size ({t.batch_size}) must be a multiple of train.images_per_class "
+    if t.images_per_class < 2 or t.batch_size < t.images_per_class or t.batch_size % t.images_per_class:
+        problems.append(f"train.batch_size ({t.batch_size}) must be a positive multiple of train.images_per_class "
                         f"({t.images_per_class}), which must be >= 2 so every batch holds positive pairs")
     for key in ("epochs", "lr_step", "eval_every"):
         if getattr(t, key) < 1:
@@ -176,10 +180,30 @@ def validate_config(cfg: Config) -> None:
         problems.append("data.image_size must be >= 16")
     if not cfg.eval.recall_ks or min(cfg.eval.recall_ks) < 1:
         problems.append("eval.recall_ks must be a non-empty list of positive integers")
+    problems.extend(_output_dir_problems(cfg.output_dir))
     if len(problems) == 1:
         raise ConfigError(f"invalid config: {problems[0]}")
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def check_output_dir(output_dir: str) -> None:
+    """Refuse an output folder that cannot be created (see ``_output_dir_problems``) before any work."""
+    problems = _output_dir_problems(output_dir)
+    if problems:
+        raise ConfigError(f"invalid config: {problems[0]}")
+
+
+def _output_dir_problems(output_dir: str) -> list[str]:
+    """An output folder that cannot be created: it, or a folder above it, is a file."""
+    path = Path(output_dir).expanduser()
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if folder.is_dir():
+                return []
+            what = "is a file" if folder == path else f"lies under {folder}, which is a file"
+            return [f"output_dir {output_dir} {what}, not a folder (--output-dir); choose a folder"]
+    return []
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:

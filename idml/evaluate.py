@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from .checkpoint import load_checkpoint, model_from_checkpoint
-from .config import Config, validate_config
+from .config import Config, check_output_dir, validate_config
 from .data import ImageShardDataset, open_dataset
 from .engine import configure_threads
 from .evaluation.confidence import Confidence
@@ -46,6 +46,8 @@ class EvaluateResult:
 
 def evaluate_checkpoint(request: EvaluateRequest) -> EvaluateResult:
     cfg = request.cfg
+    if request.plots:
+        check_output_dir(cfg.output_dir)  # a file in the way is named before any work
     frozen = request.checkpoint is None
     confidence = None
     if frozen:

@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from .config import Config, TrainConfig
 from .engine import TrainingState, _to_device
-from .evaluation.plots import plot_recall_curves, save_retrieval_grid, save_uncertainty_extremes
 from .evaluation.confidence import Confidence, fit_confidence
+from .evaluation.plots import has_recall_curves, plot_recall_curves, save_retrieval_grid, save_uncertainty_extremes
 from .evaluation.protocol import evaluate_model, summary_metrics, uncertainty_report
 from .evaluation.selective import query_signals
 from .evaluation.uncertainty import image_uncertainty
@@ -279,7 +279,7 @@ def evaluate_and_summarize(cfg: Config, checkpoint: Path, test_ds, history: list
         confidence = Confidence.from_dict(ckpt["confidence"])
     result = evaluate_model(model, test_ds, cfg, device=device, plot_path=out / "uncertainty.png",
                             progress=progress, confidence=confidence)
-    if history:
+    if has_recall_curves(history):  # none without a validation split: the last epoch is kept, with no curves
         plot_recall_curves(history, out / "recall_curves.png", keys=("recall@1", "map@r"))
     save_retrieval_grid(result["mu"], test_ds.labels, test_ds.images, out / "retrieval_grid.png", seed=cfg.train.seed)
     if result["uncertainty"] is not None:

@@ -28,6 +28,76 @@ def tracking_uri(project_dir: str | Path | None = None) -> str:
     return f"sqlite:///{(base / DEFAULT_DB).resolve()}"
 
 
+def check_tracking_store(uri: str, *, hint: str = "") -> None:
+    """Refuse an MLflow store that cannot be opened before any work starts (MLflow itself finds
+    out only when the run is opened, after retrying for minutes). Checked: a SQLite store's file is
+    a SQLite database (or absent, with a folder where it can be created). Servers (http://...) are
+    left to MLflow. ``hint`` is added to the message (e.g. ``, or pass --no-mlflow``)."""
+    if not uri.startswith("sqlite:"):
+        return
+    path = _sqlite_path(uri)
+    if path is None:  # in memory
+        return
+    problem = _sqlite_problem(Path(path))
+    if problem:
+        from .errors import InputError
+
+        raise InputError(f"MLflow tracking store {uri} cannot be opened: {problem}; set MLFLOW_TRACKING_URI to "
+                         f"sqlite:///<writable folder>/mlflow.db or an MLflow server{hint}")
+
+
+def _sqlite_path(uri: str) -> str | None:
+    """The database file of a ``sqlite://`` URI (SQLAlchemy's form: ``sqlite:///relative``,
+    ``sqlite:////absolute``); None for an in-memory database."""
+    rest = uri[len("sqlite:"):]
+    if not rest.startswith("//"):
+        return rest or None
+    rest = rest[2:]
+    rest = rest[1:] if rest.startswith("/") else rest  # the host part is empty
+    path = rest.split("?", 1)[0]
+    return None if path in ("", ":memory:") else path
+
+
+def _sqlite_problem(path: Path) -> str | None:
+    import sqlite3
+
+    if path.exists():
+        if path.is_dir():
+            return f"{path} is a folder"
+        try:
+            with open(path, "rb") as f:
+                header = f.read(16)
+        except OSError as e:
+            return f"{path} cannot be read ({e.strerror or e})"
+        if header and header != b"SQLite format 3\0":
+            return f"{path} is not a SQLite database"
+        if not os.access(path, os.W_OK):
+            return f"{path} is not writable"
+        try:
+            connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+            try:
+                connection.execute("select count(*) from sqlite_master").fetchone()
+            finally:
+                connection.close()
+        except sqlite3.DatabaseError as e:
+            return f"{path} is not a usable SQLite database ({e})"
+        return None
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{folder} is not a folder"
+    if folder != path.parent:
+        return f"its folder {path.parent} does not exist"
+    try:  # what SQLite will do: create the file
+        with open(path, "xb"):
+            pass
+        path.unlink()
+    except OSError as e:
+        return f"{path} cannot be created ({e.strerror or e})"
+    return None
+
+
 def source_tags(entrypoint: str, *, job: bool = True) -> dict[str, str]:
     """MLflow's own source tags: what ran (``mlflow.source.name``), and the git commit of this
     code when it runs from a checkout, so a model leads back to the code that trained it."""

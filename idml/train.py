@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,14 @@ def class_balanced_loader(dataset: ImageShardDataset, cfg: Config) -> DataLoader
     if dataset.num_classes < classes_per_batch:
         raise ValueError(f"train.batch_size {t.batch_size} needs {classes_per_batch} classes of {t.images_per_class} images, "
                          f"but the training split has only {dataset.num_classes} classes; lower train.batch_size")
+    # The sampler would fill a smaller class by drawing its images again (with replacement), silently.
+    per_class = Counter(int(target) for target in dataset.targets)
+    full = sum(count >= t.images_per_class for count in per_class.values())
+    if full < classes_per_batch:
+        raise ValueError(f"train.images_per_class {t.images_per_class} is more than most classes hold: a batch needs "
+                         f"{classes_per_batch} classes of {t.images_per_class} images, and only {full} of the "
+                         f"{len(per_class)} training classes have that many (the largest has {max(per_class.values())}); "
+                         "lower train.images_per_class (and train.batch_size with it)")
     sampler = MPerClassSampler(dataset.targets, m=t.images_per_class, batch_size=t.batch_size,
                                length_before_new_iter=len(dataset))
     return DataLoader(dataset, batch_size=t.batch_size, sampler=sampler, drop_last=True,

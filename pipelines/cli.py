@@ -17,7 +17,7 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from idml.errors import InputError
+from idml.errors import DamagedFileError, InputError
 
 from ._errors import run_command
 from .export_cli import add_export_args, run_export
@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = data.add_parser("inspect", help="summarise a converted dataset")
     inspect.add_argument("dataset", help="a dataset folder or built-in name")
     inspect.add_argument("--grid", help="also save a PNG grid of sample images here")
-    inspect.add_argument("--verify", action="store_true", help="check every shard's checksum")
+    inspect.add_argument("--verify", action="store_true", help="check every shard's checksum and the manifest against the rows (exit 2 when any fails)")
 
     train = sub.add_parser("train", help="train a model and evaluate it on the test split")
     _add_train_args(train)
@@ -223,12 +223,15 @@ def _data(args) -> int:
         print(data.summarize(args.dst))
     else:
         root = data.resolve_dataset(args.dataset)
+        if args.verify:  # first: the summary reads the shards, and would stop at the first damaged one
+            problems = data.verify_dataset(root)
+            if problems:
+                print("verify: FAILED\n  " + "\n  ".join(problems))
+                raise DamagedFileError(f"dataset {root} failed verification: {len(problems)} problem(s), listed above; "
+                                       "re-create it with `idml data convert` or `idml data fetch`")
         print(data.summarize(root))
         if args.verify:
-            problems = data.verify_dataset(root)
-            print("verify: OK" if not problems else "verify: FAILED\n  " + "\n  ".join(problems))
-            if problems:
-                return 1
+            print("verify: OK")
         if args.grid:
             print(f"sample grid: {data.save_sample_grid(root, args.grid)}")
     return 0
@@ -264,6 +267,10 @@ def _train(args) -> int:
         args.where_stopped = lambda: describe_last_checkpoint(Path(cfg.output_dir) / "last.pt", since=since)
         if args.no_mlflow and args.register_model:
             raise InputError("--register-model needs MLflow; drop --no-mlflow")
+        if not args.no_mlflow:
+            from idml.tracking import check_tracking_store, tracking_uri
+
+            check_tracking_store(tracking_uri(), hint=", or pass --no-mlflow")
         summary = train_local(cfg, resume=not args.no_resume)
         if not args.no_mlflow:
             summary.update(track_local_run(cfg, summary, experiment=args.experiment, register_model=args.register_model))

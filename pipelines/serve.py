@@ -117,6 +117,40 @@ async def _internal(request: Request, error: Exception) -> JSONResponse:
     return JSONResponse({"detail": f"internal error: {type(error).__name__}: {error}"}, status_code=500)
 
 
+def search_body(content_type: str, body: bytes, *, max_images: int) -> tuple[list[bytes], list[str]]:
+    """The encoded images of a ``POST /search`` body and their names in the answer: the body
+    itself, or JSON ``{"images": [base64, ...]}``. Whatever the bytes, the outcome is the images or
+    an ``HTTPException`` (400, 413), never another error (a 500). Defined above ``SearchService``:
+    Serve serializes the class when it is decorated, with only the names defined by then."""
+    if content_type.split(";")[0].strip().lower() == "application/json":
+        blobs = images_from_json(body, max_images=max_images)
+        return blobs, [f"image {i}" for i in range(len(blobs))]
+    if not body:
+        raise HTTPException(400, "empty body: send an encoded image, or JSON {\"images\": [base64, ...]}")
+    return [body], ["image"]
+
+
+def images_from_json(body: bytes, *, max_images: int) -> list[bytes]:
+    try:
+        data = json.loads(body)
+    except RecursionError:  # e.g. [[[[...]]]] nested 100,000 levels deep
+        raise HTTPException(400, "body is not usable JSON: nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of too many digits
+        raise HTTPException(400, f"body is not valid JSON: {' '.join(str(e).split())[:200]}") from None
+    images = data.get("images") if isinstance(data, dict) else None
+    if not isinstance(images, list) or not images or not all(isinstance(i, str) for i in images):
+        raise HTTPException(400, "JSON body must be {\"images\": [\"<base64 image>\", ...]} with at least one image")
+    if len(images) > max_images:
+        raise HTTPException(413, f"{len(images)} images in one request; at most {max_images}")
+    blobs = []
+    for i, text in enumerate(images):
+        try:
+            blobs.append(base64.b64decode(text, validate=True))
+        except (binascii.Error, ValueError) as e:
+            raise HTTPException(400, f"images[{i}] is not valid base64: {e}") from None
+    return blobs
+
+
 @serve.deployment(max_ongoing_requests=MAX_ONGOING_REQUESTS, health_check_period_s=10)
 @serve.ingress(api)
 class SearchService:
@@ -140,13 +174,7 @@ class SearchService:
         served = self.served  # this request answers from this version, whatever is published meanwhile
         self._check_k(k)
         body = await self._read_body(request)
-        if request.headers.get("content-type", "").split(";")[0].strip().lower() == "application/json":
-            blobs = self._images_from_json(body)
-            names = [f"image {i}" for i in range(len(blobs))]
-        elif body:
-            blobs, names = [body], ["image"]
-        else:
-            raise HTTPException(400, "empty body: send an encoded image, or JSON {\"images\": [base64, ...]}")
+        blobs, names = search_body(request.headers.get("content-type", ""), body, max_images=self.options.max_images)
         images = await asyncio.to_thread(lambda: [served.prepare(b) for b in blobs])
         embedded = await asyncio.gather(*(self._embed_batch((served, image)) for image in images))
         mu = np.stack([m for m, _ in embedded])
@@ -216,24 +244,6 @@ class SearchService:
             if len(body) > limit:
                 raise HTTPException(413, f"request body is over the limit of {limit} bytes")
         return bytes(body)
-
-    def _images_from_json(self, body: bytes) -> list[bytes]:
-        try:
-            data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise HTTPException(400, f"body is not valid JSON: {e}") from None
-        images = data.get("images") if isinstance(data, dict) else None
-        if not isinstance(images, list) or not images or not all(isinstance(i, str) for i in images):
-            raise HTTPException(400, "JSON body must be {\"images\": [\"<base64 image>\", ...]} with at least one image")
-        if len(images) > self.options.max_images:
-            raise HTTPException(413, f"{len(images)} images in one request; at most {self.options.max_images}")
-        blobs = []
-        for i, text in enumerate(images):
-            try:
-                blobs.append(base64.b64decode(text, validate=True))
-            except (binascii.Error, ValueError) as e:
-                raise HTTPException(400, f"images[{i}] is not valid base64: {e}") from None
-        return blobs
 
     def _answer(self, served: ServedIndex, results, k: int, rerank: bool) -> dict[str, Any]:
         return {"version": served.version, "k": k, "rerank": rerank,

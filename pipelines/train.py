@@ -34,7 +34,7 @@ from idml.checkpoint import resume_checkpoint
 from idml.config import Config, config_from_dict, validate_config
 from idml.errors import InputError
 from idml.data.source import DatasetSource, open_dataset
-from idml.tracking import MlflowRun, source_tags, tracking_uri
+from idml.tracking import MlflowRun, check_tracking_store, source_tags, tracking_uri
 
 from ._data import class_chunk_counts, eval_datasets, max_batches, train_dataset
 from ._ray import init_ray
@@ -114,6 +114,8 @@ def plan(cfg: Config, options: RayOptions, *, resume: bool = True) -> Plan:
     starts a worker (unknown keys and wrong types already fail in ``load_config``)."""
     validate_config(cfg)
     options.validate()
+    uri = options.tracking_uri or tracking_uri(Path.cwd())
+    check_tracking_store(uri)  # MLflow itself finds a broken store only after the training
     source = open_dataset(cfg.data.dataset)
     t, d = cfg.train, cfg.data
     for split in (d.train_split, d.test_split):
@@ -141,8 +143,7 @@ def plan(cfg: Config, options: RayOptions, *, resume: bool = True) -> Plan:
     if not resume:
         run_name = f"{run_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = options.storage_path or str(Path(cfg.output_dir) / "ray")
-    return Plan(cfg, options, source, num_classes, has_val, run_name, storage,
-                options.tracking_uri or tracking_uri(Path.cwd()), resume)
+    return Plan(cfg, options, source, num_classes, has_val, run_name, storage, uri, resume)
 
 
 def build_datasets(p: Plan, *, test: bool = True) -> dict[str, Any]:

@@ -27,6 +27,19 @@ TRAIN_OVERRIDES = ["model.backbone=resnet18", "model.pretrained=false", "model.e
                    "train.lr=1e-3", "train.proxy_lr_multiplier=10", "train.backbone_lr_multiplier=0.5",
                    "train.warmup_epochs=1", "train.channels_last=false"]
 CORRUPT_BYTES = b"\x89PNG\r\n\x1a\n this is not really a png"
+BAD_INPUT = 2
+
+
+def refused(result, *phrases: str) -> str:
+    """``(exit code, stdout, stderr)`` of a command that exited 2 with one line on stderr holding
+    every phrase, and no traceback; returns that line."""
+    code, _, err = result
+    lines = [line for line in err.splitlines() if line.startswith("idml: error:")]
+    assert code == BAD_INPUT, err
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for phrase in phrases:
+        assert phrase in lines[0], lines[0]
+    return lines[0]
 
 
 def random_batches(n: int = 3, *, classes: int = 4, per_class: int = 2, size: int = 32):
@@ -262,6 +275,18 @@ def make_records(n_classes=4, per_class=3, test_from=2, domains=("default",)):
                 )
     return records
 
+
+
+def edit_manifest(dataset, edit) -> dict:
+    """Apply ``edit(manifest)`` to a dataset's manifest and store it with a new checksum, as a
+    converter that wrote those values would have (only a comparison with the shards finds it)."""
+    from idml.data.source import seal_manifest
+
+    path = Path(dataset) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(seal_manifest(manifest)))
+    return manifest
 
 
 def make_class_dataset(root, *, train_classes: int = 8, val_classes: int = 2, test_classes: int = 4, per_class: int = 8,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,11 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from idml.errors import DamagedFileError
+from idml.integrity import STAMPS_NAME, Stamps, describe_digest, file_sha256, is_sha256, stream_sha256
+
+__all__ = ["DATASET_SCHEMA", "FORMAT_VERSION", "MANIFEST_NAME", "DatasetSource", "contiguous_targets", "file_sha256",
+           "filesystem_for", "manifest_digest", "manifest_problems", "open_dataset", "read_manifest", "schema_problems",
+           "seal_manifest", "split_info"]
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -115,13 +121,43 @@ class DatasetSource:
             problems.append(f"{split}: shards hold {total} rows, manifest says {info.get('num_images')} images")
         return problems
 
+    def checksum_problems(self, split: str, *, rehash: bool = False) -> list[str]:
+        """The shards of ``split`` whose content is not the one the manifest's sha256 records (a
+        shard swapped for another of the same size, bytes overwritten in place). A local shard
+        found sound before is known by its stamp (``idml.integrity.Stamps``, kept beside the
+        manifest) and hashed again only when its stat changed; ``rehash`` hashes every one."""
+        stamps = Stamps(None if rehash or not self.is_local else f"{self.root}/{STAMPS_NAME}")
+        problems = []
+        for shard in self.shards(split):
+            path = f"{self.root}/{shard['path']}"
+            try:
+                if self.is_local:
+                    sound, digest = stamps.matches(shard["path"], shard["sha256"], path)
+                else:
+                    with self.filesystem.open_input_stream(path) as f:
+                        digest = stream_sha256(f)
+                    sound = digest == shard["sha256"]
+            except FileNotFoundError:
+                continue  # ``shard_problems`` names it
+            except OSError as e:
+                problems.append(f"{split}: cannot read {path} ({e.strerror or e})")
+                continue
+            if not sound:
+                problems.append(f"{split}: checksum mismatch for {path} ({describe_digest(digest, shard['sha256'])}): "
+                                "the shard was damaged or replaced")
+        stamps.save()
+        return problems
+
     def check_shards(self, splits: list[str] | tuple[str, ...] | None = None) -> None:
         """Refuse a damaged dataset before any work starts: ``shard_problems`` of ``splits``
-        (default: every split in the manifest), raised as one ``DamagedFileError`` that names
-        the shards. Training runs it on the driver, before a worker or an epoch starts."""
+        (default: every split in the manifest), then each shard's checksum
+        (``checksum_problems``), raised as one ``DamagedFileError`` that names the shards.
+        Training runs it on the driver, before a worker or an epoch starts."""
         available = list(self.manifest.get("splits", {}))
-        problems = [p for split in (available if splits is None else splits) if split in available
-                    for p in self.shard_problems(split)]
+        chosen = [split for split in (available if splits is None else splits) if split in available]
+        problems = [p for split in chosen for p in self.shard_problems(split)]
+        if not problems:
+            problems = [p for split in chosen for p in self.checksum_problems(split)]
         if problems:
             more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
             raise DamagedFileError(
@@ -178,13 +214,96 @@ def open_dataset(name_or_uri: str | os.PathLike, *, builtin: bool = True) -> Dat
         raw = f.read()
     try:
         manifest = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{where}/{MANIFEST_NAME} is not valid JSON ({e}); re-create the dataset") from e
-    version = manifest.get("format_version")
+    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8 text, nested too deeply
+        why = " ".join(str(e).split())[:200] if not isinstance(e, RecursionError) else "nested too deeply"
+        raise DamagedFileError(f"{where}/{MANIFEST_NAME} is not valid JSON ({why}); re-create the dataset") from e
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
     if version != FORMAT_VERSION:
         raise ValueError(f"{where}/{MANIFEST_NAME} has format_version {version!r}; this idml reads version "
                          f"{FORMAT_VERSION}. Re-create the dataset with this idml version")
+    recorded = manifest.get(MANIFEST_CHECKSUM)
+    # Manifests written before the checksum existed have none; their fields are still checked below.
+    if recorded is not None and recorded != manifest_digest(manifest):
+        raise DamagedFileError(f"{where}/{MANIFEST_NAME} is damaged: its content does not match its checksum "
+                               f"({MANIFEST_CHECKSUM}), so it was changed after it was written; re-create the dataset "
+                               "with `idml data convert` or `idml data fetch`")
+    problems = manifest_problems(manifest)
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise DamagedFileError(f"{where}/{MANIFEST_NAME} is damaged: {'; '.join(problems[:3])}{more}; "
+                               "re-create the dataset with `idml data convert` or `idml data fetch`")
     return DatasetSource(str(name_or_uri), root, fs, manifest, raw)
+
+
+_SPLIT_NAMES = ("train", "val", "test")
+# The manifest's own checksum: sha256 of its canonical JSON without this key (``manifest_digest``).
+MANIFEST_CHECKSUM = "manifest_sha256"
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """The checksum of a manifest's content: whitespace and key order do not count."""
+    content = {k: v for k, v in manifest.items() if k != MANIFEST_CHECKSUM}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def seal_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
+    """``manifest`` with its checksum (what ``write_dataset`` stores)."""
+    return {**{k: v for k, v in manifest.items() if k != MANIFEST_CHECKSUM}, MANIFEST_CHECKSUM: manifest_digest(manifest)}
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def manifest_problems(manifest: dict[str, Any]) -> list[str]:
+    """What makes a manifest unusable, from its own fields (no shard is opened): the types every
+    reader relies on, shard paths that stay inside the dataset folder, a sha256 per shard, and
+    labels that agree with ``num_classes`` (rows against counts: ``shard_problems``). Empty when it is well formed."""
+    splits = manifest.get("splits")
+    if not isinstance(splits, dict):
+        return [f"'splits' must be a mapping of split names, got {type(splits).__name__}"]
+    problems = []
+    for split, info in splits.items():
+        if split not in _SPLIT_NAMES:
+            problems.append(f"unknown split {split!r} (splits are {', '.join(_SPLIT_NAMES)})")
+            continue
+        if not isinstance(info, dict):
+            problems.append(f"splits.{split} must be a mapping, got {type(info).__name__}")
+            continue
+        for key in ("num_images", "num_classes"):
+            if not _is_count(info.get(key)):
+                problems.append(f"splits.{split}.{key} must be a count, got {info.get(key)!r}")
+        labels = info.get("labels")
+        if not isinstance(labels, list) or not all(_is_count(label) for label in labels):
+            problems.append(f"splits.{split}.labels must be a list of labels (ints >= 0)")
+        elif len(set(labels)) != len(labels) or info.get("num_classes") != len(labels):
+            problems.append(f"splits.{split}.labels holds {len(set(labels))} distinct of {len(labels)} labels, "
+                            f"num_classes says {info.get('num_classes')!r}")
+        shards = info.get("shards")
+        if not isinstance(shards, list):
+            problems.append(f"splits.{split}.shards must be a list of shards, got {type(shards).__name__}")
+            continue
+        for i, shard in enumerate(shards):
+            problems.extend(f"splits.{split}.shards[{i}] {p}" for p in _shard_entry_problems(shard))
+    return problems
+
+
+def _shard_entry_problems(shard: Any) -> list[str]:
+    if not isinstance(shard, dict):
+        return [f"must be a mapping, got {type(shard).__name__}"]
+    problems = []
+    path = shard.get("path")
+    if not isinstance(path, str) or not path:
+        problems.append(f"has no path ({path!r})")
+    elif (path.startswith("/") or "\\" in path or "\0" in path or posixpath.normpath(path) != path
+          or path.split("/")[0] not in _SPLIT_NAMES):
+        problems.append(f"path {path!r} is not a file inside the dataset folder (<split>/<name>.parquet)")
+    for key in ("num_rows", "bytes"):
+        if not _is_count(shard.get(key)):
+            problems.append(f"{key} must be a count, got {shard.get(key)!r}")
+    if not is_sha256(shard.get("sha256")):
+        problems.append(f"has no sha256 checksum ({shard.get('sha256')!r})")
+    return problems
 
 
 def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
@@ -207,12 +326,3 @@ def split_info(manifest: dict[str, Any], split: str, root: Any = None) -> dict[s
         where = f" in {root}" if root is not None else ""
         raise ValueError(f"split {split!r} not found{where}; available splits: {', '.join(splits) or 'none'}")
     return splits[split]
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks (shard checksums, checkpoint identity)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -101,6 +101,12 @@ def _matches(key: str, metric: str) -> bool:
     return key == metric or re.fullmatch(rf".+[/_.:\-]{re.escape(metric)}", key) is not None
 
 
+def has_recall_curves(history: Sequence[dict], keys: Sequence[str] = ("recall@1", "map@r")) -> bool:
+    """Whether ``plot_recall_curves`` has a line to draw: a run without a validation split (and no
+    other evaluated split) records none, and then there is no figure to make."""
+    return any(_matches(k, m) for h in history for k in h if k != "epoch" for m in keys)
+
+
 def plot_recall_curves(
     history: Sequence[dict],
     path: str | Path,

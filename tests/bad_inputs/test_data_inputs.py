@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from support import CORRUPT_BYTES, TRAIN_OVERRIDES, class_image, make_class_dataset, make_cub, make_sop, write_file
+from support import CORRUPT_BYTES, TRAIN_OVERRIDES, edit_manifest, refused, class_image, make_class_dataset, make_cub, make_sop, write_file
 
 from idml.data import read_manifest, read_split, select_val_classes, verify_dataset
 
@@ -33,17 +33,6 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 def ids(root: Path) -> set[str]:
     return {i for split in read_manifest(root)["splits"] for i in read_split(root, split, ["id"]).column("id").to_pylist()}
-
-
-def refused(result, *phrases: str) -> str:
-    """The command exited 2 with one line on stderr holding every phrase, and no traceback."""
-    code, _, err = result
-    lines = [line for line in err.splitlines() if line.startswith("idml: error:")]
-    assert code == BAD_INPUT, err
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for phrase in phrases:
-        assert phrase in lines[0], lines[0]
-    return lines[0]
 
 
 # -- 1. converting into a folder that holds something ------------------------------------------
@@ -326,14 +315,12 @@ def test_train_refuses_a_shard_without_its_image_column(idml, tmp_path, dataset)
 
 @pytest.mark.parametrize("where", ["split", "shard"])
 def test_train_refuses_a_manifest_whose_counts_disagree(idml, tmp_path, dataset, where):
-    manifest = json.loads((dataset / "manifest.json").read_text())
     if where == "split":
-        manifest["splits"]["train"]["num_images"] += 5
+        edit_manifest(dataset, lambda m: m["splits"]["train"].update(num_images=21))
         phrase = "train: shards hold 16 rows, manifest says 21 images"
     else:
-        manifest["splits"]["train"]["shards"][0]["num_rows"] -= 1
+        edit_manifest(dataset, lambda m: m["splits"]["train"]["shards"][0].update(num_rows=15))
         phrase = "has 16 rows, manifest says 15"
-    (dataset / "manifest.json").write_text(json.dumps(manifest))
     refused(train_locally(idml, dataset, tmp_path / "run"), f"dataset {dataset} is damaged", phrase)
     assert not (tmp_path / "run" / "last.pt").exists()
 

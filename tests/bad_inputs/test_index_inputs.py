@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import build_in_process, make_checkpoint, make_image_folder, make_index_dataset, shape_image
+from support import build_in_process, edit_manifest, make_checkpoint, make_image_folder, make_index_dataset, shape_image
 
 from idml.index import BuildRequest, IndexStore, StagedBuild, resolve_corpus
 from idml.index.embed import describe_checkpoint
@@ -289,10 +289,9 @@ def test_build_of_a_folder_without_images(tmp_path, checkpoint, capsys):
 
 def test_build_refuses_a_damaged_dataset_corpus(tmp_path, checkpoint, capsys):
     ds = Path(make_index_dataset(tmp_path / "ds", 12))
-    manifest = json.loads((ds / "manifest.json").read_text())
-    split = next(iter(manifest["splits"]))
-    manifest["splits"][split]["num_images"] += 5  # the manifest no longer matches its shards
-    (ds / "manifest.json").write_text(json.dumps(manifest))
+    split = next(iter(json.loads((ds / "manifest.json").read_text())["splits"]))
+    # The manifest no longer matches its shards.
+    edit_manifest(ds, lambda m: m["splits"][split].update(num_images=m["splits"][split]["num_images"] + 5))
     idx = tmp_path / "idx"
     assert main(["build", "--index-dir", str(idx), "--checkpoint", checkpoint, "--corpus", str(ds), "--no-mlflow"]) == BAD_INPUT
     assert split in _error_line(capsys)

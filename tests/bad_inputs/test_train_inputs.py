@@ -121,6 +121,13 @@ def _truncated(path: Path, real: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
+def _overwritten(path: Path, real: Path) -> None:
+    data = bytearray(real.read_bytes())  # 256 KB of the weights overwritten: the zip's CRC fails
+    middle = len(data) // 2
+    data[middle:middle + (256 << 10)] = bytes(256 << 10)
+    path.write_bytes(bytes(data))
+
+
 def _plain_state_dict(path: Path, real: Path) -> None:
     torch.save({"weight": torch.zeros(3)}, path)
 
@@ -133,6 +140,7 @@ def _pickled_object(path: Path, real: Path) -> None:
     (_empty, "is empty (0 bytes)"),
     (_random_bytes, "is not a torch checkpoint file"),
     (_truncated, "is truncated"),
+    (_overwritten, "is damaged (data/"),
     (_plain_state_dict, "is a torch file but not an idml checkpoint (no model, config, epoch)"),
     (_pickled_object, "refusing to unpickle them"),
 ])
@@ -152,7 +160,8 @@ def test_eval_refuses_a_folder_and_names_the_checkpoint_inside(idml, finished_ru
     assert code == BAD_INPUT and f"{finished_run} is a folder" in line and f"pass {finished_run / 'best.pt'}" in line
 
 
-@pytest.mark.parametrize("damage, message", [(_empty, "is empty"), (_truncated, "is truncated")])
+@pytest.mark.parametrize("damage, message", [(_empty, "is empty"), (_truncated, "is truncated"),
+                                             (_overwritten, "fails its CRC-32 checksum")])
 def test_resume_from_a_damaged_last_pt_is_refused_never_started_over(idml, tiny_dataset, run_copy, damage, message):
     damage(run_copy / "last.pt", run_copy / "last.pt")
     before = fingerprints(run_copy)

@@ -1,6 +1,7 @@
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -132,6 +133,18 @@ def test_fashion_mnist_from_idx(tmp_path):
     assert table.column("id")[0].as_py() == "train/00020"
 
 
+def test_fashion_mnist_by_default_keeps_a_validation_split_the_smoke_config_fits(tmp_path):
+    # The README's `idml tune --space tune_spaces/smoke.yaml` selects on val/map@r: it stopped at once
+    # on a fresh machine, as the default val_fraction 0.1 of 5 classes dropped the split.
+    from idml.config import load_config
+
+    manifest = convert_fashion_mnist(make_fashion_idx(tmp_path / "idx", per_label=4), tmp_path / "ds", per_class=3)
+    assert manifest["splits"]["val"]["num_classes"] == 2 and manifest["splits"]["train"]["num_classes"] == 3
+    smoke = load_config(Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml")
+    assert smoke.data.dataset == "fashion-mnist"
+    assert smoke.train.batch_size // smoke.train.images_per_class <= manifest["splits"]["train"]["num_classes"]
+
+
 @pytest.mark.network
 def test_fashion_mnist_real_fetch(tmp_path):
     if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
@@ -142,7 +155,7 @@ def test_fashion_mnist_real_fetch(tmp_path):
     root = resolve_dataset("fashion-mnist", cache_dir=tmp_path)
     manifest = read_manifest(root)
     counts = {s: i["num_images"] for s, i in manifest["splits"].items()}
-    # 0.1 of 5 training classes would be a 1-class validation split, which cannot rank models: none.
-    assert counts == {"train": 1500, "test": 1500}
+    # 2 of the 5 training classes validate (0.1 would give 1, which cannot rank models: none).
+    assert counts == {"train": 900, "val": 600, "test": 1500}
     assert np.all(np.array(manifest["splits"]["test"]["labels"]) >= 5)
     assert verify_dataset(root) == []

@@ -15,7 +15,7 @@ from idml.data import (
     write_dataset,
 )
 
-from support import make_records, noise_png
+from support import edit_manifest, make_records, noise_png
 
 
 def test_round_trip(tmp_path):
@@ -108,10 +108,7 @@ def test_verify_detects_problems(tmp_path):
 
 def test_verify_row_count_mismatch(tmp_path):
     write_dataset(make_records(), tmp_path / "ds", name="tiny")
-    path = tmp_path / "ds" / "manifest.json"
-    manifest = json.loads(path.read_text())
-    manifest["splits"]["train"]["shards"][0]["num_rows"] += 1
-    path.write_text(json.dumps(manifest))
+    edit_manifest(tmp_path / "ds", lambda m: m["splits"]["train"]["shards"][0].update(num_rows=13))
     problems = verify_dataset(tmp_path / "ds")
     assert len(problems) == 1 and "rows" in problems[0]
 
