@@ -70,8 +70,10 @@ class ServedIndex:
             raise UnknownIdError(str(e)) from None
 
     def search(self, mu: np.ndarray, uncertainty: np.ndarray, k: int, *, rerank: bool = False,
-               exclude: Sequence[str | None] | None = None, names: Sequence[str] | None = None) -> list[QueryResult]:
-        return self.searcher.search(mu, uncertainty, k, rerank=rerank, exclude=exclude, names=names)
+               exclude: Sequence[str | None] | None = None, names: Sequence[str] | None = None,
+               min_confidence: float | None = None) -> list[QueryResult]:
+        return self.searcher.search(mu, uncertainty, k, rerank=rerank, exclude=exclude, names=names,
+                                    min_confidence=min_confidence)
 
     def describe(self) -> dict[str, Any]:
         """What a health check reports: the version, its size, and the model answering for it."""
@@ -79,6 +81,7 @@ class ServedIndex:
         return {"version": self.version, "vectors": len(self.searcher), "index_type": self.searcher.spec.index_type,
                 "refine": self.searcher.spec.refine if self.searcher.index.rescores else 0,
                 "uncertainty_weight": self.searcher.uncertainty_weight,
+                "confidence": self.searcher.confidence is not None,  # whether answers carry one (min_confidence works)
                 "model": {"checkpoint": self.checkpoint, "sha256": self.checkpoint_sha256,
                           **{k: recorded.get(k) for k in ("backbone", "embedding_dim", "image_size", "epoch")}},
                 "loaded_at": self.loaded_at}

@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="shards: search the shard files together; ondisk: merge IVF shards' lists once per version "
                             "into the index folder's cache/ and memory-map that (as fast as one index; sharded IVF search "
                             "is 1.6-1.9x slower); auto (default): ondisk for IVF with several shards, else shards")
+    query.add_argument("--min-confidence", type=float, metavar="P",
+                       help="abstain (return no hits) where the model's confidence that the top-1 hit is right is below P")
     query.add_argument("--json", help="also write the results here")
     query.add_argument("--gpu", action="store_true", help="search an exact (Flat) index on the GPUs faiss sees (faiss-gpu)")
 

@@ -79,7 +79,7 @@ def _query(args) -> int:
     response = query_index(QueryRequest(
         args.index_dir, ids=args.ids, images=args.images, version=args.version, checkpoint=args.checkpoint, k=args.k,
         rerank=args.rerank, rerank_k=args.rerank_k, uncertainty_weight=args.uncertainty_weight, nprobe=args.nprobe,
-        refine=args.refine, combine=args.combine, gpu=args.gpu))
+        refine=args.refine, combine=args.combine, gpu=args.gpu, min_confidence=args.min_confidence))
     reranked = response.uncertainty_weight is not None
     print(f"index {response.version}: {response.vectors} vectors" + (
         f"; re-ranked by the introspective distance (lambda {response.uncertainty_weight:g})" if reranked else ""))

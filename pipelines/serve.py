@@ -170,25 +170,30 @@ class SearchService:
         return {"status": "ok", **self.served.describe(), "reload_error": self.reload_error}
 
     @api.post("/search")
-    async def search_images(self, request: Request, k: int = 10, rerank: bool = False) -> dict[str, Any]:
+    async def search_images(self, request: Request, k: int = 10, rerank: bool = False,
+                            min_confidence: float | None = None) -> dict[str, Any]:
         served = self.served  # this request answers from this version, whatever is published meanwhile
         self._check_k(k)
+        self._check_min_confidence(served, min_confidence)
         body = await self._read_body(request)
         blobs, names = search_body(request.headers.get("content-type", ""), body, max_images=self.options.max_images)
         images = await asyncio.to_thread(lambda: [served.prepare(b) for b in blobs])
         embedded = await asyncio.gather(*(self._embed_batch((served, image)) for image in images))
         mu = np.stack([m for m, _ in embedded])
         uncertainty = np.array([u for _, u in embedded], np.float32)
-        results = await asyncio.to_thread(served.search, mu, uncertainty, k, rerank=rerank, names=names)
+        results = await asyncio.to_thread(served.search, mu, uncertainty, k, rerank=rerank, names=names,
+                                          min_confidence=min_confidence)
         return self._answer(served, results, k, rerank)
 
     @api.get("/search/id/{item_id:path}")
-    async def search_id(self, item_id: str, k: int = 10, rerank: bool = False) -> dict[str, Any]:
+    async def search_id(self, item_id: str, k: int = 10, rerank: bool = False,
+                        min_confidence: float | None = None) -> dict[str, Any]:
         served = self.served
         self._check_k(k)
+        self._check_min_confidence(served, min_confidence)
         mu, uncertainty = await asyncio.to_thread(served.lookup, [item_id])
         results = await asyncio.to_thread(served.search, mu, uncertainty, k, rerank=rerank, exclude=[item_id],
-                                          names=[item_id])
+                                          names=[item_id], min_confidence=min_confidence)
         return self._answer(served, results, k, rerank)
 
     # -- batching and reloading ---------------------------------------------------------------
@@ -232,6 +237,16 @@ class SearchService:
     def _check_k(self, k: int) -> None:
         if not 1 <= k <= self.options.max_k:
             raise HTTPException(400, f"k must be between 1 and {self.options.max_k}, got {k}")
+
+    @staticmethod
+    def _check_min_confidence(served: ServedIndex, min_confidence: float | None) -> None:
+        if min_confidence is None:
+            return
+        if not 0 <= min_confidence <= 1:  # NaN fails this too
+            raise HTTPException(400, f"min_confidence must be a probability in [0, 1], got {min_confidence}")
+        if served.searcher.confidence is None:
+            raise HTTPException(400, f"index {served.version}'s model has no confidence to abstain by (trained "
+                                     "without a validation split, or before confidences existed)")
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self.options.max_bytes

@@ -61,6 +61,9 @@ def describe_checkpoint(path: str | Path, state: Mapping[str, Any] | None = None
     return {"path": given, "sha256": file_sha256(path), "backbone": cfg.model.backbone,
             "embedding_dim": cfg.model.embedding_dim, "image_size": cfg.data.image_size,
             "uncertainty_weight": cfg.loss.uncertainty_weight, "epoch": state.get("epoch"),
+            # how confident a query may be of its top-1 hit (idml.evaluation.confidence): the
+            # checkpoint's, recorded with the version so every query reads it without the model
+            "confidence": state.get("confidence"),
             "model": dict(model) if model else {"model_uri": given}}
 
 

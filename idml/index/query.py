@@ -32,6 +32,7 @@ class QueryRequest:
     refine: int | None = None  # lossy codes: candidates re-scored per result (default: the version's)
     combine: str = "auto"  # how the shards are searched together (search.IndexSearcher)
     gpu: bool = False  # search an exact (Flat) index on the GPUs faiss sees
+    min_confidence: float | None = None  # abstain (no hits) below this P(top-1 right)
 
 
 @dataclass
@@ -57,7 +58,8 @@ def query_index(request: QueryRequest) -> QueryResponse:
         mu, u = _embed_query_images(searcher.manifest, request.images, request.checkpoint)
         names, exclude = list(request.images), None
     results = searcher.search(mu, u, request.k, rerank=request.rerank, rerank_k=request.rerank_k,
-                              uncertainty_weight=request.uncertainty_weight, exclude=exclude, names=names)
+                              uncertainty_weight=request.uncertainty_weight, exclude=exclude, names=names,
+                              min_confidence=request.min_confidence)
     weight = request.uncertainty_weight if request.uncertainty_weight is not None else searcher.uncertainty_weight
     return QueryResponse(searcher.version, len(searcher), weight if request.rerank else None, results)
 

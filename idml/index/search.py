@@ -21,6 +21,7 @@ from .spec import IndexSpec
 from .exact_vectors import ShardVectors
 from .partitions import vectors
 from .store import IndexStore
+from idml.evaluation.confidence import Confidence
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,11 @@ class QueryResult:
     query: str
     uncertainty: float  # the query's ||sigma||^2
     hits: list[Hit]
+    # P(the top-1 hit is right): the model's confidence (idml.evaluation.confidence, fitted on its
+    # validation split) from the query's uncertainty and its top-1 and top-2 cosines; None when
+    # the model has none (trained without a validation split, or before confidences existed)
+    confidence: float | None = None
+    abstained: bool = False  # below min_confidence: no hits are returned
 
 
 class IndexSearcher:
@@ -80,6 +86,8 @@ class IndexSearcher:
                          self.spec.factory)
             else:
                 self.spec.refine = refine
+        recorded = self.manifest["checkpoint"].get("confidence")
+        self.confidence = Confidence.from_dict(recorded) if recorded else None
         self.ids: dict[int, np.ndarray] = {}
         self.uncertainty: dict[int, np.ndarray] = {}
         for entry in self.manifest["shards"]:
@@ -145,17 +153,27 @@ class IndexSearcher:
 
     def search(self, mu: np.ndarray, uncertainty: np.ndarray, k: int = 10, *, rerank: bool = False,
                rerank_k: int | None = None, uncertainty_weight: float | None = None,
-               exclude: Sequence[str | None] | None = None, names: Sequence[str] | None = None) -> list[QueryResult]:
+               exclude: Sequence[str | None] | None = None, names: Sequence[str] | None = None,
+               min_confidence: float | None = None) -> list[QueryResult]:
         """Top-``k`` neighbours of each query (lossy candidates re-scored first: ``refine``).
         ``rerank``: take ``rerank_k`` (default max(10k, 100)) candidates by cosine, then order
         them by the introspective distance
         D = alpha * exp(-lambda * beta / alpha) (alpha = 2 - 2cos, beta = u_query + u_result)
-        and report s = 1 - D/2. ``exclude``: an id to leave out per query (itself)."""
+        and report s = 1 - D/2. ``exclude``: an id to leave out per query (itself). Each result
+        carries the model's ``confidence`` that its top-1 hit is right (when the model has one);
+        ``min_confidence``: below it a query abstains (no hits)."""
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        if min_confidence is not None:
+            if not 0 <= min_confidence <= 1:
+                raise ValueError(f"min_confidence must be a probability in [0, 1], got {min_confidence}")
+            if self.confidence is None:
+                raise ValueError(f"index version {self.version}'s model has no confidence to abstain by (it was "
+                                 "trained without a validation split, or before confidences existed)")
         mu = np.ascontiguousarray(mu, np.float32)
         uncertainty = np.asarray(uncertainty, np.float32)
         depth = max(k, rerank_k or max(10 * k, 100)) if rerank else k
+        depth = max(depth, 2)  # the confidence reads the top-2 cosines
         depth += exclude is not None
         scores, labels = self.index.search(mu, depth)
         ids, u = self._resolve(labels)
@@ -166,6 +184,11 @@ class IndexSearcher:
             if exclude is not None and exclude[q] is not None:
                 valid &= ids[q] != exclude[q]
             cand_ids, cos, cand_u = ids[q][valid], scores[q][valid], u[q][valid]
+            confidence = self._confidence(float(uncertainty[q]), cos)
+            if min_confidence is not None and (confidence is None or confidence < min_confidence):
+                results.append(QueryResult(names[q] if names is not None else f"query {q}", float(uncertainty[q]), [],
+                                           confidence, abstained=True))
+                continue
             sim = cos
             if rerank and len(cos):
                 from idml.metric import introspective_distance  # pulls in PML + scipy: only when needed
@@ -176,8 +199,16 @@ class IndexSearcher:
                 order = np.argsort(-sim, kind="stable")
                 cand_ids, cos, cand_u, sim = cand_ids[order], cos[order], cand_u[order], sim[order]
             hits = [Hit(str(cand_ids[j]), float(sim[j]), float(cos[j]), float(cand_u[j])) for j in range(min(k, len(cand_ids)))]
-            results.append(QueryResult(names[q] if names is not None else f"query {q}", float(uncertainty[q]), hits))
+            results.append(QueryResult(names[q] if names is not None else f"query {q}", float(uncertainty[q]), hits,
+                                       confidence))
         return results
+
+    def _confidence(self, uncertainty: float, cosines: np.ndarray) -> float | None:
+        """P(top-1 right) from the candidates' cosines in cosine order (before any re-ranking)."""
+        if self.confidence is None or len(cosines) < 2:
+            return None
+        top1, top2 = float(cosines[0]), float(cosines[1])
+        return float(self.confidence.predict([uncertainty], [top1], [top1 - top2])[0])
 
     def _resolve(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         ids = np.full(labels.shape, "", dtype=object)
@@ -195,7 +226,11 @@ def format_results(results: list[QueryResult], *, reranked: bool = False) -> str
     """A plain-text table: one block per query."""
     lines = []
     for res in results:
-        lines.append(f"{res.query}  (uncertainty {_num(res.uncertainty)})")
+        confidence = "" if res.confidence is None else f", confidence {res.confidence:.2f}"
+        lines.append(f"{res.query}  (uncertainty {_num(res.uncertainty)}{confidence})")
+        if res.abstained:
+            lines.append("  (abstained: confidence below min_confidence)")
+            continue
         if not res.hits:
             lines.append("  (no results)")
             continue

@@ -142,3 +142,38 @@ def test_opening_a_version_checks_its_files_and_remembers_the_sound_ones(index, 
         store.checked_manifest()
     with pytest.raises(DamagedFileError, match="damaged"):
         IndexSearcher(idx)
+
+
+def test_queries_carry_the_models_confidence_and_abstain_below_min_confidence(index, checkpoint, tmp_path):
+    """The confidence a checkpoint carries (fitted on validation by training) is recorded with the
+    version and answers every query: P(top-1 right) from the query's uncertainty and its top-1
+    and top-2 cosines; ``min_confidence`` abstains below it."""
+    from support import make_checkpoint
+
+    from idml.checkpoint import load_checkpoint, save_checkpoint
+    from idml.evaluation.confidence import Confidence
+
+    idx, ds = index
+    with pytest.raises(ValueError, match="has no confidence to abstain by"):
+        query_index(QueryRequest(idx, ids=["img-000"], min_confidence=0.5))
+    assert all(r.confidence is None for r in query_index(QueryRequest(idx, ids=["img-000"])).results)
+
+    # a model whose confidence rises with the top-1 cosine alone
+    confident = make_checkpoint(tmp_path / "confident.pt")
+    state = load_checkpoint(confident)
+    state["confidence"] = Confidence([0.0, 4.0, 0.0], 0.0, [0.0, 0.5, 0.0], [1.0, 0.1, 1.0]).to_dict()
+    save_checkpoint(confident, state)
+    build_in_process(tmp_path / "idx", ds, confident)
+    ids = [f"img-{i:03d}" for i in (0, 1, 2, 4, 5, 6, 7, 8)]  # img-003 is the corrupt one
+    results = query_index(QueryRequest(tmp_path / "idx", ids=ids, k=1)).results
+    expected = Confidence.from_dict(state["confidence"])
+    for r in results:
+        assert len(r.hits) == 1 and not r.abstained
+        assert r.confidence == pytest.approx(float(expected.predict([r.uncertainty], [r.hits[0].cosine], [0.0])[0]))
+    threshold = float(np.median([r.confidence for r in results]))
+    gated = query_index(QueryRequest(tmp_path / "idx", ids=ids, k=1, min_confidence=threshold)).results
+    assert [g.abstained for g in gated] == [r.confidence < threshold for r in results]
+    assert all(g.hits == [] for g in gated if g.abstained) and not all(g.abstained for g in gated)
+    assert "abstained" in format_results(gated) and "confidence" in format_results(gated)
+    with pytest.raises(ValueError, match="probability in"):
+        query_index(QueryRequest(tmp_path / "idx", ids=ids, min_confidence=1.5))

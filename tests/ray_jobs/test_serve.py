@@ -237,6 +237,10 @@ def test_bad_requests_get_a_4xx_and_the_replica_keeps_answering(service):
         "bad base64": (requests.post(f"{url}/search", json={"images": ["@@@"]}, timeout=60), 400, "base64"),
         "too many images": (requests.post(f"{url}/search", json={"images": ["aGk="] * 5}, timeout=60), 413, "at most 4"),
         "unknown path": (requests.get(f"{url}/nothing", timeout=60), 404, ""),
+        # this index's model carries no confidence (made without a validation split)
+        "min_confidence without a confidence": (_search_image(url, image, min_confidence=0.5), 400, "no confidence"),
+        "min_confidence not a probability": (requests.get(f"{url}/search/id/img-010", params={"min_confidence": 2},
+                                                          timeout=60), 400, "probability in [0, 1]"),
     }
     for name, (res, status, message) in cases.items():
         assert res.status_code == status, f"{name}: {res.status_code} {res.text}"
