@@ -158,6 +158,28 @@ def run_all(jobs: list[tuple[list[str], Path]], parallel: int) -> None:
                 print(f"[study] FAILED {folder.name} (exit {proc.returncode}); see {folder / 'train.log'}", flush=True)
 
 
+def reevaluate(folder: Path) -> None:
+    """The end of a finished run again, with this code: the confidence's fit on validation and
+    the test evaluation of its best.pt (``idml.fit.evaluate_and_summarize``, as training ends);
+    the training and its history are the run's."""
+    sys.path.insert(0, str(ROOT))
+    from idml.checkpoint import checkpoint_config, load_checkpoint
+    from idml.data import ImageShardDataset, open_dataset
+    from idml.engine import configure_threads
+    from idml.fit import evaluate_and_summarize
+    from idml.transforms import eval_transform
+
+    summary = json.loads((folder / "metrics.json").read_text())
+    cfg = checkpoint_config(load_checkpoint(folder / "best.pt"))
+    cfg.output_dir = str(folder)
+    configure_threads(cfg.train.threads)
+    root = open_dataset(cfg.data.dataset).root
+    split = lambda name: ImageShardDataset(root, name, transform=eval_transform(cfg.data.image_size))  # noqa: E731
+    evaluate_and_summarize(cfg, folder / "best.pt", split(cfg.data.test_split), summary["history"], progress=False,
+                           val_ds=split(cfg.data.val_split), distractors=split(cfg.data.train_split))
+    print(f"[study] re-evaluated {folder.name}", flush=True)
+
+
 def collect(variant: Variant, out: Path, seeds: int) -> None:
     for seed in range(seeds):
         folder = run_dir(out, variant, seed)
@@ -249,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/study", help="folder of the runs")
     parser.add_argument("--results", default="docs/results.md", help="Markdown file the tables go to")
     parser.add_argument("--no-train", action="store_true", help="only collect finished runs and write the tables")
+    parser.add_argument("--reevaluate", action="store_true",
+                        help="first redo the end of every finished run (confidence fit, test evaluation) with this code")
     parser.add_argument("--no-mlflow", action="store_true", help="skip the MLflow run")
     args = parser.parse_args(argv)
 
@@ -266,6 +290,11 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     if not args.no_train:
         run_all(jobs, args.parallel)
+    if args.reevaluate:
+        for v in chosen:
+            for seed in range(v.seeds):
+                if (run_dir(out, v, seed) / "best.pt").exists():
+                    reevaluate(run_dir(out, v, seed))
     for v in chosen:
         collect(v, out, v.seeds)
     (out / "study.json").write_text(json.dumps(

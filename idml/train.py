@@ -88,7 +88,10 @@ def train_local(cfg: Config, *, progress: bool = True, resume: bool = True) -> d
     done = fit(state, cfg, lambda epoch: loader, out_dir=out, val=val_ds, progress=start, show_progress=progress,
                steps_per_epoch=len(loader))
     test_ds = ImageShardDataset(source.root, cfg.data.test_split, transform=eval_transform(size))
-    return evaluate_and_summarize(cfg, done.selected(out), test_ds, done.history, progress=progress, val_ds=val_ds)[0]
+    # The training split, seen through the evaluation transform: distractors for the confidence's fit.
+    distractors = ImageShardDataset(source.root, cfg.data.train_split, transform=eval_transform(size)) if val_ds else None
+    return evaluate_and_summarize(cfg, done.selected(out), test_ds, done.history, progress=progress, val_ds=val_ds,
+                                  distractors=distractors)[0]
 
 
 def track_local_run(cfg: Config, summary: dict[str, Any], *, experiment: str = "idml", register_model: str | None = None,

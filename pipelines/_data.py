@@ -267,17 +267,27 @@ def train_dataset(source: DatasetSource, cfg, *, decode_cpus: float = 1.0):
                           fn_kwargs={"image_size": cfg.data.image_size})
 
 
+def _decoded_for_eval(source: DatasetSource, splits: list[str], cfg, decode_cpus: float):
+    import ray.data
+
+    paths = [path for split in splits for path in source.paths(split)]
+    ds = ray.data.read_parquet(paths, filesystem=source.filesystem).select_columns(["id", "image", "label", "domain"])
+    return ds.map_batches(decode_eval_rows, batch_format="pyarrow", batch_size=cfg.eval.batch_size,
+                          num_cpus=decode_cpus, fn_kwargs={"image_size": cfg.data.image_size})
+
+
+def distractor_dataset(source: DatasetSource, cfg, *, decode_cpus: float = 1.0):
+    """The training split through the evaluation transform, executed only when read: the
+    confidence's fit at the end of a run searches validation among these (``idml.fit``)."""
+    return _decoded_for_eval(source, [cfg.data.train_split], cfg, decode_cpus)
+
+
 def eval_datasets(source: DatasetSource, splits: list[str], cfg, *, decode_cpus: float = 1.0) -> list:
     """The val/test ``splits`` decoded (no augmentation) and materialized in the object store,
     in file order, all in ONE Ray Data job (each job has a fixed start-up cost): evaluation
     passes then only read ready tensors. Undecodable images stay as ``valid=False`` rows, so
     each split keeps its manifest row count."""
-    import ray.data
-
-    paths = [path for split in splits for path in source.paths(split)]
-    ds = ray.data.read_parquet(paths, filesystem=source.filesystem).select_columns(["id", "image", "label", "domain"])
-    ds = ds.map_batches(decode_eval_rows, batch_format="pyarrow", batch_size=cfg.eval.batch_size,
-                        num_cpus=decode_cpus, fn_kwargs={"image_size": cfg.data.image_size})
+    ds = _decoded_for_eval(source, splits, cfg, decode_cpus)
     ds.context.execution_options.preserve_order = True  # the splits must come out in order
     ds = ds.materialize()
     counts = np.cumsum([source.num_images(split) for split in splits])

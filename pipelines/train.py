@@ -36,7 +36,7 @@ from idml.errors import InputError
 from idml.data.source import DatasetSource, open_dataset
 from idml.tracking import MlflowRun, check_tracking_store, source_tags, tracking_uri
 
-from ._data import class_chunk_counts, eval_datasets, max_batches, train_dataset
+from ._data import class_chunk_counts, distractor_dataset, eval_datasets, max_batches, train_dataset
 from ._ray import init_ray
 
 log = logging.getLogger(__name__)
@@ -164,6 +164,8 @@ def build_datasets(p: Plan, *, test: bool = True) -> dict[str, Any]:
     splits = list(dict.fromkeys(names.values()))  # a split named twice (test_split = val_split) is decoded once
     decoded = dict(zip(splits, eval_datasets(p.source, splits, p.cfg, decode_cpus=p.options.decode_cpus)))
     datasets = {name: decoded[split] for name, split in names.items()}
+    if test and p.has_val:  # read once, at the end, by the confidence's fit
+        datasets["distractors"] = distractor_dataset(p.source, p.cfg, decode_cpus=p.options.decode_cpus)
     datasets["train"] = train_dataset(p.source, p.cfg, decode_cpus=p.options.decode_cpus)
     return datasets
 

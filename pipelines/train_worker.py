@@ -95,7 +95,9 @@ def train_worker(config: dict[str, Any]) -> None:
     fit(state, cfg, batches, out_dir=out, val=val, reported={"test": test} if test else {}, progress=progress,
         hooks=hooks, main_process=rank == 0, eval_cfg=eval_cfg, device=device, show_progress=False)
     if rank == 0 and test is not None:
-        _finish(run, eval_cfg, progress, test, device, config, val=val)
+        distractors = (StreamedSplit(ray.train.get_dataset_shard("distractors"), source, cfg.data.train_split,
+                                     cfg.eval.batch_size) if val is not None else None)
+        _finish(run, eval_cfg, progress, test, device, config, val=val, distractors=distractors)
     elif rank == 0:
         _finish_without_test(run, eval_cfg, progress)
 
@@ -153,14 +155,14 @@ def _backfill(run: MlflowRun, progress) -> None:
 
 
 def _finish(run: MlflowRun | None, cfg, progress, test: StreamedSplit, device, job: dict[str, Any], *,
-            val: StreamedSplit | None = None) -> None:
+            val: StreamedSplit | None = None, distractors: StreamedSplit | None = None) -> None:
     """Rank 0, after the last epoch: the confidence fitted on val, the selected checkpoint on
     test, plots, MLflow artifacts."""
     from idml.fit import evaluate_and_summarize, log_figures
 
     out = Path(cfg.output_dir)
     summary, _ = evaluate_and_summarize(cfg, progress.selected(out), test, progress.history, progress=False,
-                                        device=device, val_ds=val)
+                                        device=device, val_ds=val, distractors=distractors)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     if run is None:
         return

@@ -46,22 +46,34 @@ def risk_coverage(hits: np.ndarray, confidence: np.ndarray, coverages: Sequence[
     }
 
 
-def query_signals(embeddings: Any, labels: Any, uncertainty: Any) -> dict[str, np.ndarray]:
+def query_signals(embeddings: Any, labels: Any, uncertainty: Any, *, distractors: Any = None) -> dict[str, np.ndarray]:
     """Leave-one-out top-1 retrieval over a split and each query's confidence signals: ``hits``
     (1 where the top-1 neighbour has the query's class), ``uncertainty``, ``top1_similarity``
     and ``top1_gap`` (top-1 minus top-2 cosine similarity). Queries whose class has no other
-    item are left out, as in :func:`~idml.evaluation.retrieval.retrieval_metrics`."""
+    item are left out, as in :func:`~idml.evaluation.retrieval.retrieval_metrics`.
+    ``distractors``: embeddings of other classes added to the gallery (never right), so that a
+    small split is searched in a gallery as large as the one its confidence will meet."""
     emb = check_embeddings(embeddings)
     codes = check_labels(labels, len(emb))
     u = check_uncertainty(uncertainty, "uncertainty", len(emb))
     if len(emb) < 3:
         raise ValueError(f"selective retrieval needs at least 3 items, got {len(emb)}")
-    sims, idx = knn(emb, emb, 2, exclude_self=True)
+    gallery_codes = codes
+    if distractors is None:
+        sims, idx = knn(emb, emb, 2, exclude_self=True)
+    else:
+        extra = check_embeddings(distractors, "distractors")
+        sims, idx = knn(emb, np.concatenate([emb, extra]), 3)
+        # the queries are the gallery's first rows: drop each one's own entry (else the third)
+        drop = idx == np.arange(len(emb))[:, None]
+        drop[~drop.any(axis=1), -1] = True
+        sims, idx = sims[~drop].reshape(len(emb), 2), idx[~drop].reshape(len(emb), 2)
+        gallery_codes = np.concatenate([codes, np.full(len(extra), -1)])
     valid = np.bincount(codes)[codes] > 1
     if not valid.any():
         raise ValueError("no query has another item with its label; nothing to evaluate")
     return {
-        "hits": (codes[idx[:, 0]] == codes)[valid].astype(np.float64),
+        "hits": (gallery_codes[idx[:, 0]] == codes)[valid].astype(np.float64),
         "uncertainty": u[valid],
         "top1_similarity": sims[valid, 0],
         "top1_gap": sims[valid, 0] - sims[valid, 1],

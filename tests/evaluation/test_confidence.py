@@ -58,3 +58,15 @@ def test_calibration_error():
     assert out["ece"] == pytest.approx(0.5 * abs(0.95 - 0.95) + 0.5 * abs(0.15 - 0.15))
     overconfident = calibration(np.full(40, 0.95), hits)
     assert overconfident["ece"] == pytest.approx(0.95 - hits.mean())
+
+
+def test_distractors_make_the_calibration_gallery_as_hard_as_a_large_one():
+    emb, labels, noise = _clustered(0, classes=10)
+    alone = query_signals(emb, labels, noise)
+    others, _, _ = _clustered(5, classes=200)  # other classes: never a right answer
+    crowded = query_signals(emb, labels, noise, distractors=others)
+    assert len(crowded["hits"]) == len(alone["hits"])
+    assert crowded["hits"].mean() < alone["hits"].mean()
+    assert (crowded["top1_similarity"] >= alone["top1_similarity"] - 1e-6).all()  # a bigger gallery only adds
+    # a query is never its own neighbour, distractors or not
+    assert query_signals(emb, labels, noise, distractors=others[:1])["hits"].shape == alone["hits"].shape
