@@ -22,8 +22,8 @@ REQUIRED_KEYS = ("model", "config", "epoch")
 
 # Config keys a resumed run may change: they change speed or what evaluation reports, never
 # what the model learns. ``train.epochs`` may change too, but not below the epochs already done.
-RESUMABLE_CHANGES = ("output_dir", "data.workers", "train.threads", "train.channels_last", "eval.recall_ks",
-                     "eval.batch_size", "eval.nmi", "eval.cross_domain")
+RESUMABLE_CHANGES = ("output_dir", "data.workers", "train.threads", "train.channels_last", "train.test_every",
+                     "eval.recall_ks", "eval.batch_size", "eval.nmi", "eval.cross_domain")
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:

@@ -85,9 +85,9 @@ def train_local(cfg: Config, *, progress: bool = True, resume: bool = True) -> d
         # validation replaces it, or for good without a validation split.
         best.unlink()
         log.info("starting over in %s: removed the earlier run's best.pt", out)
-    done = fit(state, cfg, lambda epoch: loader, out_dir=out, val=val_ds, progress=start, show_progress=progress,
-               steps_per_epoch=len(loader))
     test_ds = ImageShardDataset(source.root, cfg.data.test_split, transform=eval_transform(size))
+    done = fit(state, cfg, lambda epoch: loader, out_dir=out, val=val_ds, reported={"test": test_ds}, progress=start,
+               show_progress=progress, steps_per_epoch=len(loader))
     # The training split, seen through the evaluation transform: distractors for the confidence's fit.
     distractors = ImageShardDataset(source.root, cfg.data.train_split, transform=eval_transform(size)) if val_ds else None
     return evaluate_and_summarize(cfg, done.selected(out), test_ds, done.history, progress=progress, val_ds=val_ds,

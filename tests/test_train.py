@@ -28,6 +28,7 @@ def test_train_local_end_to_end_and_resume(tiny_config):
     history = summary["history"]
     assert [h["epoch"] for h in history] == [0, 1]
     assert all("val/recall@1" in h for h in history)
+    assert not any("test/recall@1" in h for h in history)  # test once, at the end (train.test_every = 0)
     test = summary["test"]
     assert 0 <= test["recall@1"] <= 1 and "xdomain_recall@1" in test and "uncertainty_auroc_mixed" in test
     assert {"aurc_uncertainty", "aurc_top1_similarity", "aurc_top1_gap", "uncertainty_blend_spearman"} <= set(test)
@@ -49,10 +50,11 @@ def test_train_local_end_to_end_and_resume(tiny_config):
     model, cfg = model_from_checkpoint(f"{out}/best.pt")
     assert cfg.model.embedding_dim == 32
 
-    # resume: one more epoch continues from epoch 2 and keeps the history
-    tiny_config.train.epochs = 3
+    # resume: one more epoch continues from epoch 2 and keeps the history; test curves on request
+    tiny_config.train.epochs, tiny_config.train.test_every = 3, 1
     summary = train_local(tiny_config, progress=False)
     assert [h["epoch"] for h in summary["history"]] == [0, 1, 2]
+    assert [h["epoch"] for h in summary["history"] if "test/recall@1" in h] == [2]
     assert load_checkpoint(f"{out}/last.pt")["epoch"] == 2
 
 
