@@ -8,13 +8,14 @@ import torch
 from torch import nn
 
 from .backbones import create_backbone
+from .uncertainty_losses import UNCERTAINTY_LOSSES
 
 
 UNCERTAINTY_NORMS = ("batch", "unit", "none", "log_variance")
 # How the uncertainty head learns (idml.uncertainty_losses): "metric" through IDML's
 # introspective metric inside the base loss; "pfe" and "failure" beside it, from a
 # stop-gradient copy of the features, so the embedding (and retrieval) never feels them.
-UNCERTAINTY_METHODS = ("metric", "pfe", "failure")
+UNCERTAINTY_METHODS = ("metric", *UNCERTAINTY_LOSSES)
 # The stop-gradient heads' width: a linear map of frozen features was too weak to tell which
 # images get confused (it can only re-weight what the embedding already separates).
 HEAD_HIDDEN = 512
