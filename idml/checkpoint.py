@@ -113,13 +113,15 @@ def checkpoint_config(state: dict[str, Any]) -> Config:
     return config_from_dict(data)
 
 
-def model_from_checkpoint(path_or_state: str | Path | dict[str, Any]) -> tuple[IDMLModel, Config]:
-    """Rebuild the model a checkpoint was trained with and load its weights (eval mode)."""
+def model_from_checkpoint(path_or_state: str | Path | dict[str, Any], *, path: str | Path | None = None
+                          ) -> tuple[IDMLModel, Config]:
+    """Rebuild the model a checkpoint was trained with and load its weights (eval mode).
+    ``path``: the file a loaded checkpoint dict came from, named in errors."""
     state = path_or_state if isinstance(path_or_state, dict) else load_checkpoint(path_or_state)
     cfg = checkpoint_config(state)
     # The checkpoint holds every weight, so skip fetching pretrained ones.
     model = model_from_config(cfg.model, pretrained=False)
-    name = "" if isinstance(path_or_state, dict) else f" {path_or_state}"
+    name = f" {path}" if path is not None else "" if isinstance(path_or_state, dict) else f" {path_or_state}"
     mismatch = (f"checkpoint{name} does not match its own config ({cfg.model.backbone}, "
                 f"embedding_dim {cfg.model.embedding_dim})")
     weights = state["model"]

@@ -57,8 +57,9 @@ def evaluate_checkpoint(request: EvaluateRequest) -> EvaluateResult:
     else:
         from .registry import is_model_uri, resolve_checkpoint
 
-        state = load_checkpoint(resolve_checkpoint(request.checkpoint))
-        model, trained = model_from_checkpoint(state)
+        path = resolve_checkpoint(request.checkpoint)
+        state = load_checkpoint(path)
+        model, trained = model_from_checkpoint(state, path=path)
         cfg.model, cfg.data.image_size = trained.model, trained.data.image_size
         # The confidence fitted on validation when the model was trained, if it was.
         confidence = Confidence.from_dict(state["confidence"]) if state.get("confidence") else None

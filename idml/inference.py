@@ -39,7 +39,7 @@ class Embedder:
             torch.set_num_threads(threads)
         state = checkpoint if isinstance(checkpoint, Mapping) else load_checkpoint(checkpoint)
         self.device = torch.device(device) if device else default_device()
-        model, cfg = model_from_checkpoint(dict(state))
+        model, cfg = model_from_checkpoint(dict(state), path=None if isinstance(checkpoint, Mapping) else checkpoint)
         # channels_last speeds up convolutions on CPU and is neutral on GPU.
         self.channels_last = cfg.train.channels_last if channels_last is None else channels_last
         model = model.to(self.device)
