@@ -82,13 +82,11 @@ def _sqlite_problem(path: Path) -> str | None:
         except sqlite3.DatabaseError as e:
             return f"{path} is not a usable SQLite database ({e})"
         return None
-    folder = path.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir():
-        return f"{folder} is not a folder"
-    if folder != path.parent:
-        return f"its folder {path.parent} does not exist"
+    if not path.parent.is_dir():
+        try:  # what MLflow does when it opens the store (mlflow.store.db.utils)
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            return f"its folder {path.parent} cannot be created ({e.strerror or e})"
     try:  # what SQLite will do: create the file
         with open(path, "xb"):
             pass
