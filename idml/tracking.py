@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import re
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -87,10 +88,10 @@ def _sqlite_problem(path: Path) -> str | None:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             return f"its folder {path.parent} cannot be created ({e.strerror or e})"
-    try:  # what SQLite will do: create the file
-        with open(path, "xb"):
+    try:  # what SQLite will do: create a file there (a name of our own: the store's file may be
+        # created by another process meanwhile, and must never be touched by this check)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".idml-store-check-"):
             pass
-        path.unlink()
     except OSError as e:
         return f"{path} cannot be created ({e.strerror or e})"
     return None
