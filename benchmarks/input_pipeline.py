@@ -43,21 +43,21 @@ def measure(kind: str, cpus: int, size: int, batches: int, warmup: int, dataset:
         from pipelines._data import train_dataset
         from pipelines._worker_data import iter_train_batches
 
-        ray.init(num_cpus=cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         source = open_dataset(cfg.data.dataset)
         stream = iter_train_batches(train_dataset(source, cfg).iterator(), size, [])
     else:
         import torch
 
-        from idml.data import ImageShardDataset
+        from idml.data import ImageShardDataset, open_dataset
         from idml.train import class_balanced_loader
         from idml.transforms import train_transform
 
         torch.set_num_threads(1)
         cfg.data.workers = cpus
-        stream = iter(class_balanced_loader(ImageShardDataset(cfg.data.dataset, "train", transform=train_transform(size)),
-                                            cfg))
+        root = open_dataset(cfg.data.dataset).root  # a built-in name or a folder
+        stream = iter(class_balanced_loader(ImageShardDataset(root, "train", transform=train_transform(size)), cfg))
     times, images = [], 0
     for i, (x, y) in enumerate(stream):
         times.append(time.perf_counter())
