@@ -120,6 +120,9 @@ def test_query_by_id_and_by_image_with_rerank(built, tiny, tmp_path, capsys):
 
     assert main(["query", "--index-dir", str(built), "--ids", "no-such-id"]) == 2
     assert "not in index" in capsys.readouterr().err
+    # this index's model carries no confidence (made without a validation split): nothing to abstain by
+    assert main(["query", "--index-dir", str(built), "--ids", "img-000", "--min-confidence", "0.5"]) == 2
+    assert "has no confidence to abstain by" in capsys.readouterr().err
 
 
 def test_update_embeds_only_new_and_changed_and_drops_removed(built, tiny, tmp_path_factory, capsys):
