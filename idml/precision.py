@@ -2,8 +2,8 @@
 
 bf16 autocast roughly halves the backbone's cost where the hardware computes bf16 natively:
 CUDA GPUs with bf16, and CPUs with AVX512-BF16 or AMX (oneDNN's bf16 kernels; on a 2-core
-AVX512-BF16 machine a Lite0 training step ran 1.2-1.7x and inference 2-3x faster,
-``benchmarks/train_throughput.py``). Elsewhere bf16 is emulated and slower, so ``auto`` keeps
+AVX512-BF16 machine a Lite0 training step at 128 px, batch 64, ran 1.2x faster at best and
+inference 2-3x, fp32 and bf16 timed alternately in one process by a throwaway probe). Elsewhere bf16 is emulated and slower, so ``auto`` keeps
 fp32 there. Only the backbone runs under autocast: the heads, the uncertainty norm and the
 losses run in fp32 (``IDMLModel.forward``), so embeddings and losses keep full precision.
 """
