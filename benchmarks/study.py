@@ -21,6 +21,9 @@ Groups:
   lambda_mixup  full IDML (metric + mixup) at each --lambdas value (0 is ProxyAnchor + mixup).
   losses        every base loss but ProxyAnchor (the ablation's), plain vs the introspective metric
                 without mixup (on ProxyAnchor, mixup cost retrieval and doubled the compute).
+  failure_losses  the failure predictor (the default's uncertainty) on every base loss but the
+                config's own (the uncertainty group's): its embedding is the plain base loss's, so
+                what this measures is whether the uncertainty orders queries on every loss.
   uncertainty   how the uncertainty is learned, on the config's base loss (model.uncertainty):
                 IDML's introspective metric; a PFE head (mutual likelihood on positive pairs);
                 a failure predictor (wrong top-1 neighbour); the released code's constant
@@ -52,7 +55,7 @@ IDML_FULL = {"loss.introspective": True, "loss.mixup": True, "model.uncertainty"
 METRIC_ONLY = {"loss.introspective": True, "loss.mixup": False, "model.uncertainty": "metric"}
 # The ablation and the lambda sweeps are the paper's IDML-ProxyAnchor, whatever the config's loss.
 PROXY_ANCHOR = {"loss.name": "proxy_anchor"}
-GROUPS = ("ablation", "lambda", "lambda_mixup", "losses", "uncertainty")
+GROUPS = ("ablation", "lambda", "lambda_mixup", "losses", "uncertainty", "failure_losses")
 UNCERTAINTY_VARIANTS = (
     ("metric", METRIC_ONLY, "introspective metric (IDML), lambda 0.1"),
     ("pfe", {**PLAIN, "model.uncertainty": "pfe"}, "PFE head (stop-gradient, mutual likelihood)"),
@@ -115,6 +118,11 @@ def variants(groups: list[str], seeds: int, loss_seeds: int, lambdas: list[float
             n = seeds if loss in FULL_SEED_LOSSES else loss_seeds
             out += [Variant(f"{loss}", "losses", {**PLAIN, "loss.name": loss}, n, f"{loss}"),
                     Variant(f"{loss}_idml", "losses", {**METRIC_ONLY, "loss.name": loss}, n, f"IDML-{loss}")]
+    if "failure_losses" in groups:
+        for loss in ("proxy_anchor", *OTHER_LOSSES[:-1]):
+            n = seeds if loss in FULL_SEED_LOSSES else loss_seeds
+            out.append(Variant(f"{loss}_failure", "failure_losses", {**PLAIN, "model.uncertainty": "failure",
+                                                                      "loss.name": loss}, n, f"{loss} + failure predictor"))
     if "uncertainty" in groups:
         out += [Variant(f"uncertainty_{name}", "uncertainty", overrides, seeds, description)
                 for name, overrides, description in UNCERTAINTY_VARIANTS]
