@@ -44,6 +44,10 @@ class ModelConfig:
     # pfe (mutual likelihood on positive pairs) | failure (predicts a wrong top-1 neighbour); pfe and
     # failure learn from a stop-gradient copy of the features (idml.uncertainty_losses)
     uncertainty: str = "metric"
+    # The failure predictor's gallery beside the batch: the last N embeddings of other classes
+    # (idml.uncertainty_losses.FailurePredictionLoss). 2048: about 30 batches of 64, a few hundred
+    # classes, as many as a test gallery's near neighbours span; searched by tune_spaces/emoji_failure.yaml
+    failure_bank_size: int = 2048
 
 
 @dataclass
@@ -164,6 +168,8 @@ def validate_config(cfg: Config) -> None:
         problems.append(f"model.uncertainty_norm {cfg.model.uncertainty_norm!r} is not one of {', '.join(UNCERTAINTY_NORMS)}")
     if cfg.loss.uncertainty_weight < 0:
         problems.append("loss.uncertainty_weight must be >= 0")
+    if cfg.model.failure_bank_size < 0:
+        problems.append(f"model.failure_bank_size must be >= 0 (0: the batch alone), got {cfg.model.failure_bank_size}")
     if t.images_per_class < 2 or t.batch_size < t.images_per_class or t.batch_size % t.images_per_class:
         problems.append(f"train.batch_size ({t.batch_size}) must be a positive multiple of train.images_per_class "
                         f"({t.images_per_class}), which must be >= 2 so every batch holds positive pairs")

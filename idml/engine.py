@@ -77,7 +77,7 @@ def build_training(cfg: Config, num_classes: int, *, device: str | torch.device 
                            margin=cfg.loss.margin, scale=cfg.loss.scale)
     objective = IntrospectiveObjective(model, criterion, mixup=cfg.loss.mixup, mixup_alpha=cfg.loss.mixup_alpha,
                                        autocast_dtype=autocast_dtype(device, cfg.train.precision),
-                                       uncertainty_loss=build_uncertainty_loss(cfg.model.uncertainty)).to(device)
+                                       uncertainty_loss=build_uncertainty_loss(cfg.model)).to(device)
     if cfg.train.channels_last:
         objective.model.to(memory_format=torch.channels_last)
     t = cfg.train

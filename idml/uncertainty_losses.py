@@ -25,10 +25,6 @@ from torch import nn
 
 from .metric import image_uncertainty
 
-# Other-class embeddings the failure predictor's gallery keeps from earlier steps: about 30
-# batches of 64, a few hundred classes, as many as a test gallery's near neighbours span.
-BANK_SIZE = 2048
-
 
 class MutualLikelihoodLoss(nn.Module):
     """PFE's mutual likelihood score over the positive pairs of a batch (mean per dimension)."""
@@ -49,7 +45,7 @@ class FailurePredictionLoss(nn.Module):
     """Logistic loss of log ||sigma||^2 against "the nearest other-class item is closer than the
     nearest same-class one" (batch + memory bank of other classes)."""
 
-    def __init__(self, bank_size: int = BANK_SIZE):
+    def __init__(self, bank_size: int):
         super().__init__()
         self.bank_size = bank_size
         # Transient state, not part of the model: not saved, and rebuilt after a restart.
@@ -84,6 +80,14 @@ class FailurePredictionLoss(nn.Module):
 UNCERTAINTY_LOSSES = {"pfe": MutualLikelihoodLoss, "failure": FailurePredictionLoss}
 
 
-def build_uncertainty_loss(method: str) -> nn.Module | None:
-    """The objective of ``model.uncertainty`` = ``method`` (None for ``metric``)."""
-    return UNCERTAINTY_LOSSES[method]() if method in UNCERTAINTY_LOSSES else None
+# Each objective's own knobs, as constructor arguments taken from the model config.
+UNCERTAINTY_LOSS_OPTIONS = {"failure": {"bank_size": "failure_bank_size"}}
+
+
+def build_uncertainty_loss(model_cfg) -> nn.Module | None:
+    """The objective of ``model.uncertainty`` (None for ``metric``), with its knobs from ``model_cfg``."""
+    method = model_cfg.uncertainty
+    if method not in UNCERTAINTY_LOSSES:
+        return None
+    options = {arg: getattr(model_cfg, key) for arg, key in UNCERTAINTY_LOSS_OPTIONS.get(method, {}).items()}
+    return UNCERTAINTY_LOSSES[method](**options)

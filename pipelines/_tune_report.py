@@ -1,5 +1,5 @@
 """The end of a search: the sorted trial table, the best config (a YAML ``idml train`` takes
-unchanged), the objective against lambda and margin, MLflow children closed, and the optional
+unchanged), the objective against each searched parameter, MLflow children closed, and the optional
 retraining of the best and the lambda = 0 config on several seeds (evaluated once on test)."""
 
 from __future__ import annotations
@@ -60,21 +60,28 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def save_plot(rows: list[dict[str, Any]], objective: str, path: Path) -> Path:
-    """The objective against lambda and margin, one point per trial; early-stopped ones as x."""
+# The table's names for the two knobs of the introspective metric; other keys keep their own.
+ROW_NAMES = {LAMBDA: "lambda", MARGIN: "margin"}
+PLOT_NAME = "objective_vs_params.png"
+
+
+def save_plot(rows: list[dict[str, Any]], objective: str, searched: list[str], path: Path) -> Path:
+    """The objective against each searched parameter, one point per trial; early-stopped ones as x."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, param in zip(axes, ("lambda", "margin")):
+    fig, axes = plt.subplots(1, len(searched), figsize=(5 * len(searched), 4), sharey=True, squeeze=False)
+    axes = axes[0]
+    for ax, key in zip(axes, searched):
+        param = ROW_NAMES.get(key, key)
         for status, marker in (("completed", "o"), ("stopped early", "x")):
             points = [(r[param], r["objective"]) for r in rows if r["status"] == status
-                      and r["objective"] is not None and r[param] is not None]
+                      and r["objective"] is not None and r.get(param) is not None]
             if points:
                 ax.scatter(*zip(*points), marker=marker, label=status)
-        ax.set_xlabel("lambda (loss.uncertainty_weight)" if param == "lambda" else "loss.margin")
+        ax.set_xlabel(f"{param} ({key})" if param != key else key)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"{objective} (best epoch)")
     axes[0].legend()
@@ -98,18 +105,19 @@ def finish_search(search, grid, parent: MlflowRun) -> dict[str, Any]:
     (out / "best_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     table = format_table(rows)
     (out / "trials.txt").write_text(table + "\n")
-    save_plot(rows, search.space.objective, out / "objective_vs_lambda_margin.png")
-    print(f"\nsearch {search.name!r}: {len(rows)} trials, sorted by {search.space.objective} (trial 0: lambda = 0)\n")
+    save_plot(rows, search.space.objective, list(search.space.params), out / PLOT_NAME)
+    print(f"\nsearch {search.name!r}: {len(rows)} trials, sorted by {search.space.objective} "
+          "(trial 0: lambda = 0, the base config's other values)\n")
     print(table)
     if baseline is not None and baseline["objective"] is not None:
         print(f"\nbest: trial {best['trial']} ({search.space.objective} {best['objective']:.4f}) vs lambda = 0: "
               f"{baseline['objective']:.4f}")
-    print(f"outputs in {out}: best_config.yaml (idml train --config ...), trials.txt, objective_vs_lambda_margin.png")
+    print(f"outputs in {out}: best_config.yaml (idml train --config ...), trials.txt, {PLOT_NAME}")
     _close_children(search, parent, rows)
     parent.log_metrics({"best_objective": best["objective"], "best_trial": best["trial"],
                         **({"lambda0_objective": baseline["objective"]} if baseline and baseline["objective"] is not None else {})})
     parent.client.set_tag(parent.run_id, "idml.best_trial", str(best["trial"]))
-    for name in ("best_config.yaml", "trials.txt", "objective_vs_lambda_margin.png", "trials.json"):
+    for name in ("best_config.yaml", "trials.txt", PLOT_NAME, "trials.json"):
         parent.log_artifact(out / name)
     parent.log_artifact(search.space.path, "space")
     return {"name": search.name, "objective": search.space.objective, "rows": rows, "best_trial": best["trial"],

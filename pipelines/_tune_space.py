@@ -78,7 +78,8 @@ def load_space(path: str | Path, config: str | Path | None = None, overrides: li
                   scheduler=_scheduler(path, raw.get("scheduler") or {}),
                   concurrency=_positive_int(path, raw, "concurrency", 1),
                   resources=_resources(path, raw.get("resources") or {}))
-    space.mode = raw.get("mode") or ("min" if space.objective.endswith("loss") else "max")
+    # Losses and risk (AURC: the error rate averaged over coverages) are minimised, the rest maximised.
+    space.mode = raw.get("mode") or ("min" if space.objective.endswith("loss") or "/aurc_" in space.objective else "max")
     if space.mode not in ("min", "max"):
         raise SpaceError(f"{path}: mode must be min or max, got {space.mode!r}")
     for params_ in trials:
@@ -122,6 +123,7 @@ def sample_trials(params: dict[str, dict], n: int, seed: int) -> list[dict[str, 
 def objectives(cfg: Config) -> list[str]:
     """The metrics every trial reports each epoch (validation is on every epoch in a search)."""
     val = [f"recall@{k}" for k in cfg.eval.recall_ks] + ["map@r", "r_precision"] + (["nmi"] if cfg.eval.nmi else [])
+    val += [f"{measure}_{signal}" for measure in ("aurc", "r_auroc") for signal in ("uncertainty", "top1_gap")]
     return [f"val/{m}" for m in val] + ["train/loss"]
 
 

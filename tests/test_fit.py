@@ -47,6 +47,9 @@ def test_best_selected_on_validation_at_the_eval_cadence(tiny_config, tmp_path):
     assert ended == [0, 1, 2]
     evaluated = [h["epoch"] for h in done.history if f"val/{SELECTION_METRIC}" in h]
     assert evaluated == [1, 2]  # every 2nd epoch, and the last
+    # the uncertainty's ranking on validation, for a search over its knobs (tune_spaces/emoji_failure.yaml)
+    assert all(0 <= h["val/aurc_uncertainty"] <= 1 and "val/r_auroc_top1_gap" in h
+               for h in done.history if h["epoch"] in evaluated)
     # test only reports: by default never during training (the caller evaluates the selected checkpoint)
     assert not any("test/recall@1" in h for h in done.history)
     best = load_checkpoint(tmp_path / "best.pt")

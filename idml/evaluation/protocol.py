@@ -16,7 +16,7 @@ from ..engine import embed
 from .ambiguity import DEFAULT_RATIOS, iterate_blends, uncertainty_by_blend_ratio
 from .plots import plot_selective_retrieval, plot_uncertainty_analysis
 from .retrieval import cross_domain_metrics, retrieval_metrics
-from .selective import selective_retrieval
+from .selective import selective_retrieval, uncertainty_ranking
 from .uncertainty import image_uncertainty, recall_by_uncertainty, uncertainty_summary
 
 # Images blended at each ratio of the blend-ratio sweep (its 0.5 blends also give the
@@ -44,7 +44,8 @@ def evaluate_model(
     ``images_per_s`` and the embeddings; with ``uncertainty`` also ``uncertainty_bins`` (R@1
     per query-uncertainty quartile), ``uncertainty`` (clean vs 50/50 blends), ``blend_ratio``
     (uncertainty against the blend ratio) and ``selective`` (risk-coverage against the free
-    confidence signals), else None.
+    confidence signals), else None; without it, ``uncertainty_ranking`` (the AURC and R-AUROC
+    of the uncertainty and the top-1 gap alone: cheap enough for every epoch's validation).
     ``pooled_features`` evaluates the backbone's pooled feature instead (frozen baseline).
     ``confidence`` (``idml.evaluation.confidence.Confidence``) adds its risk-coverage and
     calibration to ``selective``.
@@ -65,12 +66,16 @@ def evaluate_model(
         "uncertainty": None,
         "blend_ratio": None,
         "selective": None,
+        "uncertainty_ranking": None,
         "images_per_s": len(mu) / seconds,
         "mu": mu,
         "sigma": sigma,
     }
     if cfg.eval.cross_domain and len(set(domains.tolist())) > 1:
         result["cross_domain"] = cross_domain_metrics(mu, labels, domains, ks=ks)
+    if not uncertainty and not pooled_features:
+        # Cheap enough for every epoch's validation: what a search over the uncertainty's knobs ranks by.
+        result["uncertainty_ranking"] = uncertainty_ranking(mu, labels, image_uncertainty(sigma))
     if uncertainty and not pooled_features:
         clean = image_uncertainty(sigma)
 
@@ -113,6 +118,7 @@ def summary_metrics(result: dict[str, Any]) -> dict[str, float]:
         out["aurc_oracle"] = result["selective"]["oracle_aurc"]
         if "calibration" in result["selective"]:
             out["confidence_ece"] = result["selective"]["calibration"]["ece"]
+    out.update(result.get("uncertainty_ranking") or {})
     out["embed_images_per_s"] = result["images_per_s"]
     return out
 

@@ -91,6 +91,18 @@ def failure_auroc(hits: np.ndarray, confidence: np.ndarray) -> float:
     return float(roc_auc_score(missed, -np.asarray(confidence, dtype=np.float64)))
 
 
+def uncertainty_ranking(embeddings: Any, labels: Any, uncertainty: Any) -> dict[str, float]:
+    """AURC and R-AUROC of the uncertainty and of the free top-1/top-2 gap, leave-one-out over
+    one split: the cheap part of :func:`selective_retrieval` (no curves, no blends), reported on
+    validation every epoch so that a search can rank an uncertainty's knobs without the test split."""
+    q = query_signals(embeddings, labels, uncertainty)
+    out = {}
+    for name, conf in (("uncertainty", -q["uncertainty"]), ("top1_gap", q["top1_gap"])):
+        out[f"aurc_{name}"] = risk_coverage(q["hits"], conf)["aurc"]
+        out[f"r_auroc_{name}"] = failure_auroc(q["hits"], conf)
+    return out
+
+
 def selective_retrieval(
     embeddings: Any, labels: Any, uncertainty: Any, *, coverages: Sequence[float] = DEFAULT_COVERAGES,
     confidence=None,

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from idml.evaluation.selective import risk_coverage, selective_retrieval
+from idml.evaluation.selective import risk_coverage, selective_retrieval, uncertainty_ranking
 
 
 def test_risk_coverage_answers_the_most_confident_first():
@@ -46,6 +46,11 @@ def test_an_uncertainty_that_tracks_the_noise_beats_a_random_one():
     assert informed["signals"]["top1_gap"] == random["signals"]["top1_gap"]
     curve = informed["signals"]["uncertainty"]
     assert curve["recall@1"][-1] == pytest.approx(informed["recall@1"])
+    # the cheap per-epoch form reports the same numbers as the full analysis
+    ranking = uncertainty_ranking(emb, labels, noise)
+    for signal in ("uncertainty", "top1_gap"):
+        assert ranking[f"aurc_{signal}"] == pytest.approx(informed["signals"][signal]["aurc"])
+        assert ranking[f"r_auroc_{signal}"] == pytest.approx(informed["signals"][signal]["r_auroc"])
 
 
 def test_lone_queries_are_left_out():

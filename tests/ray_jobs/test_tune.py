@@ -90,7 +90,7 @@ def test_search_killed_and_resumed_tracks_every_trial_once(cluster, dataset, tmp
     scores = [r["objective"] for r in rows]
     assert scores == sorted(scores)  # train/loss: lower is better
     assert any(r["status"] == "stopped early" and r["epochs"] < 3 for r in rows)
-    assert (out / "objective_vs_lambda_margin.png").stat().st_size > 0
+    assert (out / "objective_vs_params.png").stat().st_size > 0
     assert not any(Path(out / "trials").glob("*/metrics.json"))  # no trial evaluated the test split
 
     # MLflow: one parent, one child per trial, each epoch logged once despite the kill.
