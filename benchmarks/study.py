@@ -275,7 +275,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loss-seeds", type=int, default=1,
                         help="seeds for the base losses other than MultiSimilarity, Contrastive and FastAP")
     parser.add_argument("--lambdas", default="0,0.03,0.1,0.3,1", help="uncertainty weights of the lambda group")
+    parser.add_argument("--variants", default="", help="comma-separated variant names of the chosen groups to run, "
+                        "in this order (default: all)")
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads per run (default: cores / --parallel; 1 where other runs share the cores)")
     parser.add_argument("--out", default="runs/study", help="folder of the runs")
     parser.add_argument("--results", default="docs/results.md", help="Markdown file the tables go to")
     parser.add_argument("--no-train", action="store_true", help="only collect finished runs and write the tables")
@@ -291,7 +295,13 @@ def main(argv: list[str] | None = None) -> int:
     out = (ROOT / args.out).resolve()
     lambdas = [float(x) for x in args.lambdas.split(",")]
     chosen = variants(groups, args.seeds, args.loss_seeds, lambdas)
-    threads = max(1, (os.cpu_count() or 2) // args.parallel)
+    if args.variants:
+        by_name = {v.name: v for v in chosen}
+        names = [n.strip() for n in args.variants.split(",") if n.strip()]
+        if set(names) - set(by_name):
+            parser.error(f"unknown --variants {sorted(set(names) - set(by_name))}; the groups have {', '.join(by_name)}")
+        chosen = [by_name[n] for n in names]
+    threads = args.threads or max(1, (os.cpu_count() or 2) // args.parallel)
     jobs = [(command(args.config, args.set, v, seed, run_dir(out, v, seed), threads), run_dir(out, v, seed))
             for v in chosen for seed in range(v.seeds) if not (run_dir(out, v, seed) / "metrics.json").exists()]
     print(f"[study] {len(chosen)} variants, {len(jobs)} runs to train, {args.parallel} at a time, {threads} threads each",
