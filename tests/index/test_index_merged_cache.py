@@ -9,10 +9,9 @@ import subprocess
 
 import numpy as np
 import pytest
-from support import build_in_process, make_index_dataset
+from support import build_in_process, make_index_dataset, overwrite_merged_vectors
 
 import idml.integrity as integrity
-from idml.faiss_import import faiss
 from idml.index import IndexSearcher, IndexStore, verify_index
 from idml.index.query import QueryRequest, query_index
 
@@ -47,18 +46,7 @@ def merged_file(index_dir, name: str):
 
 
 def overwrite_vectors(index_dir) -> None:
-    """Other vectors over every stored one inside merged.ivfdata: the same size, the ids kept."""
-    index = faiss.read_index(str(merged_file(index_dir, "merged.index")), faiss.IO_FLAG_ONDISK_SAME_DIR)
-    invlists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
-    rng = np.random.default_rng(0)
-    with open(merged_file(index_dir, "merged.ivfdata"), "r+b") as f:
-        for i in range(invlists.nlist):
-            one = invlists.lists.at(i)
-            if one.size:
-                vectors = rng.standard_normal((one.size, index.d)).astype(np.float32)
-                f.seek(one.offset)
-                f.write((vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).tobytes())
-    del index
+    overwrite_merged_vectors(merged_file(index_dir, "merged.ivfdata").parent)
 
 
 def damage(path, how: str) -> None:
