@@ -116,12 +116,17 @@ def test_a_sound_merged_cache_is_hashed_once_until_its_stat_changes(index_dir, m
     assert "merged.ivfdata" in hashed and f"checksum mismatch for {path}" in caplog.text
 
 
-def test_verify_reports_a_damaged_merged_cache(index_dir):
+def test_verify_reports_a_damaged_merged_cache(index_dir, capsys):
+    from pipelines.index_cli import main
+
     assert verify_index(index_dir) == []
     path = merged_file(index_dir, "merged.ivfdata")
     overwrite_vectors(index_dir)
     problems = verify_index(index_dir)
     assert len(problems) == 1 and f"checksum mismatch for {path}" in problems[0]
     assert "merged again from the version's shards at the next query" in problems[0]
+    capsys.readouterr()
+    assert main(["verify", "--index-dir", str(index_dir)]) == 1  # it said OK over this damage
+    assert capsys.readouterr().out.splitlines() == ["verify v000001: FAILED", f"  {problems[0]}"]
     answers(index_dir)
     assert verify_index(index_dir) == []
