@@ -55,8 +55,9 @@ class IndexSearcher:
     ``combine``: ``shards`` searches the shard files together (IndexShards / IndexShardsIVF);
     ``ondisk`` (IVF only) merges their lists once per version into ``cache/<version>/`` (one
     memory-mapped file, as fast as one unsharded index; a sharded IVF search is 1.6-1.9x
-    slower); ``auto`` is ``ondisk`` for an IVF index of several shards (``shards`` where the
-    cache cannot be written, with a warning), else ``shards``. ``gpu``: search a Flat index on
+    slower; its checksums are checked at every open, a damaged copy is merged again); ``auto``
+    is ``ondisk`` for an IVF index of several shards (``shards`` where the cache cannot be
+    written, with a warning), else ``shards``. ``gpu``: search a Flat index on
     the GPUs faiss sees (``combined.combine``). ``refine``: for lossy codes (PQ, SQ), how many
     candidates per result are re-scored by exact cosine (default: the version's, as its recall
     was measured; 0 or 1: off, scores are the codes' approximations).
