@@ -9,13 +9,18 @@ Endpoints (every error is a 4xx/5xx with ``{"detail": "..."}``):
 - ``POST /search?k=10&rerank=false``: the body is one encoded image (any content type), or
   JSON ``{"images": ["<base64>", ...]}`` (``Content-Type: application/json``) for several.
 - ``GET /search/id/{id}?k=10&rerank=false``: neighbours of an indexed image (itself left out).
-- ``GET /health``: the version answering, its vectors, the model.
+- ``GET /health``: the version answering, its vectors, the model; ``changed_files`` (answers
+  withheld meanwhile) and ``reload_error``.
 
 Each replica loads the model and the published version once (``idml.search_service.ServedIndex``)
 and embeds the images of concurrent requests in batches (``@serve.batch``). A background task
 polls the index's ``CURRENT`` pointer; a new version is loaded off the event loop (the model
 too, if the version was built with another checkpoint) and replaces the old one in a single
-assignment: requests already running finish on the old one, none waits or fails.
+assignment: requests already running finish on the old one, none waits or fails. The same task
+stats the files the served version reads (memory-mapped lists and vectors): one changed since it
+was checked is checked again by loading the version again (a damaged merged cache is merged again
+from the shards), and until then requests get 503, never an answer read from it
+(``idml.search_service.IndexFollower``).
 
 The service has no authentication: it binds to 127.0.0.1 by default; expose it only behind a
 proxy that authenticates.
@@ -27,9 +32,9 @@ proxy that authenticates.
 import asyncio
 import base64
 import binascii
+import functools
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +50,7 @@ from idml.data.images import InvalidImageError
 from idml.index import IndexStore
 from idml.registry import is_model_uri
 from idml.index.query import checkpoint_for_index
-from idml.search_service import ServedIndex, UnknownIdError, results_as_dicts
+from idml.search_service import IndexChangedError, IndexFollower, ServedIndex, UnknownIdError, results_as_dicts
 from idml.tracking import tracking_uri
 
 log = logging.getLogger("ray.serve")  # a replica's ray.serve logger writes to its log file
@@ -111,6 +116,12 @@ async def _unknown_id(request: Request, error: UnknownIdError) -> JSONResponse:
     return JSONResponse({"detail": str(error)}, status_code=404)
 
 
+@api.exception_handler(IndexChangedError)
+async def _index_changed(request: Request, error: IndexChangedError) -> JSONResponse:
+    # Never an answer read from a file changed since it was checked: the watcher checks it again.
+    return JSONResponse({"detail": str(error)}, status_code=503)
+
+
 @api.exception_handler(Exception)
 async def _internal(request: Request, error: Exception) -> JSONResponse:
     log.exception("request %s %s failed", request.method, request.url.path)
@@ -156,18 +167,21 @@ def images_from_json(body: bytes, *, max_images: int) -> list[bytes]:
 class SearchService:
     async def __init__(self, options: dict[str, Any]):
         self.options = ServeOptions(**options)
-        self.store = IndexStore(self.options.index_dir)
-        self.served = await asyncio.to_thread(load_served, self.options)
-        self.reload_error: str | None = None
+        self.follower = await asyncio.to_thread(IndexFollower, self.options.index_dir,
+                                                functools.partial(load_served, self.options), log)
         self._embed_batch.set_max_batch_size(self.options.max_batch_size)
         self._embed_batch.set_batch_wait_timeout_s(self.options.batch_wait_s)
         self._watcher = asyncio.get_running_loop().create_task(self._follow_published_version())
         log.info("serving index %s (%d vectors)", self.served.version, len(self.served.searcher))
 
+    @property
+    def served(self) -> ServedIndex:
+        return self.follower.served
+
     # -- endpoints ----------------------------------------------------------------------------
     @api.get("/health")
     async def health(self) -> dict[str, Any]:
-        return {"status": "ok", **self.served.describe(), "reload_error": self.reload_error}
+        return self.follower.health()
 
     @api.post("/search")
     async def search_images(self, request: Request, k: int = 10, rerank: bool = False,
@@ -210,23 +224,10 @@ class SearchService:
         return out
 
     async def _follow_published_version(self) -> None:
-        failed: str | None = None  # a version that did not load is not retried until another is published
+        # A new version, or files of the served one changed on disk (IndexFollower.poll).
         while True:
             await asyncio.sleep(self.options.poll_s)
-            version = None
-            try:
-                version = await asyncio.to_thread(self.store.current_version)
-                if version in (None, self.served.version, failed):
-                    continue
-                started = time.monotonic()
-                self.served = await asyncio.to_thread(load_served, self.options, version, self.served)
-                failed, self.reload_error = None, None
-                log.info("now serving index %s (loaded in %.1fs)", version, time.monotonic() - started)
-            except Exception as e:  # noqa: BLE001 - keep serving the old version, say why in /health
-                error = f"index {version or '(CURRENT unreadable)'} not loaded: {type(e).__name__}: {e}"
-                if error != self.reload_error:
-                    log.warning("%s; still serving %s", error, self.served.version)
-                failed, self.reload_error = version, error
+            await asyncio.to_thread(self.follower.poll)
 
     def check_health(self) -> None:
         """Serve restarts a replica whose check fails: one that stopped following new versions."""

@@ -400,3 +400,21 @@ def clustered_vectors(n: int, d: int = 32, *, clusters: int, noise: float, seed:
     x = centers[rng.integers(0, clusters, n)] + noise * rng.standard_normal((n, d)).astype(np.float32)
     faiss.normalize_L2(x)
     return x
+
+
+def overwrite_merged_vectors(merged_dir: Path, seed: int = 0) -> None:
+    """Other unit vectors over every vector stored in a merged on-disk IVF cache's
+    ``merged.ivfdata``: the same size, the ids kept (issue 22: served as answers before the cache
+    carried checksums)."""
+    from idml.faiss_import import faiss
+
+    index = faiss.read_index(str(merged_dir / "merged.index"), faiss.IO_FLAG_ONDISK_SAME_DIR)
+    invlists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
+    rng = np.random.default_rng(seed)
+    with open(merged_dir / "merged.ivfdata", "r+b") as f:
+        for i in range(invlists.nlist):
+            one = invlists.lists.at(i)
+            if one.size:
+                vectors = rng.standard_normal((one.size, index.d)).astype(np.float32)
+                f.seek(one.offset)
+                f.write((vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).tobytes())

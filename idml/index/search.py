@@ -20,8 +20,9 @@ from .labels import labels_for, split_labels
 from .spec import IndexSpec
 from .exact_vectors import ShardVectors
 from .partitions import vectors
-from .store import IndexStore
+from .store import IndexStore, merge_sources
 from idml.evaluation.confidence import Confidence
+from idml.integrity import StatWatch
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,9 @@ class IndexSearcher:
     ``combine``: ``shards`` searches the shard files together (IndexShards / IndexShardsIVF);
     ``ondisk`` (IVF only) merges their lists once per version into ``cache/<version>/`` (one
     memory-mapped file, as fast as one unsharded index; a sharded IVF search is 1.6-1.9x
-    slower); ``auto`` is ``ondisk`` for an IVF index of several shards (``shards`` where the
-    cache cannot be written, with a warning), else ``shards``. ``gpu``: search a Flat index on
+    slower; its checksums are checked at every open, a damaged copy is merged again); ``auto``
+    is ``ondisk`` for an IVF index of several shards (``shards`` where the cache cannot be
+    written, with a warning), else ``shards``. ``gpu``: search a Flat index on
     the GPUs faiss sees (``combined.combine``). ``refine``: for lossy codes (PQ, SQ), how many
     candidates per result are re-scored by exact cosine (default: the version's, as its recall
     was measured; 0 or 1: off, scores are the codes' approximations).
@@ -68,6 +70,11 @@ class IndexSearcher:
         if refine is not None and refine < 0:
             raise ValueError(f"refine must be >= 0 (0 or 1: off), got {refine}")
         self.store = IndexStore(index_dir)
+        version = self.store.resolve_version(version)
+        # Stat before the check, so that a write after it shows in ``changed_files``.
+        self.watch = StatWatch()
+        for rel in self.store.read_manifest(version).get("files", {}):
+            self.watch.add(self.store.version_dir(version) / rel)
         # Sizes and checksums once at open, not per query: a damaged file is refused, never searched.
         self.version, self.manifest = self.store.checked_manifest(version, purpose="query")
         self.dir = self.store.version_dir(self.version)
@@ -103,11 +110,11 @@ class IndexSearcher:
         self.index = None
         if merge:
             try:
-                merged_dir = self.store.cache_dir / self.version
+                merged_dir = self.store.merged_dir(self.version)
                 self.index = merge_ondisk(self.dir / "trained.faiss", shard_paths, merged_dir, self.spec,
-                                             vectors=vectors)
+                                          vectors=vectors, built_from=merge_sources(self.manifest))
                 found, expected = self.index.ntotal, sum(int(e["count"]) for e in self.manifest["shards"])
-                if found != expected:  # the cache is not part of the checked version: a damaged copy
+                if found != expected:  # a last guard: sealed by a merge of other shards than these
                     self.index = None
                     raise RuntimeError(f"{merged_dir} holds {found} vectors, version {self.version} has {expected}; "
                                        "delete that folder to merge it again")
@@ -120,7 +127,14 @@ class IndexSearcher:
             trained = read_index(self.dir / "trained.faiss") if self.spec.kind.shared_quantizer else None
             self.index = combined.combine([self.spec.kind.open_shard(p, trained) for p in shard_paths],
                                     self.spec, trained, gpu=gpu, vectors=vectors)
+        for path, st in self.index.files.items():  # derived files: no other version links them
+            self.watch.add(path, st, ctime=True)
         self._where: dict[str, int] | None = None
+
+    def changed_files(self) -> list[str]:
+        """Files this searcher reads that changed on disk since they were checked (stat only: cheap
+        enough per request); answers read from them may be damaged until it is opened again."""
+        return self.watch.changed()
 
     @property
     def uncertainty_weight(self) -> float:

@@ -5,7 +5,8 @@ Layout::
     <index_dir>/CURRENT                     {"version": "v000003"}; replaced with os.replace
     <index_dir>/versions/v000003/           manifest.json, shards/, trained.faiss, recall_sample.npz
     <index_dir>/staging/<build key>/        work/ (resumable embedding partitions) and version/
-    <index_dir>/cache/<version>/            derived files (the merged on-disk IVF), safe to delete
+    <index_dir>/cache/<version>/            derived files (the merged on-disk IVF, with the checksums of its
+                                            files), safe to delete: checked at open, merged again when damaged
     <index_dir>/cache/<version>.checked.json  files found sound, by stat (see ``IndexStore.checked_manifest``)
     <index_dir>/.lock                       held (flock) by the one writer (build, update, publish, prune)
     <index_dir>/trash/                      versions being deleted by ``prune`` (renamed out of versions/ first)
@@ -111,6 +112,13 @@ def _read_stamps(path: Path) -> dict[str, list]:
     except (OSError, ValueError):
         return {}  # none yet, or damaged: everything is hashed again
     return stamps if isinstance(stamps, dict) else {}
+
+
+def merge_sources(manifest: dict[str, Any]) -> dict[str, str]:
+    """What a version's merged cache is made from: the checksums of its trained index and shard
+    indexes. Recorded in the cache, it tells a copy merged from other shards."""
+    names = ["trained.faiss", *(entry["index"] for entry in manifest["shards"])]
+    return {name: manifest["files"][name]["sha256"] for name in names if name in manifest.get("files", {})}
 
 
 class IndexLockedError(RuntimeError):
@@ -220,6 +228,10 @@ class IndexStore:
         """The stamps ``file_problems(remember=True)`` keeps for ``version``: {file: [sha256, inode,
         size, mtime_ns, ctime_ns]} of files found sound."""
         return _read_stamps(self.stamps_path(version))
+
+    def merged_dir(self, version: str) -> Path:
+        """Where ``version``'s IVF shards are merged into one on-disk index (``combined.merge_ondisk``)."""
+        return self.cache_dir / version
 
     def stamps_path(self, version: str) -> Path:
         return self.cache_dir / f"{version}.checked.json"

@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from idml.errors import DamagedFileError
+from idml.integrity import SealedFolder
 
 from .corpus import Corpus, read_ids_and_images, resolve_corpus
 from .embed import hash_batch
@@ -25,7 +26,7 @@ from .spec import IndexSpec
 from .exact_vectors import open_vectors
 from .partitions import KEY_SCHEMA
 from .recall import RecallSample
-from .store import MANIFEST_NAME, IndexStore
+from .store import MANIFEST_NAME, IndexStore, merge_sources
 
 
 @dataclass
@@ -70,13 +71,28 @@ def local_listing(corpus: Corpus) -> pa.Table:
 
 
 def verify_index(index_dir: str | os.PathLike, version: str | None = None, *, checksums: bool = True) -> list[str]:
-    """Problems found in ``version`` (default: the published one); empty when it is sound."""
+    """Problems found in ``version`` (default: the published one) and in its derived files (the
+    merged cache); empty when it is sound."""
     store = IndexStore(index_dir)
     try:
         version = store.resolve_version(version)
         manifest = store.read_manifest(version)
     except (FileNotFoundError, ValueError) as e:
         return [str(e)]
+    return _version_problems(store, version, manifest, checksums) + _cache_problems(store, version, manifest, checksums)
+
+
+def _cache_problems(store: IndexStore, version: str, manifest: dict[str, Any], checksums: bool) -> list[str]:
+    """Damage to the version's merged cache, every file hashed (a query would find it by stamp too)."""
+    merged = store.merged_dir(version)
+    if not merged.is_dir():
+        return []
+    problems = SealedFolder(merged).problems(checksums=checksums, remember=False, built_from=merge_sources(manifest))
+    return [f"{problem} (a derived file: merged again from the version's shards at the next query)"
+            for problem in problems]
+
+
+def _version_problems(store: IndexStore, version: str, manifest: dict[str, Any], checksums: bool) -> list[str]:
     vdir = store.version_dir(version)
     # The same file check query and update run when they open a version, but every file hashed.
     problems = list(store.file_problems(version, manifest, checksums=checksums).values())

@@ -26,7 +26,7 @@ from typing import Callable
 
 import numpy as np
 import pytest
-from support import class_image, make_checkpoint, make_class_dataset
+from support import build_in_process, class_image, make_checkpoint, make_class_dataset, make_index_dataset
 
 from pipelines.cli import main
 
@@ -118,7 +118,7 @@ def judge(result, names: tuple[str, ...], same_answer: Callable[[str], bool]) ->
     code, out, err = result
     if code in ("hang", "traceback"):
         return code
-    errors = [line for line in err.splitlines() if line.startswith("idml: error:")]
+    errors = [line for line in err.splitlines() if line.startswith(("idml: error:", "idml index: error:"))]
     if code == 2:
         # A refusal: one line that names the damaged file (or its dataset folder).
         named = len(errors) == 1 and any(name in errors[0] for name in names)
@@ -268,6 +268,41 @@ def test_damaged_manifests_are_refused_or_read_the_same(world, dataset_copy, tmp
     consumers = [("data inspect --verify", *verify_consumer(dataset_copy)), ("eval", run, same)]
     fuzz("dataset manifest (data inspect --verify, idml eval)", dataset_copy / "manifest.json", consumers, TRIALS,
          7, folder=dataset_copy).check(capsys)
+
+
+# -- index versions and their merged cache -------------------------------------------------------
+@pytest.fixture(scope="module")
+def ivf_index(world):
+    """An IVF version of two shards (searched through its merged on-disk cache) over 40 images."""
+    root, checkpoint, _ = world
+    build_in_process(root / "idx", make_index_dataset(root / "idx-ds", 40), str(checkpoint), index_type="ivf",
+                     nlist=4, shards=2)
+    return root / "idx"
+
+
+@pytest.mark.parametrize("kind, file, seed_offset", [
+    ("merged cache: merged again from the shards", "cache/v000001/merged.ivfdata", 9),
+    ("merged cache: merged again from the shards", "cache/v000001/merged.index", 10),
+    ("shard index: refused", "index", 11),  # a file of the version's first shard, named by its manifest entry
+    ("shard embeddings: refused", "embeddings", 12),
+])
+def test_damaged_index_files_are_refused_by_query_or_answered_the_same(ivf_index, tmp_path, capsys, kind, file,
+                                                                      seed_offset):
+    index_dir = tmp_path / "idx"
+    shutil.copytree(ivf_index, index_dir)
+
+    def run():
+        return run_idml("index", "query", "--index-dir", index_dir, "--ids", "img-004", "img-017", "--k", "5")
+
+    code, baseline, err = run()  # merges the cache
+    assert code == 0, err
+    if "/" in file:
+        path = index_dir / file
+    else:
+        entry = json.loads((index_dir / "versions/v000001/manifest.json").read_text())["shards"][0]
+        path = index_dir / "versions/v000001" / entry[file]
+    fuzz(f"index {kind} ({path.name}: idml index query)", path, [("index query", run, lambda out: out == baseline)],
+         TRIALS, seed_offset).check(capsys)
 
 
 # -- the search service's request bodies ---------------------------------------------------------

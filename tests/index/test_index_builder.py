@@ -2,6 +2,7 @@
 
 import logging
 import os
+import shutil
 
 import faiss
 import numpy as np
@@ -152,22 +153,23 @@ def test_searcher_falls_back_to_shards_when_the_merge_cannot_be_written(tmp_path
         IndexSearcher(root, combine="ondisk")
 
 
-def test_a_merged_copy_that_disagrees_with_the_version_is_not_searched(tmp_path, checkpoint, caplog):
+def test_a_merged_copy_of_other_shards_is_merged_again(tmp_path, checkpoint, caplog):
     ds = make_index_dataset(tmp_path / "ds", 40)
     root = tmp_path / "idx"
     build_in_process(root, ds, checkpoint, index_type="ivf", nlist=4, shards=2)
     IndexSearcher(root)
     store = IndexStore(root)
-    merged = store.cache_dir / store.current_version() / "merged.index"
+    merged = store.merged_dir(store.current_version())
     other = build_in_process(tmp_path / "other", make_index_dataset(tmp_path / "ds2", 20), checkpoint,
                              index_type="ivf", nlist=4, shards=2)
     IndexSearcher(tmp_path / "other")
-    # Another version's merged lists in this version's cache (a stale or damaged copy).
-    for name in ("merged.index", "merged.ivfdata"):
-        (merged.parent / name).write_bytes((tmp_path / "other" / "cache" / other["version"] / name).read_bytes())
-    with caplog.at_level(logging.WARNING, logger="idml.index.search"):
+    # Another version's merged folder, its checksums included, in this version's cache (a stale copy).
+    shutil.rmtree(merged)
+    shutil.copytree(IndexStore(tmp_path / "other").merged_dir(other["version"]), merged)
+    with caplog.at_level(logging.WARNING, logger="idml.index.combined"):
         searcher = IndexSearcher(root)
-    assert "holds 20 vectors, version v000001 has 40; delete that folder" in caplog.text and len(searcher) == 40
+    assert f"{merged} was made from other sources than these" in caplog.text and "again" in caplog.text
+    assert len(searcher) == 40 and searcher.index.files  # merged again, not searched shard by shard
 
 
 def test_raw_image_folder_update(tmp_path, checkpoint):
