@@ -172,7 +172,7 @@ def reevaluate(folder: Path) -> None:
     the training and its history are the run's."""
     sys.path.insert(0, str(ROOT))
     from idml.checkpoint import checkpoint_config, load_checkpoint
-    from idml.data import ImageShardDataset, open_dataset
+    from idml.data import ImageShardDataset, resolve_dataset
     from idml.engine import configure_threads
     from idml.fit import evaluate_and_summarize
     from idml.transforms import eval_transform
@@ -181,7 +181,7 @@ def reevaluate(folder: Path) -> None:
     cfg = checkpoint_config(load_checkpoint(folder / "best.pt"))
     cfg.output_dir = str(folder)
     configure_threads(cfg.train.threads)
-    root = open_dataset(cfg.data.dataset).root
+    root = resolve_dataset(cfg.data.dataset)
     split = lambda name: ImageShardDataset(root, name, transform=eval_transform(cfg.data.image_size))  # noqa: E731
     evaluate_and_summarize(cfg, folder / "best.pt", split(cfg.data.test_split), summary["history"], progress=False,
                            val_ds=split(cfg.data.val_split), distractors=split(cfg.data.train_split))

@@ -124,7 +124,7 @@ def plain_loop(cfg, *, steps: int, epochs: int, threads: int, loader_workers: in
     from pytorch_metric_learning.samplers import MPerClassSampler
     from torch.utils.data import DataLoader
 
-    from idml.data import ImageShardDataset, open_dataset
+    from idml.data import ImageShardDataset, resolve_dataset
     from idml.model import build_model
     from idml.precision import autocast, autocast_dtype
     from idml.transforms import train_transform
@@ -132,7 +132,7 @@ def plain_loop(cfg, *, steps: int, epochs: int, threads: int, loader_workers: in
     torch.manual_seed(0)
     torch.set_num_threads(threads)
     t = cfg.train
-    root = open_dataset(cfg.data.dataset).root  # a built-in name or a folder
+    root = resolve_dataset(cfg.data.dataset)  # a built-in name or a folder
     dataset = ImageShardDataset(root, "train", transform=train_transform(cfg.data.image_size))
     loader = DataLoader(dataset, batch_size=t.batch_size, drop_last=True, num_workers=loader_workers,
                         persistent_workers=loader_workers > 0,

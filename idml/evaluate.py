@@ -11,7 +11,7 @@ import torch
 
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .config import Config, check_output_dir, validate_config
-from .data import ImageShardDataset, open_dataset
+from .data import ImageShardDataset, open_dataset, resolve_dataset
 from .engine import configure_threads
 from .evaluation.confidence import Confidence
 from .evaluation.protocol import evaluate_model, summary_metrics, uncertainty_report
@@ -67,7 +67,7 @@ def evaluate_checkpoint(request: EvaluateRequest) -> EvaluateResult:
     configure_threads(cfg.train.threads)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
-    source = open_dataset(cfg.data.dataset)
+    source = open_dataset(resolve_dataset(cfg.data.dataset))
     source.check_local()
     split = request.split or cfg.data.test_split
     dataset = ImageShardDataset(source.root, split, transform=eval_transform(cfg.data.image_size))

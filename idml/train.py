@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from .checkpoint import resume_checkpoint
 from .config import Config, validate_config
-from .data import ImageShardDataset, open_dataset
+from .data import ImageShardDataset, open_dataset, resolve_dataset
 from .engine import build_training, configure_threads, seed_everything
 from .errors import InputError
 from .fit import Progress, evaluate_and_summarize, fit, log_figures
@@ -60,7 +60,7 @@ def train_local(cfg: Config, *, progress: bool = True, resume: bool = True) -> d
         raise InputError(f"{out} holds a best.pt but no last.pt to resume from; nothing was changed; {start_over}")
     seed_everything(cfg.train.seed)
     configure_threads(cfg.train.threads)
-    source = open_dataset(cfg.data.dataset)
+    source = open_dataset(resolve_dataset(cfg.data.dataset))  # a built-in name is fetched here, once
     source.check_local()
     # Every split, the test split too: a damaged one is found before training, not after.
     source.check_shards([s for s in (cfg.data.train_split, cfg.data.val_split, cfg.data.test_split) if source.has_split(s)])
@@ -117,7 +117,8 @@ def track_local_run(cfg: Config, summary: dict[str, Any], *, experiment: str = "
         selected = out / ("best.pt" if (out / "best.pt").exists() else "last.pt")
         run.log_artifact(out / "metrics.json")
         log_figures(run, out)
-        model = log_run_model(run, cfg, selected, registered_name=register_model)
+        source = open_dataset(resolve_dataset(cfg.data.dataset))  # fetched already, by the training
+        model = log_run_model(run, cfg, selected, source, registered_name=register_model)
     except BaseException:
         run.fail()
         raise

@@ -1,6 +1,6 @@
 """Ray Data side of distributed training: the operators that turn a dataset's Parquet shards
-(opened by ``idml.data.open_dataset``: a local folder, a built-in name, or any pyarrow/fsspec URI
-such as ``s3://bucket/cub``) into decoded, augmented, class-balanced batches.
+(opened by ``idml.data.open_dataset``: a local folder or any pyarrow/fsspec URI such as ``s3://bucket/cub``;
+the entry point resolves a built-in name first) into decoded, augmented, class-balanced batches.
 
 Class balance while streaming
 -----------------------------

@@ -33,6 +33,7 @@ from typing import Any, Sequence
 from idml.checkpoint import resume_checkpoint
 from idml.config import Config, config_from_dict, validate_config
 from idml.errors import InputError
+from idml.data.builtin import resolve_dataset
 from idml.data.source import DatasetSource, open_dataset
 from idml.tracking import MlflowRun, check_tracking_store, source_tags, tracking_uri
 
@@ -116,7 +117,7 @@ def plan(cfg: Config, options: RayOptions, *, resume: bool = True) -> Plan:
     options.validate()
     uri = options.tracking_uri or tracking_uri(Path.cwd())
     check_tracking_store(uri)  # MLflow itself finds a broken store only after the training
-    source = open_dataset(cfg.data.dataset)
+    source = open_dataset(resolve_dataset(cfg.data.dataset))
     t, d = cfg.train, cfg.data
     for split in (d.train_split, d.test_split):
         if not source.has_split(split):

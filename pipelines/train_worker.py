@@ -176,7 +176,7 @@ def _finish(run: MlflowRun | None, cfg, progress, test: StreamedSplit, device, j
     if job["log_model"]:
         from idml.registry import log_run_model
 
-        log_run_model(run, cfg, progress.selected(out), registered_name=job["register_model"])
+        log_run_model(run, cfg, progress.selected(out), job["source"], registered_name=job["register_model"])
     run.finish()
 
 

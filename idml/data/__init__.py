@@ -30,7 +30,6 @@ from idml.data.images import InvalidImageError, decode_image, normalize_image_by
 from idml.data.source import (
     DatasetSource,
     contiguous_targets,
-    file_sha256,
     filesystem_for,
     open_dataset,
     read_manifest,
@@ -63,7 +62,6 @@ __all__ = [
     "decode_image",
     "default_cache_dir",
     "fetch_dataset",
-    "file_sha256",
     "filesystem_for",
     "normalize_image_bytes",
     "open_dataset",

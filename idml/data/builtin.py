@@ -32,7 +32,7 @@ from PIL import Image
 from idml.data.converters import DEFAULT_VAL_FRACTION, SourceImage, convert_items
 from idml.data.source import MANIFEST_NAME
 from idml.data.conversion_report import ConversionReport
-from idml.filelock import exclusive
+from idml.files import exclusive
 
 logger = logging.getLogger(__name__)
 
@@ -91,10 +91,13 @@ def resolve_dataset(
     cache_dir: str | os.PathLike | None = None,
     tarball_dir: str | os.PathLike | None = None,
 ) -> str:
-    """Return a dataset root: a folder holding manifest.json, or a built-in name.
-
-    Built-ins are fetched and converted into the cache on first use and reused after.
-    """
+    """The one place a dataset name from a user or a config becomes something ``open_dataset``
+    reads: a URI (``s3://...``) or a folder holding manifest.json as it is, a built-in name as its
+    folder in the cache, fetched and converted on first use and reused after. Entry points call it
+    (the CLI, the training and evaluation workflows, the pipelines, the benchmarks); the readers
+    below them never fetch."""
+    if "://" in os.fspath(name_or_path):
+        return os.fspath(name_or_path)  # opened (and checked) where it is stored
     path = Path(name_or_path).expanduser()
     if (path / MANIFEST_NAME).is_file():
         return os.fspath(name_or_path)

@@ -27,7 +27,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from idml.data.conversion_report import ConversionReport
-from idml.data.source import DATASET_SCHEMA, FORMAT_VERSION, MANIFEST_NAME, file_sha256, open_dataset, seal_manifest
+from idml.data.source import DATASET_SCHEMA, FORMAT_VERSION, MANIFEST_NAME, open_dataset, seal_manifest
+from idml.files import file_sha256
 from idml.errors import InputError
 from idml.integrity import STAMPS_NAME
 
@@ -339,7 +340,7 @@ def _write_into(
 
 def split_files(root: str | os.PathLike, split: str) -> list[str]:
     """Absolute paths of the shards of ``split`` of the local dataset at ``root``, in order."""
-    return open_dataset(Path(root).resolve(), builtin=False).paths(split)
+    return open_dataset(Path(root).resolve()).paths(split)
 
 
 def read_split(
@@ -363,7 +364,7 @@ def verify_dataset(root: str | os.PathLike) -> list[str]:
     that the rows agree with the manifest: ids unique across the dataset, each row in its
     split, one class name per label, and the manifest's labels, classes and per-class and
     per-domain counts. A dataset without images is a problem too."""
-    source = open_dataset(root, builtin=False)
+    source = open_dataset(root)
     splits = source.manifest["splits"]
     if not any(info["num_images"] for info in splits.values()):
         return [f"{source.uri} holds no images (the manifest lists no split with images)"]
