@@ -2,8 +2,8 @@
 export.
 
 It sits above the library (``idml``) and the Ray entrypoints (``pipelines``) and imports from
-both; neither imports it. ``python -m pipelines.train`` is ``train_main`` (``idml train --ray``),
-``python -m pipelines.tune`` is ``tune_main`` (``idml tune``).
+both; neither imports it. It is the one entry: ``idml`` (installed) or ``python -m pipelines.cli``
+(a source tree, e.g. a ``ray job submit --working-dir .``).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", help="where checkpoints, metrics and plots go (shortcut for --set output_dir=...)")
 
 
-def _add_train_args(p: argparse.ArgumentParser, *, ray_flag: bool = True) -> None:
+def _add_train_args(p: argparse.ArgumentParser) -> None:
     _add_config_args(p)
     p.add_argument("--no-resume", action="store_true",
                    help="start over even if output_dir has last.pt (with --ray: a new run name with a timestamp)")
@@ -55,8 +55,7 @@ def _add_train_args(p: argparse.ArgumentParser, *, ray_flag: bool = True) -> Non
                        help="also register the model as a new version of NAME (then: idml model alias NAME champion N)")
     track.add_argument("--no-mlflow", action="store_true", help="local runs only: log nothing to MLflow")
     ray = p.add_argument_group("distributed training on Ray (pipelines.train)")
-    if ray_flag:
-        ray.add_argument("--ray", action="store_true", help="train with Ray Data + Ray Train DDP workers, tracked in MLflow")
+    ray.add_argument("--ray", action="store_true", help="train with Ray Data + Ray Train DDP workers, tracked in MLflow")
     ray.add_argument("--num-workers", type=int, default=1, help="DDP workers (default: 1)")
     ray.add_argument("--cpus-per-worker", type=float, default=1.0,
                      help="CPUs each worker reserves; leave some for Ray Data's decoding (default: 1)")
@@ -139,36 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def tune_parser(prog: str) -> argparse.ArgumentParser:
-    """``idml tune`` as a command of its own (``python -m pipelines.tune``)."""
-    parser = argparse.ArgumentParser(prog=prog, description="Hyperparameter search on Ray Tune: the same as `idml tune`")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    _add_common(parser)
-    add_tune_args(parser)
-    parser.set_defaults(command="tune")
-    return parser
-
-
-def tune_main(argv: list[str] | None = None, *, prog: str = "python -m pipelines.tune") -> int:
-    return _run(tune_parser(prog).parse_args(argv))
-
-
-def train_parser(prog: str) -> argparse.ArgumentParser:
-    """``idml train --ray`` as a command of its own (``python -m pipelines.train``)."""
-    parser = argparse.ArgumentParser(prog=prog, description="Distributed IDML training on Ray: the same as `idml train --ray`")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    _add_common(parser)
-    _add_train_args(parser, ray_flag=False)
-    parser.set_defaults(command="train", ray=True)
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
     return _run(build_parser().parse_args(argv))
-
-
-def train_main(argv: list[str] | None = None, *, prog: str = "python -m pipelines.train") -> int:
-    return _run(train_parser(prog).parse_args(argv))
 
 
 def _run(args: argparse.Namespace) -> int:

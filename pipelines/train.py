@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import signal
-import sys
 import tempfile
 import threading
 import time
@@ -383,9 +382,3 @@ def _check_cpus(options: RayOptions) -> None:
             f"{total:g} CPUs, leaving less than the {options.decode_cpus:g} CPU a Ray Data decode task needs, so "
             "the data pipeline would stall; lower --cpus-per-worker or --num-workers (fractions such as 0.5 are fine)")
 
-
-if __name__ == "__main__":
-    # The script entry only: the command line sits above this module (pipelines.cli).
-    from pipelines.cli import train_main
-
-    sys.exit(train_main(prog="python -m pipelines.train"))

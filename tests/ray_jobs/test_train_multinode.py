@@ -30,7 +30,7 @@ def test_job_submitted_to_a_two_node_cluster_finishes(tmp_path):
         assert nodes.stdout.strip().splitlines()[-1:] == ["2"], nodes.stdout + nodes.stderr
 
         uri = f"sqlite:///{shared / 'mlflow.db'}"
-        entrypoint = [sys.executable, "-m", "pipelines.train", "--set", *TINY, f"data.dataset={data}",
+        entrypoint = [sys.executable, "-m", "pipelines.cli", "train", "--ray", "--set", *TINY, f"data.dataset={data}",
                       "--output-dir", str(shared / "out"), "--storage-path", str(shared / "ray"),
                       "--run-name", "multinode", "--num-workers", "2", "--cpus-per-worker", "0.5", "-v"]
         runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": uri}}
