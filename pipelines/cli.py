@@ -21,6 +21,8 @@ from idml.errors import DamagedFileError, InputError
 
 from ._errors import run_command
 from .export_cli import add_export_args, run_export
+from .index_args import add_index_args
+from .index_cli import run_index
 from .model_cli import add_model_args, run_model
 from .serve_cli import add_serve_args, run_serve
 from .tune_cli import add_tune_args, run_tune
@@ -130,11 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     model = sub.add_parser("model", help="MLflow model registry: register a logged model, move an alias, list versions")
     add_model_args(model)
 
-    # Everything after `index` goes to pipelines.index_cli (Ray is imported only when it runs).
-    # prefix_chars="+": this parser claims no options, so --help and -v reach the index CLI too.
-    index = sub.add_parser("index", help="build|update|query|verify|versions|publish|prune versioned faiss indexes (Ray)", add_help=False,
-                           prefix_chars="+")
-    index.add_argument("index_args", nargs=argparse.REMAINDER, help="see `idml index --help`")
+    index = sub.add_parser("index", help="build|update|query|verify|versions|publish|prune versioned faiss indexes (Ray)",
+                           description="Embed image corpora and build versioned, sharded faiss indexes")
+    add_index_args(index)
     return parser
 
 
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     _configure_logging(args.verbose)
-    command = {"data": _data, "train": _train, "eval": _eval, "index": _index, "tune": run_tune,
+    command = {"data": _data, "train": _train, "eval": _eval, "index": run_index, "tune": run_tune,
                "serve": run_serve, "export": run_export, "model": run_model}[args.command]
     args.where_stopped = None  # a command may set it: () -> a line saying where its work stopped (Ctrl-C)
     return run_command(lambda: command(args), prog="idml", verbose=args.verbose,
@@ -163,12 +163,6 @@ def _configure_logging(verbose: bool) -> None:
 
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
-
-
-def _index(args) -> int:
-    from .index_cli import main as index_main
-
-    return index_main((["-v"] if args.verbose else []) + args.index_args)
 
 
 def _load(args):
