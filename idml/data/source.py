@@ -9,7 +9,6 @@ import json
 import os
 import posixpath
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
