@@ -52,7 +52,7 @@ def measure(kind: str, cpus: int, size: int, batches: int, warmup: int, dataset:
         import torch
 
         from idml.data import ImageShardDataset, resolve_dataset
-        from idml.train import class_balanced_loader
+        from idml.training.local import class_balanced_loader
         from idml.transforms import train_transform
 
         torch.set_num_threads(1)

@@ -168,13 +168,13 @@ def run_all(jobs: list[tuple[list[str], Path]], parallel: int) -> None:
 
 def reevaluate(folder: Path) -> None:
     """The end of a finished run again, with this code: the confidence's fit on validation and
-    the test evaluation of its best.pt (``idml.fit.evaluate_and_summarize``, as training ends);
+    the test evaluation of its best.pt (``idml.training.loop.evaluate_and_summarize``, as training ends);
     the training and its history are the run's."""
     sys.path.insert(0, str(ROOT))
     from idml.checkpoint import checkpoint_config, load_checkpoint
     from idml.data import ImageShardDataset, resolve_dataset
-    from idml.engine import configure_threads
-    from idml.fit import evaluate_and_summarize
+    from idml.training.setup import configure_threads
+    from idml.training.loop import evaluate_and_summarize
     from idml.transforms import eval_transform
 
     summary = json.loads((folder / "metrics.json").read_text())

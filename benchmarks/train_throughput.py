@@ -8,7 +8,7 @@ ImageNet weights, 128 px, frozen BN, batch 64 of 16 classes x 4, ``train.precisi
 ``channels_last``) on the built-in emoji set (``idml data fetch emoji`` first), and every
 contender gets the whole machine:
 
-  (a) ``idml.train.train_local``: the local loop over a torch DataLoader (``--loader-workers``
+  (a) ``idml.training.local.train_local``: the local loop over a torch DataLoader (``--loader-workers``
       decoding processes, torch threads = the machine's CPUs);
   (b) ``pipelines.train.train_ray``: Ray Data packs, decodes and augments, one Ray Train worker
       runs the same loop with the threads ``pipelines.train.worker_threads`` gives it;
@@ -189,7 +189,7 @@ def main(argv=None) -> int:
 
     import ray
 
-    from idml.train import train_local
+    from idml.training.local import train_local
     from pipelines.train import RayOptions, train_ray
 
     work = Path(tempfile.mkdtemp(prefix="idml-train-bench-"))

@@ -278,7 +278,7 @@ def _decoded_for_eval(source: DatasetSource, splits: list[str], cfg, decode_cpus
 
 def distractor_dataset(source: DatasetSource, cfg, *, decode_cpus: float = 1.0):
     """The training split through the evaluation transform, executed only when read: the
-    confidence's fit at the end of a run searches validation among these (``idml.fit``)."""
+    confidence's fit at the end of a run searches validation among these (``idml.training.loop``)."""
     return _decoded_for_eval(source, [cfg.data.train_split], cfg, decode_cpus)
 
 

@@ -205,7 +205,7 @@ def _data(args) -> int:
 def _train(args) -> int:
     from idml.evaluation import format_metrics_table
     from idml.evaluation.protocol import describe_selective
-    from idml.fit import FIGURES
+    from idml.training.loop import FIGURES
 
     cfg = _load(args)
     if args.ray:
@@ -225,7 +225,7 @@ def _train(args) -> int:
         import time
 
         from idml.checkpoint import describe_last_checkpoint
-        from idml.train import track_local_run, train_local
+        from idml.training.local import track_local_run, train_local
 
         # Without resuming, a last.pt older than this command is the earlier run's.
         since = time.time() if args.no_resume else None
@@ -262,7 +262,7 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    from idml.evaluate import EvaluateRequest, evaluate_checkpoint
+    from idml.training.evaluate import EvaluateRequest, evaluate_checkpoint
     from idml.evaluation import format_metrics_table
     from idml.evaluation.protocol import describe_selective
 

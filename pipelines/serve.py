@@ -11,7 +11,7 @@ Endpoints (every error is a 4xx/5xx with ``{"detail": "..."}``):
 - ``GET /search/id/{id}?k=10&rerank=false``: neighbours of an indexed image (itself left out).
 - ``GET /health``: the version answering, its vectors, the model.
 
-Each replica loads the model and the published version once (``idml.search_service.ServedIndex``)
+Each replica loads the model and the published version once (``idml.index.serving.ServedIndex``)
 and embeds the images of concurrent requests in batches (``@serve.batch``). A background task
 polls the index's ``CURRENT`` pointer; a new version is loaded off the event loop (the model
 too, if the version was built with another checkpoint) and replaces the old one in a single
@@ -45,7 +45,7 @@ from idml.data.images import InvalidImageError
 from idml.index import IndexStore
 from idml.registry import is_model_uri
 from idml.index.query import checkpoint_for_index
-from idml.search_service import ServedIndex, UnknownIdError, results_as_dicts
+from idml.index.serving import ServedIndex, UnknownIdError, results_as_dicts
 from idml.tracking import tracking_uri
 
 log = logging.getLogger("ray.serve")  # a replica's ray.serve logger writes to its log file

@@ -18,7 +18,7 @@ from ray_jobs.ray_helpers import TINY, artifact_paths, cluster_processes, connec
 from support import make_class_dataset
 
 from idml.checkpoint import load_checkpoint, model_from_checkpoint
-from idml.fit import SELECTION_METRIC
+from idml.training.loop import SELECTION_METRIC
 from idml.config import ConfigError, load_config
 from pipelines.cli import main
 from pipelines.train import RayOptions, train_ray

@@ -12,12 +12,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from . import metric  # noqa: F401 - the re-rank imports it on first use; seconds a request should not wait
-from .data.images import decode_image
-from .inference import Embedder
-from .metric import image_uncertainty
-from .index.query import checkpoint_for_index
-from .index.search import IndexSearcher, QueryResult
+from .. import metric  # noqa: F401 - the re-rank imports it on first use; seconds a request should not wait
+from ..data.images import decode_image
+from ..inference import Embedder
+from ..metric import image_uncertainty
+from .query import checkpoint_for_index
+from .search import IndexSearcher, QueryResult
 
 class UnknownIdError(LookupError):
     """A queried id is not in the served index version."""
