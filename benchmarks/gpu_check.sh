@@ -113,7 +113,7 @@ def _():
         import ray.train
         import ray.train.torch
         from idml.config import load_config
-        from idml.engine import build_training
+        from idml.training.setup import build_training
 
         device = ray.train.torch.get_device()
         cfg = load_config(overrides=config["overrides"])

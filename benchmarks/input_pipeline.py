@@ -39,24 +39,25 @@ def measure(kind: str, cpus: int, size: int, batches: int, warmup: int, dataset:
     if kind == "ray":
         import ray
 
+        from idml.data.builtin import resolve_dataset
         from idml.data.source import open_dataset
         from pipelines._data import train_dataset
         from pipelines._worker_data import iter_train_batches
 
         ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
-        source = open_dataset(cfg.data.dataset)
+        source = open_dataset(resolve_dataset(cfg.data.dataset))
         stream = iter_train_batches(train_dataset(source, cfg).iterator(), size, [])
     else:
         import torch
 
-        from idml.data import ImageShardDataset, open_dataset
-        from idml.train import class_balanced_loader
+        from idml.data import ImageShardDataset, resolve_dataset
+        from idml.training.local import class_balanced_loader
         from idml.transforms import train_transform
 
         torch.set_num_threads(1)
         cfg.data.workers = cpus
-        root = open_dataset(cfg.data.dataset).root  # a built-in name or a folder
+        root = resolve_dataset(cfg.data.dataset)  # a built-in name or a folder
         stream = iter(class_balanced_loader(ImageShardDataset(root, "train", transform=train_transform(size)), cfg))
     times, images = [], 0
     for i, (x, y) in enumerate(stream):

@@ -168,20 +168,20 @@ def run_all(jobs: list[tuple[list[str], Path]], parallel: int) -> None:
 
 def reevaluate(folder: Path) -> None:
     """The end of a finished run again, with this code: the confidence's fit on validation and
-    the test evaluation of its best.pt (``idml.fit.evaluate_and_summarize``, as training ends);
+    the test evaluation of its best.pt (``idml.training.loop.evaluate_and_summarize``, as training ends);
     the training and its history are the run's."""
     sys.path.insert(0, str(ROOT))
     from idml.checkpoint import checkpoint_config, load_checkpoint
-    from idml.data import ImageShardDataset, open_dataset
-    from idml.engine import configure_threads
-    from idml.fit import evaluate_and_summarize
+    from idml.data import ImageShardDataset, resolve_dataset
+    from idml.training.setup import configure_threads
+    from idml.training.loop import evaluate_and_summarize
     from idml.transforms import eval_transform
 
     summary = json.loads((folder / "metrics.json").read_text())
     cfg = checkpoint_config(load_checkpoint(folder / "best.pt"))
     cfg.output_dir = str(folder)
     configure_threads(cfg.train.threads)
-    root = open_dataset(cfg.data.dataset).root
+    root = resolve_dataset(cfg.data.dataset)
     split = lambda name: ImageShardDataset(root, name, transform=eval_transform(cfg.data.image_size))  # noqa: E731
     evaluate_and_summarize(cfg, folder / "best.pt", split(cfg.data.test_split), summary["history"], progress=False,
                            val_ds=split(cfg.data.val_split), distractors=split(cfg.data.train_split))

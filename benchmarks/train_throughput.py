@@ -8,7 +8,7 @@ ImageNet weights, 128 px, frozen BN, batch 64 of 16 classes x 4, ``train.precisi
 ``channels_last``) on the built-in emoji set (``idml data fetch emoji`` first), and every
 contender gets the whole machine:
 
-  (a) ``idml.train.train_local``: the local loop over a torch DataLoader (``--loader-workers``
+  (a) ``idml.training.local.train_local``: the local loop over a torch DataLoader (``--loader-workers``
       decoding processes, torch threads = the machine's CPUs);
   (b) ``pipelines.train.train_ray``: Ray Data packs, decodes and augments, one Ray Train worker
       runs the same loop with the threads ``pipelines.train.worker_threads`` gives it;
@@ -124,7 +124,7 @@ def plain_loop(cfg, *, steps: int, epochs: int, threads: int, loader_workers: in
     from pytorch_metric_learning.samplers import MPerClassSampler
     from torch.utils.data import DataLoader
 
-    from idml.data import ImageShardDataset, open_dataset
+    from idml.data import ImageShardDataset, resolve_dataset
     from idml.model import build_model
     from idml.precision import autocast, autocast_dtype
     from idml.transforms import train_transform
@@ -132,7 +132,7 @@ def plain_loop(cfg, *, steps: int, epochs: int, threads: int, loader_workers: in
     torch.manual_seed(0)
     torch.set_num_threads(threads)
     t = cfg.train
-    root = open_dataset(cfg.data.dataset).root  # a built-in name or a folder
+    root = resolve_dataset(cfg.data.dataset)  # a built-in name or a folder
     dataset = ImageShardDataset(root, "train", transform=train_transform(cfg.data.image_size))
     loader = DataLoader(dataset, batch_size=t.batch_size, drop_last=True, num_workers=loader_workers,
                         persistent_workers=loader_workers > 0,
@@ -189,7 +189,7 @@ def main(argv=None) -> int:
 
     import ray
 
-    from idml.train import train_local
+    from idml.training.local import train_local
     from pipelines.train import RayOptions, train_ray
 
     work = Path(tempfile.mkdtemp(prefix="idml-train-bench-"))

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .checkpoint import load_checkpoint, model_from_checkpoint
-from .data.source import file_sha256
+from .files import file_sha256
 from .metric import image_uncertainty
 
 log = logging.getLogger(__name__)

@@ -11,30 +11,17 @@ the same timestamp tick, unseen by its stat: git's "racy clean"), so it is hashe
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import time
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, Callable
+
+from idml.files import file_sha256, write_json_atomic
 
 RACY_SECONDS = 2.0
 # Beside a dataset's manifest: the shards found sound (``DatasetSource.checksum_problems``).
 STAMPS_NAME = ".idml-checked.json"
-
-
-def stream_sha256(f: BinaryIO) -> str:
-    """Hex sha256 of what is left to read in ``f``, in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    for block in iter(lambda: f.read(1 << 20), b""):
-        digest.update(block)
-    return digest.hexdigest()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a local file (shard checksums, checkpoint identity)."""
-    with open(path, "rb") as f:
-        return stream_sha256(f)
 
 
 def stat_stamp(sha256: str, st: os.stat_result) -> list:
@@ -86,17 +73,6 @@ class Stamps:
         with contextlib.suppress(OSError):
             write_json_atomic(self.path, self.stamps)
             self._changed = False
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """``obj`` as JSON at ``path``, replaced in one rename: a reader sees the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(obj, indent=1) + "\n")
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
 
 
 def describe_digest(digest: str, expected: str) -> str:

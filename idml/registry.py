@@ -13,10 +13,13 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from .errors import InputError
 from .tracking import tracking_uri
+
+if TYPE_CHECKING:
+    from .data.source import DatasetSource
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +66,13 @@ def log_model(uri: str, run_id: str, checkpoint: str | Path, *, example_images: 
     return out
 
 
-def log_run_model(run, cfg, checkpoint: str | Path, *, registered_name: str | None = None) -> dict[str, Any]:
+def log_run_model(run, cfg, checkpoint: str | Path, source: DatasetSource, *,
+                  registered_name: str | None = None) -> dict[str, Any]:
     """What every training run (local and Ray) does at its end: ``log_model`` into the open
-    ``MlflowRun`` with two test-split images as the input example, and tag the run with the model."""
-    from .data import open_dataset
-
+    ``MlflowRun`` with two images of the test split of ``source`` (the dataset it trained on) as
+    the input example, and tag the run with the model."""
     model = log_model(run.uri, run.run_id, checkpoint, registered_name=registered_name,
-                      example_images=open_dataset(cfg.data.dataset).sample_images(cfg.data.test_split))
+                      example_images=source.sample_images(cfg.data.test_split))
     run.client.set_tag(run.run_id, "idml.model_uri", model["model_uri"])
     if "version" in model:
         run.client.set_tag(run.run_id, "idml.registered_model", f"{model['registered_model']}/{model['version']}")

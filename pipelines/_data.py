@@ -1,6 +1,6 @@
 """Ray Data side of distributed training: the operators that turn a dataset's Parquet shards
-(opened by ``idml.data.open_dataset``: a local folder, a built-in name, or any pyarrow/fsspec URI
-such as ``s3://bucket/cub``) into decoded, augmented, class-balanced batches.
+(opened by ``idml.data.open_dataset``: a local folder or any pyarrow/fsspec URI such as ``s3://bucket/cub``;
+the entry point resolves a built-in name first) into decoded, augmented, class-balanced batches.
 
 Class balance while streaming
 -----------------------------
@@ -278,7 +278,7 @@ def _decoded_for_eval(source: DatasetSource, splits: list[str], cfg, decode_cpus
 
 def distractor_dataset(source: DatasetSource, cfg, *, decode_cpus: float = 1.0):
     """The training split through the evaluation transform, executed only when read: the
-    confidence's fit at the end of a run searches validation among these (``idml.fit``)."""
+    confidence's fit at the end of a run searches validation among these (``idml.training.loop``)."""
     return _decoded_for_eval(source, [cfg.data.train_split], cfg, decode_cpus)
 
 

@@ -1,4 +1,5 @@
-"""The parser of ``idml index`` (``pipelines.index_cli`` runs the commands)."""
+"""The arguments of ``idml index`` (``pipelines.index_cli`` runs the commands): ``add_index_args`` adds them
+to ``idml index``'s parser, as every subcommand of ``pipelines.cli`` does."""
 
 from __future__ import annotations
 
@@ -51,12 +52,28 @@ def _milliseconds(text: str) -> float:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from idml.index.kinds import NAMED_INDEXES
+class _IndexTypeArg(argparse._StoreAction):
+    """``--index``: its help lists ``idml.index.kinds.NAMED_INDEXES``, read only when the help is
+    shown: that table imports faiss and torch, which building the ``idml`` parser for any other
+    command (``idml data ...``, ``idml --help``) should not pay for."""
 
-    parser = argparse.ArgumentParser(prog="idml index", description="Embed image corpora and build versioned, sharded faiss indexes")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logs, Ray's own logs, and tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", required=True)
+    @property
+    def help(self) -> str:
+        from idml.index.kinds import NAMED_INDEXES
+
+        named = {name: factory("<nlist>") for name, factory in NAMED_INDEXES.items()}
+        return ("auto: exact Flat up to 200k vectors, IVF-Flat above (with --max-index-memory: Flat, IVF-Flat "
+                "or IVF-PQ, whichever fits); " + "; ".join(f"{name} ({factory})" for name, factory in named.items())
+                + "; or a faiss index_factory string searching by inner product, e.g. 'IVF4096,PQ64', "
+                "'IVF1024,SQ8', 'HNSW32' (checked before embedding)")
+
+    @help.setter
+    def help(self, value: str | None) -> None:
+        pass  # the property above is the help
+
+
+def add_index_args(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="index_command", required=True, metavar="INDEX_COMMAND")
 
     def add_wait_arg(p: argparse.ArgumentParser) -> None:
         p.add_argument("--wait", type=_at_least(0), default=0, metavar="SECONDS",
@@ -95,13 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     build = sub.add_parser("build", help="embed the whole corpus and publish a new index version")
     add_writer_args(build, update=False)
-    named = {name: factory("<nlist>") for name, factory in NAMED_INDEXES.items()}
-    build.add_argument("--index", dest="index_type", default="auto", metavar="|".join(["auto", *named, "FACTORY"]),
-                       help="auto: exact Flat up to 200k vectors, IVF-Flat above (with --max-index-memory: Flat, IVF-Flat "
-                            "or IVF-PQ, whichever fits); "
-                            + "; ".join(f"{name} ({factory})" for name, factory in named.items())
-                            + "; or a faiss index_factory string searching by inner product, e.g. 'IVF4096,PQ64', "
-                            "'IVF1024,SQ8', 'HNSW32' (checked before embedding)")
+    build.add_argument("--index", dest="index_type", default="auto", metavar="auto|NAME|FACTORY", action=_IndexTypeArg)
     build.add_argument("--max-index-memory", dest="max_index_bytes", type=_memory, metavar="SIZE",
                        help="memory budget of the index, e.g. 8GB or 512MiB: --index auto picks the best index that "
                             "fits it; any other --index is refused if its estimate exceeds it")
@@ -164,4 +175,3 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--keep", type=_at_least(1), required=True, help="newest versions to keep (CURRENT is kept in any case)")
     prune.add_argument("--dry-run", action="store_true", help="only say what would be deleted")
     add_wait_arg(prune)
-    return parser

@@ -8,6 +8,7 @@ folder (``--wait SECONDS`` waits for it); 130 Ctrl-C."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -16,7 +17,16 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ._errors import run_command
-from .index_args import INDEX_BUSY, UP_TO_DATE, build_parser
+from .index_args import INDEX_BUSY, UP_TO_DATE, add_index_args
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``python -m pipelines.index_cli``: ``idml index`` as a command of its own (scheduled
+    updates, ``ray job submit``), with the same arguments."""
+    parser = argparse.ArgumentParser(prog="idml index", description="Embed image corpora and build versioned, sharded faiss indexes")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logs, Ray's own logs, and tracebacks on errors")
+    add_index_args(parser)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,18 +37,18 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         for noisy in ("ray", "ray.data", "faiss.loader"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
-    handlers = {"build": _build_or_update, "update": _build_or_update, "query": _query, "verify": _verify,
-                "versions": _versions, "publish": _publish, "prune": _prune}
-    return run_command(lambda: _unless_busy(handlers[args.command], args), prog="idml index", verbose=args.verbose)
+    return run_command(lambda: run_index(args), prog="idml index", verbose=args.verbose)
 
 
-def _unless_busy(handler, args) -> int:
+def run_index(args: argparse.Namespace) -> int:
     """Another writer holding the index is no error of the user's nor ours: a scheduled run
     that overlaps the previous one exits with its own code and a line saying who holds it."""
     from idml.index.store import IndexLockedError
 
+    handlers = {"build": _build_or_update, "update": _build_or_update, "query": _query, "verify": _verify,
+                "versions": _versions, "publish": _publish, "prune": _prune}
     try:
-        return handler(args)
+        return handlers[args.index_command](args)
     except IndexLockedError as e:
         print(f"idml index: {e}", file=sys.stderr)
         return INDEX_BUSY
@@ -55,7 +65,7 @@ def _build_or_update(args) -> int:
     build_only = {k: getattr(args, k) for k in ("index_type", "max_index_bytes", "nlist", "train_size", "shards", "refine")
                   if hasattr(args, k)}
     request = BuildIndexRequest(
-        args.index_dir, args.command, checkpoint=args.checkpoint, corpus=args.corpus, splits=args.split,
+        args.index_dir, args.index_command, checkpoint=args.checkpoint, corpus=args.corpus, splits=args.split,
         follow_links=args.follow_links, nprobe=args.nprobe, recall_sample=args.recall_sample,
         target_recall=args.target_recall, max_query_ms=args.max_query_ms, wait_s=args.wait,
         experiment=None if args.no_mlflow else args.experiment, tracking_uri=args.tracking_uri, **build_only)

@@ -12,7 +12,7 @@ Endpoints (every error is a 4xx/5xx with ``{"detail": "..."}``):
 - ``GET /health``: the version answering, its vectors, the model; ``changed_files`` (answers
   withheld meanwhile) and ``reload_error``.
 
-Each replica loads the model and the published version once (``idml.search_service.ServedIndex``)
+Each replica loads the model and the published version once (``idml.index.serving.ServedIndex``)
 and embeds the images of concurrent requests in batches (``@serve.batch``). A background task
 polls the index's ``CURRENT`` pointer; a new version is loaded off the event loop (the model
 too, if the version was built with another checkpoint) and replaces the old one in a single
@@ -20,7 +20,7 @@ assignment: requests already running finish on the old one, none waits or fails.
 stats the files the served version reads (memory-mapped lists and vectors): one changed since it
 was checked is checked again by loading the version again (a damaged merged cache is merged again
 from the shards), and until then requests get 503, never an answer read from it
-(``idml.search_service.IndexFollower``).
+(``idml.index.serving.IndexFollower``).
 
 The service has no authentication: it binds to 127.0.0.1 by default; expose it only behind a
 proxy that authenticates.
@@ -50,7 +50,7 @@ from idml.data.images import InvalidImageError
 from idml.index import IndexStore
 from idml.registry import is_model_uri
 from idml.index.query import checkpoint_for_index
-from idml.search_service import IndexChangedError, IndexFollower, ServedIndex, UnknownIdError, results_as_dicts
+from idml.index.serving import IndexChangedError, IndexFollower, ServedIndex, UnknownIdError, results_as_dicts
 from idml.tracking import tracking_uri
 
 log = logging.getLogger("ray.serve")  # a replica's ray.serve logger writes to its log file

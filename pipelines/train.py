@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import signal
-import sys
 import tempfile
 import threading
 import time
@@ -33,6 +32,7 @@ from typing import Any, Sequence
 from idml.checkpoint import resume_checkpoint
 from idml.config import Config, config_from_dict, validate_config
 from idml.errors import InputError
+from idml.data.builtin import resolve_dataset
 from idml.data.source import DatasetSource, open_dataset
 from idml.tracking import MlflowRun, check_tracking_store, source_tags, tracking_uri
 
@@ -116,7 +116,7 @@ def plan(cfg: Config, options: RayOptions, *, resume: bool = True) -> Plan:
     options.validate()
     uri = options.tracking_uri or tracking_uri(Path.cwd())
     check_tracking_store(uri)  # MLflow itself finds a broken store only after the training
-    source = open_dataset(cfg.data.dataset)
+    source = open_dataset(resolve_dataset(cfg.data.dataset))
     t, d = cfg.train, cfg.data
     for split in (d.train_split, d.test_split):
         if not source.has_split(split):
@@ -382,9 +382,3 @@ def _check_cpus(options: RayOptions) -> None:
             f"{total:g} CPUs, leaving less than the {options.decode_cpus:g} CPU a Ray Data decode task needs, so "
             "the data pipeline would stall; lower --cpus-per-worker or --num-workers (fractions such as 0.5 are fine)")
 
-
-if __name__ == "__main__":
-    # The script entry only: the command line sits above this module (pipelines.cli).
-    from pipelines.cli import train_main
-
-    sys.exit(train_main(prog="python -m pipelines.train"))

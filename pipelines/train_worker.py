@@ -1,5 +1,5 @@
 """The training function of every Ray Train worker: the Ray context around the library's one
-epoch loop (``idml.fit.fit``).
+epoch loop (``idml.training.loop.fit``).
 
 - Class proxies (ProxyAnchor/ProxyNCA) are parameters of ``IntrospectiveObjective``, the one
   module DDP wraps: DDP broadcasts rank 0's initial values and all-reduces their gradients, so
@@ -45,8 +45,8 @@ def train_worker(config: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     _configure_logging(rank, verbose=config.get("verbose", False))
 
-    from idml.engine import build_training, configure_threads, seed_everything, unwrap
-    from idml.fit import Hooks, fit
+    from idml.training.setup import build_training, configure_threads, seed_everything, unwrap
+    from idml.training.loop import Hooks, fit
 
     cfg = config_from_dict(config["config"])
     configure_threads(config["threads"])  # Ray sets OMP_NUM_THREADS=1; use the reserved CPUs
@@ -116,7 +116,7 @@ def _configure_logging(rank: int, *, verbose: bool) -> None:
         pass
     if rank == 0:
         logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-        for name in (__name__, "idml.fit"):
+        for name in (__name__, "idml.training.loop"):
             logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
@@ -126,7 +126,7 @@ def _restore(state, out: Path, rank: int):
     import ray.train
 
     from idml.checkpoint import load_checkpoint
-    from idml.fit import Progress
+    from idml.training.loop import Progress
 
     restored = ray.train.get_checkpoint()
     if restored is None:
@@ -158,7 +158,7 @@ def _finish(run: MlflowRun | None, cfg, progress, test: StreamedSplit, device, j
             val: StreamedSplit | None = None, distractors: StreamedSplit | None = None) -> None:
     """Rank 0, after the last epoch: the confidence fitted on val, the selected checkpoint on
     test, plots, MLflow artifacts."""
-    from idml.fit import evaluate_and_summarize, log_figures
+    from idml.training.loop import evaluate_and_summarize, log_figures
 
     out = Path(cfg.output_dir)
     summary, _ = evaluate_and_summarize(cfg, progress.selected(out), test, progress.history, progress=False,
@@ -176,7 +176,7 @@ def _finish(run: MlflowRun | None, cfg, progress, test: StreamedSplit, device, j
     if job["log_model"]:
         from idml.registry import log_run_model
 
-        log_run_model(run, cfg, progress.selected(out), registered_name=job["register_model"])
+        log_run_model(run, cfg, progress.selected(out), job["source"], registered_name=job["register_model"])
     run.finish()
 
 

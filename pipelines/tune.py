@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import signal
-import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -240,8 +239,3 @@ def run_trial(config: dict[str, Any], job: dict[str, Any]) -> None:
         run.fail()
         raise
 
-
-if __name__ == "__main__":
-    from pipelines.cli import tune_main
-
-    sys.exit(tune_main(prog="python -m pipelines.tune"))

@@ -1,4 +1,4 @@
-"""``idml tune`` (``python -m pipelines.tune``): its arguments and what it runs. Ray is imported
+"""``idml tune``: its arguments and what it runs. Ray is imported
 only when the search starts (``pipelines.cli`` wires this in)."""
 
 from __future__ import annotations

@@ -3,8 +3,9 @@ import torch
 from support import TRAIN_OVERRIDES, random_batches
 
 from idml.config import load_config
-from idml.engine import build_training, embed
-from idml.fit import train_one_epoch
+from idml.evaluation.embedding import embed
+from idml.training.setup import build_training
+from idml.training.loop import train_one_epoch
 
 OVERRIDES = TRAIN_OVERRIDES
 

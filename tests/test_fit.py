@@ -1,4 +1,4 @@
-"""The one epoch loop (``idml.fit``): warm-up, evaluation cadence, best selection, checkpoints,
+"""The one epoch loop (``idml.training.loop``): warm-up, evaluation cadence, best selection, checkpoints,
 history, hooks."""
 
 import pytest
@@ -8,8 +8,8 @@ from support import TRAIN_OVERRIDES, random_batches
 from idml.checkpoint import load_checkpoint
 from idml.config import load_config
 from idml.data import ImageShardDataset
-from idml.engine import build_training
-from idml.fit import SELECTION_METRIC, Hooks, Progress, fit, train_one_epoch
+from idml.training.setup import build_training
+from idml.training.loop import SELECTION_METRIC, Hooks, Progress, fit, train_one_epoch
 from idml.transforms import eval_transform
 
 OVERRIDES = TRAIN_OVERRIDES
@@ -86,7 +86,7 @@ def test_max_steps_per_epoch():
 def test_selection_follows_map_at_r_not_recall_at_1(tmp_path, monkeypatch):
     """R@1 on a small validation split ties and jumps; best.pt follows MAP@R. A run resumed from a
     checkpoint picked on R@1 is compared on MAP@R from its history, never R@1 against MAP@R."""
-    import idml.fit as fit_module
+    import idml.training.loop as fit_module
 
     cfg = load_config(overrides=OVERRIDES)
     state = build_training(cfg, num_classes=4)

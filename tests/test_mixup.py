@@ -1,7 +1,7 @@
 import torch
 
 from idml.losses import build_loss
-from idml.mixup import IntrospectiveObjective, mix_batch
+from idml.training.objective import IntrospectiveObjective, mix_batch
 from idml.model import build_model
 
 

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from idml.config import load_config
-from idml.engine import build_training, embed
+from idml.evaluation.embedding import embed
+from idml.training.setup import build_training
 from idml.precision import autocast_dtype, native_bf16
 from idml.model import build_model
 

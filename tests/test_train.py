@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from idml.checkpoint import load_checkpoint, model_from_checkpoint
-from idml.fit import SELECTION_METRIC
+from idml.training.loop import SELECTION_METRIC
 from pipelines.cli import main
 from idml.data import ImageShardDataset
-from idml.train import class_balanced_loader, train_local
+from idml.training.local import class_balanced_loader, train_local
 from idml.transforms import train_transform
 
 

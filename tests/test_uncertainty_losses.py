@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from idml.config import ConfigError, load_config, validate_config
-from idml.engine import build_training
+from idml.training.setup import build_training
 from idml.uncertainty_losses import FailurePredictionLoss, MutualLikelihoodLoss
 
 

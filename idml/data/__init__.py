@@ -25,18 +25,18 @@ from idml.data.converters import (
     convert_items,
     select_val_classes,
 )
-from idml.data.format import DATASET_SCHEMA, SPLITS, ImageRecord, read_split, split_files, verify_dataset, write_dataset
+from idml.data.format import DATASET_SCHEMA, SPLITS, ImageRecord, read_split, split_files, write_dataset
 from idml.data.images import InvalidImageError, decode_image, normalize_image_bytes
 from idml.data.source import (
     DatasetSource,
     contiguous_targets,
-    file_sha256,
     filesystem_for,
     open_dataset,
     read_manifest,
 )
 from idml.data.summary import save_sample_grid, summarize
 from idml.data.conversion_report import ConversionReport
+from idml.data.verify import verify_dataset
 
 __all__ = [
     "BUILTIN_DATASETS",
@@ -63,7 +63,6 @@ __all__ = [
     "decode_image",
     "default_cache_dir",
     "fetch_dataset",
-    "file_sha256",
     "filesystem_for",
     "normalize_image_bytes",
     "open_dataset",

@@ -9,7 +9,6 @@ import json
 import os
 import posixpath
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -17,9 +16,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from idml.errors import DamagedFileError
-from idml.integrity import STAMPS_NAME, Stamps, describe_digest, file_sha256, is_sha256, stream_sha256
+from idml.files import stream_sha256
+from idml.integrity import STAMPS_NAME, Stamps, describe_digest, is_sha256
 
-__all__ = ["DATASET_SCHEMA", "FORMAT_VERSION", "MANIFEST_NAME", "DatasetSource", "contiguous_targets", "file_sha256",
+__all__ = ["DATASET_SCHEMA", "FORMAT_VERSION", "MANIFEST_NAME", "DatasetSource", "contiguous_targets",
            "filesystem_for", "manifest_digest", "manifest_problems", "open_dataset", "read_manifest", "schema_problems",
            "seal_manifest", "split_info"]
 
@@ -193,15 +193,12 @@ def filesystem_for(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     return fs, path.rstrip("/")
 
 
-def open_dataset(name_or_uri: str | os.PathLike, *, builtin: bool = True) -> DatasetSource:
-    """Find the dataset and read its manifest, with an error that says what to do when it does
-    not exist, is not a dataset, or was written by another format version. ``builtin``: a bare
-    name such as ``emoji`` is fetched into the cache first (``resolve_dataset``)."""
-    uri = str(name_or_uri)
-    if builtin and "://" not in uri:
-        from idml.data.builtin import resolve_dataset  # a built-in name or a local folder
-
-        uri = str(resolve_dataset(uri))
+def open_dataset(uri: str | os.PathLike) -> DatasetSource:
+    """Find the dataset (a folder or a URI) and read its manifest, with an error that says what
+    to do when it does not exist, is not a dataset, or was written by another format version.
+    It never fetches: a built-in name such as ``emoji`` is resolved by the entry point first
+    (``idml.data.builtin.resolve_dataset``), so reading a dataset never downloads one."""
+    uri = str(uri)
     fs, root = filesystem_for(uri)
     where = uri if "://" in uri else root
     if fs.get_file_info(root).type != pafs.FileType.Directory:
@@ -232,7 +229,7 @@ def open_dataset(name_or_uri: str | os.PathLike, *, builtin: bool = True) -> Dat
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise DamagedFileError(f"{where}/{MANIFEST_NAME} is damaged: {'; '.join(problems[:3])}{more}; "
                                "re-create the dataset with `idml data convert` or `idml data fetch`")
-    return DatasetSource(str(name_or_uri), root, fs, manifest, raw)
+    return DatasetSource(uri, root, fs, manifest, raw)
 
 
 _SPLIT_NAMES = ("train", "val", "test")
@@ -308,7 +305,7 @@ def _shard_entry_problems(shard: Any) -> list[str]:
 
 def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
     """The manifest of the dataset at ``root`` (a folder or URI; no built-in names)."""
-    return open_dataset(root, builtin=False).manifest
+    return open_dataset(root).manifest
 
 
 def contiguous_targets(manifest: dict[str, Any], split: str) -> dict[int, int]:

@@ -66,7 +66,7 @@ def save_sample_grid(
     # Pick rows from the small columns first, then read images only from shards that hold them.
     picks: dict[tuple[int, str], tuple[int, int]] = {}  # (label, domain) -> (shard, row)
     names: dict[int, str] = {}
-    source = open_dataset(root, builtin=False)
+    source = open_dataset(root)
     source.check_shards([split])  # a damaged shard is named, not met as a missing column mid-read
     files = source.paths(split)
     metas = [pq.read_table(file, columns=["label", "class_name", "domain"]) for file in files]

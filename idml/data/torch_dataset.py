@@ -35,7 +35,7 @@ class ImageShardDataset(Dataset):
         self.split = split
         self.transform = transform
         self.max_pixels = max_pixels
-        source = open_dataset(root, builtin=False)
+        source = open_dataset(root)
         source.check_local()
         # A damaged shard fails here, naming itself, rather than as a KeyError mid-read.
         source.check_shards([split])

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..config import Config
-from ..engine import embed
+from .embedding import embed
 from .ambiguity import DEFAULT_RATIOS, iterate_blends, uncertainty_by_blend_ratio
 from .plots import plot_selective_retrieval, plot_uncertainty_analysis
 from .retrieval import cross_domain_metrics, retrieval_metrics

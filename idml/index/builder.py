@@ -31,6 +31,7 @@ from typing import Any, Callable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..files import write_json_atomic
 from .corpus import Corpus
 from .factory import check_factory
 from .parent import ParentVersion
@@ -41,7 +42,7 @@ from .request import DEFAULT_SHARD_ROWS, BuildRequest
 from .shard_build import RECALL_SAMPLE_NAME, TRAINED_NAME, BuiltShards, draw_samples, trained_index, write_shards
 from .shard_plan import Sources, count_images, find_sources, plan_shards
 from .spec import FLAT_MAX_VECTORS, IndexSpec, resolve_spec
-from .store import FORMAT_VERSION, INDEX_FORMAT, MANIFEST_NAME, IndexStore, checksum, write_json_atomic
+from .store import FORMAT_VERSION, INDEX_FORMAT, MANIFEST_NAME, IndexStore, checksum
 from .tuning import Tuning
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from ..faiss_import import faiss
-from ..filelock import exclusive
+from ..files import exclusive
 from ..integrity import SealedFolder
 from .exact_vectors import ShardVectors
 from .gpu import gpu_count, gpu_status

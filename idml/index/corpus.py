@@ -95,7 +95,7 @@ def resolve_corpus(uri: str, splits: list[str] | None = None, *, follow_links: b
 
 
 def _dataset(uri: str, splits: list[str] | None) -> Corpus:
-    source = open_dataset(uri, builtin=False)
+    source = open_dataset(uri)
     available = list(source.manifest.get("splits", {}))
     splits = list(splits or available)
     unknown = [s for s in splits if s not in available]

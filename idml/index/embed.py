@@ -19,7 +19,7 @@ import torch
 
 from idml.checkpoint import checkpoint_config, load_checkpoint
 from idml.data.images import InvalidImageError, decode_image
-from idml.data.source import file_sha256
+from idml.files import file_sha256
 from idml.inference import Embedder
 from idml.registry import is_model_uri
 

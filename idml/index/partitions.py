@@ -19,11 +19,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from idml.data.source import file_sha256
+from idml.files import file_sha256, write_json_atomic
 from idml.metric import image_uncertainty
 
 from .embed import STATUS_CORRUPT, STATUS_EMBEDDED
-from .store import read_json, write_json_atomic
+from .store import read_json
 
 log = logging.getLogger(__name__)
 

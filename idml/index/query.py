@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 import pyarrow.fs as pafs
 
-from idml.data.source import file_sha256, filesystem_for
+from idml.data.source import filesystem_for
+from idml.files import file_sha256
 from idml.inference import Embedder, image_uncertainty
 from idml.registry import resolve_checkpoint
 

@@ -32,7 +32,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator
 
-from idml.data.source import file_sha256
+from idml.files import file_sha256, fsync_dir, write_json_atomic
+# Aliased: the names this module's code has always used (the definitions moved to idml.integrity).
+from idml.integrity import RACY_SECONDS, read_stamps as _read_stamps, stat_stamp as _stamp
 from idml.errors import DamagedFileError
 
 INDEX_FORMAT = "idml-index"
@@ -44,34 +46,6 @@ READABLE_FORMAT_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 CURRENT_NAME = "CURRENT"
 _VERSION_RE = re.compile(r"^v(\d{6,})$")
-# A file changed this recently may still change within the same timestamp tick, unseen by its
-# stat: it is hashed again at the next open instead of being remembered as sound (git's "racy clean").
-RACY_SECONDS = 2.0
-
-
-def fsync_dir(path: Path) -> None:
-    # The rename itself is only durable once the folder holding it is flushed.
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
 def read_json(path: Path) -> Any:
@@ -99,19 +73,6 @@ def link_or_copy(src: Path, dst: Path) -> None:
         if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP):
             raise
         shutil.copy2(src, dst)
-
-
-def _stamp(sha256: str, st: os.stat_result) -> list:
-    """What a remembered sound file is known by: its checksum and its stat."""
-    return [sha256, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
-
-
-def _read_stamps(path: Path) -> dict[str, list]:
-    try:
-        stamps = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}  # none yet, or damaged: everything is hashed again
-    return stamps if isinstance(stamps, dict) else {}
 
 
 def merge_sources(manifest: dict[str, Any]) -> dict[str, str]:

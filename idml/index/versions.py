@@ -11,7 +11,8 @@ import stat
 from dataclasses import dataclass, field
 from typing import Any
 
-from .store import IndexStore, fsync_dir
+from ..files import fsync_dir
+from .store import IndexStore
 
 
 @dataclass

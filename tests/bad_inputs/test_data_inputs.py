@@ -114,7 +114,7 @@ def test_convert_where_nothing_can_be_written_is_refused(idml, tmp_path):
 def test_refusal_comes_before_reading_the_images(idml, tmp_path, monkeypatch):
     src, dst = image_folder(tmp_path / "src"), tmp_path / "dst"
     write_file(dst / "x.txt", b"x")
-    import idml.data.converters as converters
+    import idml.data.converters.pipeline as converters
 
     monkeypatch.setattr(converters, "_validate", lambda *a, **k: pytest.fail("images were read before the refusal"))
     refused(idml("data", "convert", "image-folder", src, dst), "other files")

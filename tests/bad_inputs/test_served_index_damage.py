@@ -1,6 +1,6 @@
 """Files of the served index damaged under a running service (issue 22: vectors overwritten inside
 the merged cache were answered with 200 and ``reload_error: null``). The service's reload logic
-(``idml.search_service.IndexFollower``, what ``pipelines.serve`` polls) runs here in this process,
+(``idml.index.serving.IndexFollower``, what ``pipelines.serve`` polls) runs here in this process,
 without Ray: a changed file withholds answers (503) until the version is checked again; a damaged
 merged cache is then merged again, damaged shards leave it withholding and say so in /health."""
 
@@ -15,7 +15,7 @@ import pytest
 from support import build_in_process, make_checkpoint, make_index_dataset, overwrite_merged_vectors
 
 from idml.index import IndexStore
-from idml.search_service import IndexChangedError, IndexFollower, ServedIndex
+from idml.index.serving import IndexChangedError, IndexFollower, ServedIndex
 
 IDS = ["img-004", "img-017", "img-031"]
 

@@ -77,6 +77,7 @@ def test_emoji_is_cached(emoji_setup):
     assert os.path.getmtime(os.path.join(root, "manifest.json")) == mtime
     # A dataset path resolves to itself.
     assert resolve_dataset(root) == root
+    assert resolve_dataset("s3://bucket/cub") == "s3://bucket/cub"  # opened where it is stored, never fetched
 
 
 def test_emoji_missing_tarball(tmp_path):

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 from support import make_records
 
-from idml.data import file_sha256, open_dataset, write_dataset
+from idml.data import open_dataset, write_dataset
+from idml.files import file_sha256
 from idml.data.source import read_manifest
 
 
@@ -39,7 +40,7 @@ def test_a_scheme_pyarrow_lacks_goes_through_fsspec(dataset):
 
 
 def test_missing_datasets_fail_clearly(tmp_path, dataset):
-    with pytest.raises(ValueError, match="neither a dataset folder nor a built-in"):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         open_dataset(str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         open_dataset((tmp_path / "nope").as_uri())

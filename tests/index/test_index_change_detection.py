@@ -12,7 +12,8 @@ from support import build_in_process, make_image_folder, make_index_dataset, sha
 
 from idml.index import IndexStore, verify_index
 from idml.index.reads import CORPUS_RECORD
-from idml.index.store import MANIFEST_NAME, write_json_atomic
+from idml.files import write_json_atomic
+from idml.index.store import MANIFEST_NAME
 
 
 def _age(folder: Path, seconds: float = 3600) -> None:

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from idml.data.source import file_sha256
+from idml.files import file_sha256
 from idml.errors import DamagedFileError, InputError
 from idml.faiss_import import faiss
 from idml.index import BuildRequest, IndexSearcher, IndexStore, StagedBuild, verify_index
@@ -250,7 +250,7 @@ def test_the_index_estimate_counts_the_coarse_quantizer_once():
 
 
 def test_a_version_written_before_reads_and_updates_as_it_was(tmp_path):
-    from idml.index.store import write_json_atomic
+    from idml.files import write_json_atomic
 
     x = loose_clusters(3000, 32, seed=8)
     idx = tmp_path / "idx"

@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from idml.index.store import IndexLockedError, IndexStore, write_json_atomic
+from idml.files import write_json_atomic
+from idml.index.store import IndexLockedError, IndexStore
 
 
 def _fake_version(store: IndexStore, version: str, key: str = "k") -> None:

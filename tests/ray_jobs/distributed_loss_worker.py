@@ -9,7 +9,7 @@ import os
 import torch
 
 from idml.losses import build_loss
-from idml.mixup import IntrospectiveObjective
+from idml.training.objective import IntrospectiveObjective
 
 DIM = 16
 

@@ -113,7 +113,7 @@ def test_a_registered_model_is_accepted_as_the_checkpoint(tiny, tmp_path, monkey
     """--checkpoint models:/NAME@alias: resolved through the registry, checked against the index's
     sha256, and the replicas get the driver's tracking URI to resolve it the same way."""
     from idml.registry import log_model, set_alias
-    from idml.search_service import ServedIndex
+    from idml.index.serving import ServedIndex
     from idml.tracking import MlflowRun
     from pipelines.serve import ServeOptions, app
 

@@ -30,9 +30,9 @@ def test_job_submitted_to_a_two_node_cluster_finishes(tmp_path):
         assert nodes.stdout.strip().splitlines()[-1:] == ["2"], nodes.stdout + nodes.stderr
 
         uri = f"sqlite:///{shared / 'mlflow.db'}"
-        entrypoint = [sys.executable, "-m", "pipelines.train", "--set", *TINY, f"data.dataset={data}",
+        entrypoint = [sys.executable, "-m", "pipelines.cli", "-v", "train", "--ray", "--set", *TINY, f"data.dataset={data}",
                       "--output-dir", str(shared / "out"), "--storage-path", str(shared / "ray"),
-                      "--run-name", "multinode", "--num-workers", "2", "--cpus-per-worker", "0.5", "-v"]
+                      "--run-name", "multinode", "--num-workers", "2", "--cpus-per-worker", "0.5"]
         runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": uri}}
         cmd = [ray, "job", "submit", "--address", cluster.dashboard_url, "--working-dir", str(REPO),
                "--runtime-env-json", json.dumps(runtime_env), "--", *entrypoint]

@@ -18,7 +18,7 @@ from ray_jobs.ray_helpers import TINY, artifact_paths, cluster_processes, connec
 from support import make_class_dataset
 
 from idml.checkpoint import load_checkpoint, model_from_checkpoint
-from idml.fit import SELECTION_METRIC
+from idml.training.loop import SELECTION_METRIC
 from idml.config import ConfigError, load_config
 from pipelines.cli import main
 from pipelines.train import RayOptions, train_ray
@@ -191,7 +191,7 @@ def test_ctrl_c_says_where_the_ray_run_stopped(cluster, dataset, tmp_path):
     import subprocess
 
     out, uri = tmp_path / "stopped", sqlite_uri(tmp_path)
-    cmd = [sys.executable, "-m", "pipelines.train", "--set", *TINY, f"data.dataset={dataset}", "train.epochs=200",
+    cmd = [sys.executable, "-m", "pipelines.cli", "train", "--ray", "--set", *TINY, f"data.dataset={dataset}", "train.epochs=200",
            "train.max_steps_per_epoch=1", "train.eval_every=200", "--output-dir", str(out), "--address", cluster.address,
            "--num-workers", "1", "--cpus-per-worker", "0.5"]
     proc = subprocess.Popen(cmd, env={**cluster.env, "MLFLOW_TRACKING_URI": uri}, cwd=tmp_path,

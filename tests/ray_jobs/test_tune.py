@@ -61,7 +61,7 @@ def test_search_killed_and_resumed_tracks_every_trial_once(cluster, dataset, tmp
             "--output-dir", str(out)]
     env = {**os.environ, "RAY_ADDRESS": cluster.address, "RAY_AUTH_MODE": "token", "MLFLOW_TRACKING_URI": uri,
            "PYTHONPATH": str(REPO)}
-    driver = subprocess.Popen([sys.executable, "-m", "pipelines.tune", *args], env=env, cwd=tmp_path,
+    driver = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "tune", *args], env=env, cwd=tmp_path,
                               stdout=open(tmp_path / "driver.log", "w"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 420  # a loaded 2-core machine
     while not _experiment_state_has_finished_trial(out / "ray") and driver.poll() is None:
@@ -135,7 +135,7 @@ def test_ctrl_c_stops_the_search_without_reporting_half_of_it(cluster, dataset, 
     env = {**os.environ, "RAY_ADDRESS": cluster.address, "RAY_AUTH_MODE": "token", "MLFLOW_TRACKING_URI": uri,
            "PYTHONPATH": str(REPO)}
     log = tmp_path / "driver.log"
-    driver = subprocess.Popen([sys.executable, "-m", "pipelines.tune", *args], env=env, cwd=tmp_path,
+    driver = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "tune", *args], env=env, cwd=tmp_path,
                               stdout=open(log, "w"), stderr=subprocess.STDOUT,
                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal delivers it
     try:

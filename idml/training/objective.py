@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .metric import image_uncertainty
-from .precision import autocast
+from ..metric import image_uncertainty
+from ..precision import autocast
 
 
 @dataclass

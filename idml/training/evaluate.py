@@ -9,14 +9,14 @@ from typing import Any
 
 import torch
 
-from .checkpoint import load_checkpoint, model_from_checkpoint
-from .config import Config, check_output_dir, validate_config
-from .data import ImageShardDataset, open_dataset
-from .engine import configure_threads
-from .evaluation.confidence import Confidence
-from .evaluation.protocol import evaluate_model, summary_metrics, uncertainty_report
-from .model import model_from_config
-from .transforms import eval_transform
+from ..checkpoint import load_checkpoint, model_from_checkpoint
+from ..config import Config, check_output_dir, validate_config
+from ..data import ImageShardDataset, open_dataset, resolve_dataset
+from ..evaluation.confidence import Confidence
+from ..evaluation.protocol import evaluate_model, summary_metrics, uncertainty_report
+from ..model import model_from_config
+from ..transforms import eval_transform
+from .setup import configure_threads
 
 
 @dataclass
@@ -55,7 +55,7 @@ def evaluate_checkpoint(request: EvaluateRequest) -> EvaluateResult:
         model = model_from_config(cfg.model).eval()
         name = f"frozen {cfg.model.backbone}"
     else:
-        from .registry import is_model_uri, resolve_checkpoint
+        from ..registry import is_model_uri, resolve_checkpoint
 
         path = resolve_checkpoint(request.checkpoint)
         state = load_checkpoint(path)
@@ -67,7 +67,7 @@ def evaluate_checkpoint(request: EvaluateRequest) -> EvaluateResult:
     configure_threads(cfg.train.threads)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
-    source = open_dataset(cfg.data.dataset)
+    source = open_dataset(resolve_dataset(cfg.data.dataset))
     source.check_local()
     split = request.split or cfg.data.test_split
     dataset = ImageShardDataset(source.root, split, transform=eval_transform(cfg.data.image_size))

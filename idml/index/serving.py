@@ -13,14 +13,14 @@ from typing import Any, Callable, Sequence, TypeVar
 import numpy as np
 import torch
 
-from . import metric  # noqa: F401 - the re-rank imports it on first use; seconds a request should not wait
-from .data.images import decode_image
-from .inference import Embedder
-from .metric import image_uncertainty
-from .index.query import checkpoint_for_index
-from .index.search import IndexSearcher, QueryResult
-from .index.store import IndexStore
-from .integrity import stat_signature
+from .. import metric  # noqa: F401 - the re-rank imports it on first use; seconds a request should not wait
+from ..data.images import decode_image
+from ..inference import Embedder
+from ..integrity import stat_signature
+from ..metric import image_uncertainty
+from .query import checkpoint_for_index
+from .search import IndexSearcher, QueryResult
+from .store import IndexStore
 
 T = TypeVar("T")
 

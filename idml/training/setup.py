@@ -1,8 +1,6 @@
-"""What a training run is made of (``build_training``: model, loss, optimizer, scheduler) and
-the embedding pass evaluation uses. The epoch loop itself is ``idml.fit``.
-
-Batches are any iterable of image tensors, or tuples whose first item is one (NCHW float in
-[0, 1] or uint8), so a torch DataLoader and a Ray Data iterator drive the same code.
+"""What a training run is made of (``build_training``: model, objective, optimizer, scheduler),
+and the process settings every runner applies first (seed, threads). The epoch loop itself is
+``idml.training.loop``; the embedding pass evaluation uses is ``idml.evaluation.embedding``.
 """
 
 from __future__ import annotations
@@ -10,18 +8,16 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass
-from typing import Iterable
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from .config import Config
-from .losses import build_loss
-from .mixup import IntrospectiveObjective
-from .model import IDMLModel, model_from_config
-from .precision import autocast, autocast_dtype
-from .uncertainty_losses import build_uncertainty_loss
+from ..config import Config
+from ..losses import build_loss
+from ..model import IDMLModel, model_from_config
+from ..precision import autocast_dtype
+from ..uncertainty_losses import build_uncertainty_loss
+from .objective import IntrospectiveObjective
 
 log = logging.getLogger(__name__)
 
@@ -93,50 +89,3 @@ def build_training(cfg: Config, num_classes: int, *, device: str | torch.device 
     optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=t.lr_step, gamma=t.lr_gamma)
     return TrainingState(objective, optimizer, scheduler)
-
-
-def _to_device(images: torch.Tensor, device, channels_last: bool) -> torch.Tensor:
-    images = images.to(device, non_blocking=True)
-    if images.dtype == torch.uint8:
-        images = images.float().div_(255)
-    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
-
-
-@torch.no_grad()
-def embed(
-    model: IDMLModel,
-    batches: Iterable[torch.Tensor | tuple],
-    *,
-    device: str | torch.device = "cpu",
-    channels_last: bool = True,
-    pooled_features: bool = False,
-    progress: bool = True,
-    total: int | None = None,
-    desc: str = "embed",
-    precision: str = "auto",
-) -> tuple[np.ndarray, np.ndarray]:
-    """Embeddings ``(mu, sigma)`` of every image in ``batches`` (batches may be image tensors
-    or tuples whose first item is the image tensor). ``pooled_features=True`` returns the
-    normalised backbone feature instead of mu (the frozen-backbone baseline) and empty sigma.
-    ``precision``: the backbone's (``idml.precision``); the outputs are fp32."""
-    model.eval()
-    dtype = autocast_dtype(device, precision)
-    mus, sigmas = [], []
-    for batch in tqdm(batches, total=total, desc=desc, disable=not progress, leave=False):
-        images = batch[0] if isinstance(batch, (tuple, list)) else batch
-        images = _to_device(images, device, channels_last)
-        if pooled_features:
-            with autocast(device, dtype):
-                feats = model.pooled_features(images)
-            feats = torch.nn.functional.normalize(feats.float(), dim=1)
-            mus.append(feats.cpu())
-            sigmas.append(feats.new_zeros(len(feats), 0).cpu())
-        else:
-            with autocast(device, dtype):
-                mu, sigma = model(images)
-            mus.append(mu.float().cpu())
-            sigmas.append(sigma.float().cpu())
-    if not mus:
-        raise ValueError("nothing to embed: the batch iterable was empty")
-    return torch.cat(mus).numpy(), torch.cat(sigmas).numpy()
-

@@ -10,13 +10,13 @@ from typing import Any
 from pytorch_metric_learning.samplers import MPerClassSampler
 from torch.utils.data import DataLoader
 
-from .checkpoint import resume_checkpoint
-from .config import Config, validate_config
-from .data import ImageShardDataset, open_dataset
-from .engine import build_training, configure_threads, seed_everything
-from .errors import InputError
-from .fit import Progress, evaluate_and_summarize, fit, log_figures
-from .transforms import eval_transform, train_transform
+from ..checkpoint import resume_checkpoint
+from ..config import Config, validate_config
+from ..data import ImageShardDataset, open_dataset, resolve_dataset
+from ..errors import InputError
+from ..transforms import eval_transform, train_transform
+from .setup import build_training, configure_threads, seed_everything
+from .loop import Progress, evaluate_and_summarize, fit, log_figures
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def train_local(cfg: Config, *, progress: bool = True, resume: bool = True) -> d
         raise InputError(f"{out} holds a best.pt but no last.pt to resume from; nothing was changed; {start_over}")
     seed_everything(cfg.train.seed)
     configure_threads(cfg.train.threads)
-    source = open_dataset(cfg.data.dataset)
+    source = open_dataset(resolve_dataset(cfg.data.dataset))  # a built-in name is fetched here, once
     source.check_local()
     # Every split, the test split too: a damaged one is found before training, not after.
     source.check_shards([s for s in (cfg.data.train_split, cfg.data.val_split, cfg.data.test_split) if source.has_split(s)])
@@ -100,8 +100,8 @@ def track_local_run(cfg: Config, summary: dict[str, Any], *, experiment: str = "
     folder (found again on resume), params, per-epoch and final test metrics, plots, and the
     selected checkpoint as an MLflow model (registered as ``register_model`` when given).
     Returns ``{"run_id", "model_uri"[, "registered_model", "version"]}``."""
-    from .registry import log_run_model
-    from .tracking import MlflowRun, source_tags, tracking_uri
+    from ..registry import log_run_model
+    from ..tracking import MlflowRun, source_tags, tracking_uri
 
     out = Path(cfg.output_dir)
     run = MlflowRun.open(uri or tracking_uri(), experiment, out.resolve().name,
@@ -117,7 +117,8 @@ def track_local_run(cfg: Config, summary: dict[str, Any], *, experiment: str = "
         selected = out / ("best.pt" if (out / "best.pt").exists() else "last.pt")
         run.log_artifact(out / "metrics.json")
         log_figures(run, out)
-        model = log_run_model(run, cfg, selected, registered_name=register_model)
+        source = open_dataset(resolve_dataset(cfg.data.dataset))  # fetched already, by the training
+        model = log_run_model(run, cfg, selected, source, registered_name=register_model)
     except BaseException:
         run.fail()
         raise

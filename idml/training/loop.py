@@ -1,4 +1,4 @@
-"""The one epoch loop, shared by the local runner (``idml.train``) and the Ray Train workers
+"""The one epoch loop, shared by the local runner (``idml.training.local``) and the Ray Train workers
 (``pipelines.train_worker``): warm-up, evaluation cadence, best selection on validation,
 ``last.pt``/``best.pt`` and the history. What differs between them (how batches arrive, DDP,
 reporting and logging) comes in through ``Hooks``.
@@ -22,14 +22,15 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from .config import Config, TrainConfig
-from .engine import TrainingState, _to_device, embed
-from .evaluation.confidence import Confidence, fit_confidence
-from .evaluation.plots import has_recall_curves, plot_recall_curves, save_retrieval_grid, save_uncertainty_extremes
-from .evaluation.protocol import evaluate_model, summary_metrics, uncertainty_report
-from .evaluation.selective import query_signals
-from .evaluation.uncertainty import image_uncertainty
+from ..checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from ..config import Config, TrainConfig
+from ..evaluation.embedding import embed, to_device
+from ..evaluation.confidence import Confidence, fit_confidence
+from ..evaluation.plots import has_recall_curves, plot_recall_curves, save_retrieval_grid, save_uncertainty_extremes
+from ..evaluation.protocol import evaluate_model, summary_metrics, uncertainty_report
+from ..evaluation.selective import query_signals
+from ..evaluation.uncertainty import image_uncertainty
+from .setup import TrainingState
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +209,7 @@ def train_one_epoch(
         except StopIteration:
             break
         data_wait += time.perf_counter() - asked
-        images_batch = _to_device(images_batch, device, train_cfg.channels_last)
+        images_batch = to_device(images_batch, device, train_cfg.channels_last)
         targets = targets.to(device, non_blocking=True).long()
         loss, stats = objective(images_batch, targets)
         if not torch.isfinite(loss):
