@@ -188,6 +188,11 @@ def embed_with_ray(corpus, files: list[str], model_state: dict, sink, known, *, 
             compute=pool.strategy(),
             num_cpus=pool.num_cpus,
             num_gpus=pool.num_gpus,
+            # Ray Data puts every actor's constructor arguments (its map transformer) in the object
+            # store, and Ray logs an error for each such actor created with restarts allowed (Ray
+            # Data's default, -1): a line on every build. A lost actor fails the build instead;
+            # its finished partitions stay, and the same command resumes from them.
+            max_restarts=0,
         )
         log.info("embedding %d file(s) with %s", len(files), pool.describe())
         start = time.time()
