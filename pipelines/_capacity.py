@@ -26,8 +26,11 @@ log = logging.getLogger(__name__)
 
 # Ray's own rounding of fractional resources is to 1e-4; below that a request "fits".
 _EPSILON = 1e-4
-# The v1 autoscaler names the node types of a cluster it only watches (no config) node_<id>.
+# Without a cluster config the v1 autoscaler only watches the nodes: it names their types
+# node_<id>, its head type ray.head.default (a `ray up` config naming its head type so too, with no
+# worker up, reads as watched only: ray_cluster.yaml's is "head").
 _WATCH_ONLY_NODE_TYPE = "node_"
+_WATCH_ONLY_HEAD_TYPE = "ray.head.default"
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,7 @@ def _v1_autoscaler_with_config() -> bool:
         return False
     report = status.get("autoscaler_report") or {}
     types = set(report.get("active_nodes") or {}) | set((report.get("node_type_mapping") or {}).values())
-    return any(not t.startswith(_WATCH_ONLY_NODE_TYPE) for t in types)
+    return any(not t.startswith(_WATCH_ONLY_NODE_TYPE) and t != _WATCH_ONLY_HEAD_TYPE for t in types)
 
 
 def refuse_unless_it_fits(request: Request, shape: ClusterShape | None = None) -> None:

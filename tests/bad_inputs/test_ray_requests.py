@@ -73,3 +73,21 @@ def test_idml_train_ray_with_more_cpus_than_any_node_exits_2_at_once(tiny_datase
     assert len(errors) == 1 and "each training worker needs 100 CPU" in errors[0], proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     print(f"refused after {time.monotonic() - started:.1f} s (Ray start included)")
+
+
+@pytest.mark.parametrize("report, autoscaling", [
+    (None, False),  # no status (yet)
+    ({"active_nodes": {"node_5e0f": 1}}, False),  # a local instance or `ray start` nodes: watched only
+    ({"active_nodes": {"ray.head.default": 1}, "node_type_mapping": {"192.0.2.2": "node_5e0f"}}, False),
+    ({"active_nodes": {"head": 1}, "node_type_mapping": {"10.0.0.1": "head"}}, True),  # ray up ray_cluster.yaml
+])
+def test_a_v1_autoscaler_is_known_by_its_config_node_types(monkeypatch, report, autoscaling):
+    import json
+
+    import ray.experimental.internal_kv as kv
+
+    from pipelines._capacity import _v1_autoscaler_with_config
+
+    status = json.dumps({"load_metrics_report": {}, **({"autoscaler_report": report} if report else {})})
+    monkeypatch.setattr(kv, "_internal_kv_get", lambda key: status.encode())
+    assert _v1_autoscaler_with_config() is autoscaling
