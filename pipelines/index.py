@@ -196,9 +196,10 @@ def embed_with_ray(corpus, files: list[str], model_state: dict, sink, known, *, 
     cluster = ray.cluster_resources()
     pool = actor_pool(int(cluster.get("CPU", 1)), int(cluster.get("GPU", 0)), actors=actors, threads=threads,
                       use_gpu=use_gpu)
-    refuse_unless_it_fits(Request("embedding actor", {"CPU": pool.num_cpus, "GPU": float(pool.num_gpus)}, pool.min_actors,
-                                  fix="lower --actors (MIN-MAX lets the pool start smaller) or --threads"
-                                      + ("; --gpu needs a GPU on a node" if pool.num_gpus else "")))
+    # One actor: Ray Data embeds with the actors that start (more --actors than fit only wait
+    # unused), so only an actor that no node can hold waits forever.
+    refuse_unless_it_fits(Request("embedding actor", {"CPU": pool.num_cpus, "GPU": float(pool.num_gpus)}, 1,
+                                  fix="lower --threads" + ("; --gpu needs a GPU on a node" if pool.num_gpus else "")))
     refs = {"model": ray.put(model_state), "known": ray.put(known)}
     nodes: Counter = Counter()
     with block_size(corpus, batch_size):

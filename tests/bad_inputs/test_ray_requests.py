@@ -91,3 +91,21 @@ def test_a_v1_autoscaler_is_known_by_its_config_node_types(monkeypatch, report, 
     status = json.dumps({"load_metrics_report": {}, **({"autoscaler_report": report} if report else {})})
     monkeypatch.setattr(kv, "_internal_kv_get", lambda key: status.encode())
     assert _v1_autoscaler_with_config() is autoscaling
+
+
+@pytest.mark.slow
+def test_idml_index_build_with_gpu_actors_on_a_machine_without_gpus_exits_2(tmp_path):
+    from ray_jobs.ray_helpers import env_without_ray_address
+    from support import make_checkpoint, make_index_dataset
+
+    corpus = make_index_dataset(tmp_path / "corpus", 8)
+    checkpoint = make_checkpoint(tmp_path / "ck.pt")
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "index", "build", "--checkpoint", checkpoint,
+                           "--corpus", corpus, "--index-dir", str(tmp_path / "idx"), "--gpu", "--no-mlflow"],
+                          env=env_without_ray_address(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    if proc.returncode == 0:
+        pytest.skip("this machine has a GPU")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("idml index: error:")]
+    assert len(errors) == 1 and "each embedding actor needs 1 CPU + 1 GPU" in errors[0], proc.stderr[-3000:]
+    assert "--gpu needs a GPU on a node" in errors[0] and "Traceback" not in proc.stderr
