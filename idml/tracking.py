@@ -227,9 +227,10 @@ class MlflowRun:
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status)
 
-    def fail(self) -> None:
-        """Mark the run failed, never raising: the error that failed it matters more."""
+    def fail(self, status: str = "FAILED") -> None:
+        """Mark the run failed (``KILLED``: stopped by Ctrl-C), never raising: the error that failed
+        it matters more. Only the status: a subclass's ``finish`` may log what a finished run has."""
         try:
-            self.finish("FAILED")
+            MlflowRun.finish(self, status)
         except Exception:
-            log.exception("could not mark MLflow run %s as FAILED", self.run_id)
+            log.exception("could not mark MLflow run %s as %s", self.run_id, status)

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import sys
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -23,6 +24,7 @@ import pyarrow as pa
 from idml.index.build import Embedded
 from idml.index.embed import BatchEmbedder
 
+from ._capacity import Request, refuse_unless_it_fits
 from ._ray import init_ray
 
 log = logging.getLogger(__name__)
@@ -151,6 +153,26 @@ class ObjectStoreEmbedder(BatchEmbedder):
         return out.append_column("node", pa.array([self.node_id] * out.num_rows, pa.string()))
 
 
+def _embedding_step(ds, refs: dict, id_prefix, pool: ActorPool, batch_size: int, delay_s: float):
+    """``ds`` embedded by ``pool``'s actors (lazily: nothing runs until it is iterated)."""
+    return ds.map_batches(
+        ObjectStoreEmbedder,
+        fn_constructor_args=(refs,),
+        fn_constructor_kwargs={"id_prefix": id_prefix, "threads": pool.threads, "batch_size": batch_size,
+                               "delay_s": delay_s},
+        batch_size=BATCHES_PER_BLOCK * batch_size,  # a whole block per call
+        batch_format="pyarrow",
+        compute=pool.strategy(),
+        num_cpus=pool.num_cpus,
+        num_gpus=pool.num_gpus,
+        # Ray Data puts every actor's constructor arguments (its map transformer) in the object
+        # store, and Ray logs an error for each such actor created with restarts allowed (Ray
+        # Data's default, -1): a line on every build. A lost actor fails the build instead;
+        # its finished partitions stay, and the same command resumes from them.
+        max_restarts=0,
+    )
+
+
 @dataclass
 class EmbedReport:
     seconds: float
@@ -174,29 +196,29 @@ def embed_with_ray(corpus, files: list[str], model_state: dict, sink, known, *, 
     cluster = ray.cluster_resources()
     pool = actor_pool(int(cluster.get("CPU", 1)), int(cluster.get("GPU", 0)), actors=actors, threads=threads,
                       use_gpu=use_gpu)
+    # One actor: Ray Data embeds with the actors that start (more --actors than fit only wait
+    # unused), so only an actor that no node can hold waits forever.
+    refuse_unless_it_fits(Request("embedding actor", {"CPU": pool.num_cpus, "GPU": float(pool.num_gpus)}, 1,
+                                  fix="lower --threads" + ("; --gpu needs a GPU on a node" if pool.num_gpus else "")))
     refs = {"model": ray.put(model_state), "known": ray.put(known)}
     nodes: Counter = Counter()
     with block_size(corpus, batch_size):
         ds, id_prefix = _read(corpus, files)
-        embedded = whole_batch_blocks(ds, batch_size).map_batches(
-            ObjectStoreEmbedder,
-            fn_constructor_args=(refs,),
-            fn_constructor_kwargs={"id_prefix": id_prefix, "threads": pool.threads, "batch_size": batch_size,
-                                   "delay_s": delay_s},
-            batch_size=BATCHES_PER_BLOCK * batch_size,  # a whole block per call
-            batch_format="pyarrow",
-            compute=pool.strategy(),
-            num_cpus=pool.num_cpus,
-            num_gpus=pool.num_gpus,
-        )
+        with warnings.catch_warnings():
+            # max_restarts has no named parameter in Ray 2.60: only the deprecated **ray_remote_args.
+            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+            embedded = _embedding_step(whole_batch_blocks(ds, batch_size), refs, id_prefix, pool, batch_size, delay_s)
         log.info("embedding %d file(s) with %s", len(files), pool.describe())
         start = time.time()
         # Rows per file are known only when every file is read (or each file is one image).
         total = corpus.num_rows if len(files) == len(corpus.files) else len(files) if corpus.kind == "images" else None
-        with tqdm(total=total, desc="embed", unit="img", disable=not sys.stderr.isatty()) as bar:
-            # No prefetch: with it, Ray Data yields each block only once the next one is embedded, so
-            # embeddings reached the partitions a block late (the last two blocks together).
-            for batch in embedded.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+        # No prefetch: with it, Ray Data yields each block only once the next one is embedded, so
+        # embeddings reached the partitions a block late (the last two blocks together).
+        batches = iter(embedded.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0))
+        # closing: on Ctrl-C the execution stops here, not in a thread that outlives Ray's shutdown.
+        with tqdm(total=total, desc="embed", unit="img", disable=not sys.stderr.isatty()) as bar, \
+                contextlib.closing(batches):
+            for batch in batches:
                 nodes.update(batch.column("node").to_pylist())
                 sink.add(batch.drop_columns(["node"]))
                 bar.update(batch.num_rows)

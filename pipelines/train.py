@@ -36,6 +36,7 @@ from idml.data.builtin import resolve_dataset
 from idml.data.source import DatasetSource, open_dataset
 from idml.tracking import MlflowRun, check_tracking_store, source_tags, tracking_uri
 
+from ._capacity import Request, refuse_unless_it_fits
 from ._data import class_chunk_counts, distractor_dataset, eval_datasets, max_batches, train_dataset
 from ._ray import init_ray
 
@@ -257,7 +258,7 @@ def train_planned(p: Plan) -> dict[str, Any]:
     """``train_ray`` for a plan (the command line keeps the plan to say where a stopped run is)."""
     check_resume(p)
     init_ray(p.options.address, dashboard=True, verbose=p.options.verbose)
-    _check_cpus(p.options)
+    refuse_unless_it_fits(worker_request(p.options))
     run = MlflowRun.open(p.tracking_uri, p.options.experiment, p.run_name, tags={"idml.entrypoint": "pipelines.train", **source_tags("pipelines.train")})
     trainer = build_trainer(p, build_datasets(p), run_id=run.run_id)
     log.info("training run %r (storage %s, MLflow run %s at %s)", p.run_name, p.storage_path, run.run_id, p.tracking_uri)
@@ -368,17 +369,13 @@ def _read_summary(path: Path, since: float, uri: str, run_id: str) -> dict[str, 
     return json.loads(path.read_text())
 
 
-def _check_cpus(options: RayOptions) -> None:
-    """Training workers that reserve every CPU leave Ray Data none, and the first batch never
-    comes. Fail fast when the cluster could hold the workers but leaves no decode CPU (a
-    smaller cluster is probably autoscaling: then Ray waits for nodes)."""
-    import ray
-
-    total = ray.cluster_resources().get("CPU", 0.0)
-    reserved = options.num_workers * options.cpus_per_worker
-    if reserved <= total < reserved + options.decode_cpus:
-        raise ValueError(
-            f"{options.num_workers} workers x {options.cpus_per_worker} CPUs reserve {reserved:g} of the cluster's "
-            f"{total:g} CPUs, leaving less than the {options.decode_cpus:g} CPU a Ray Data decode task needs, so "
-            "the data pipeline would stall; lower --cpus-per-worker or --num-workers (fractions such as 0.5 are fine)")
+def worker_request(options: RayOptions, *, count: int | None = None, spare_cpus: float | None = None) -> Request:
+    """The training workers as a request to the cluster (``pipelines._capacity``): Ray Data's
+    decode tasks need a CPU beside them, or the first batch never comes."""
+    return Request("training worker", {"CPU": options.cpus_per_worker, "GPU": 1.0 if options.use_gpu else 0.0},
+                   options.num_workers if count is None else count,
+                   spare_cpus=options.decode_cpus if spare_cpus is None else spare_cpus,
+                   spare_why="CPU(s) Ray Data's decode tasks need beside the workers",
+                   fix="lower --cpus-per-worker or --num-workers (fractions such as 0.5 are fine)"
+                       + ("; --gpu needs a GPU on a node" if options.use_gpu else ""))
 

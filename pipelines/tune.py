@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import signal
@@ -28,10 +29,11 @@ from typing import Any
 from idml.config import config_from_dict
 from idml.tracking import MlflowRun, metric_name, source_tags, tracking_uri
 
+from ._capacity import refuse_unless_it_fits
 from ._ray import init_ray
 from ._tune_report import finish_search, retrain
 from ._tune_space import Space, SpaceError, with_params
-from .train import DEFAULT_EXPERIMENT, RayOptions, build_datasets, build_trainer, plan
+from .train import DEFAULT_EXPERIMENT, RayOptions, build_datasets, build_trainer, plan, worker_request
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +109,7 @@ def tune_search(space: Space, options: TuneOptions | None = None) -> dict[str, A
     """Run (or resume) the search; returns the summary written to ``<output_dir>/search.json``."""
     search = prepare(space, options or TuneOptions())
     init_ray(search.options.address, dashboard=True, verbose=search.options.verbose)
-    check_cpus(space)
+    check_resources(space)
     parent = MlflowRun.open(search.uri, search.options.experiment, search.name,
                             tags={"idml.entrypoint": "pipelines.tune", "idml.search": search.name, **source_tags("pipelines.tune")})
     parent.log_params({"space_file": str(space.path), "objective": space.objective, "mode": space.mode,
@@ -155,26 +157,19 @@ def _fit_until_ctrl_c(tuner):
     return grid
 
 
-def check_cpus(space: Space) -> None:
+def check_resources(space: Space) -> None:
     """Concurrent trials that the cluster cannot hold with their Ray Data decoding would wait
     forever (or starve the data pipeline): refuse them before any trial starts."""
-    import ray
-
     r = space.resources
     # Ray Data's one-CPU steps (re-blocking the packed batches) and decode tasks must find a CPU
     # beside every trial's workers, else the trial's first batch never comes.
     data = max(r["decode_cpus"], 1.0)
-    per_trial = r["num_workers"] * r["cpus_per_worker"] + data + TRIAL_DRIVER_CPUS
-    total = ray.cluster_resources().get("CPU", 0.0)
-    if space.concurrency * per_trial > total:
-        raise SpaceError(
-            f"{space.path}: concurrency {space.concurrency} x ({r['num_workers']} workers x {r['cpus_per_worker']:g} "
-            f"CPUs + {data:g} CPU for Ray Data) = {space.concurrency * per_trial:g} CPUs, but the cluster has "
-            f"{total:g}; lower concurrency or resources")
-    gpus = ray.cluster_resources().get("GPU", 0.0)
-    if r["use_gpu"] and space.concurrency * r["num_workers"] > gpus:
-        raise SpaceError(f"{space.path}: concurrency {space.concurrency} x {r['num_workers']} GPU workers, but the "
-                         f"cluster has {gpus:g} GPUs")
+    request = worker_request(trial_options(r), count=space.concurrency * r["num_workers"],
+                             spare_cpus=space.concurrency * (data + TRIAL_DRIVER_CPUS))
+    refuse_unless_it_fits(dataclasses.replace(
+        request, what="trial worker", spare_why=f"CPU(s) Ray Data needs beside the workers ({data:g} per trial)",
+        fix=f"lower concurrency or resources in {space.path} (now {space.concurrency} trial(s) at once, each "
+            f"{r['num_workers']} worker(s) x {r['cpus_per_worker']:g} CPU{' + 1 GPU' if r['use_gpu'] else ''})"))
 
 
 def _check_same_search(search: Search) -> None:

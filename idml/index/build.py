@@ -129,9 +129,9 @@ def build_index(request: BuildIndexRequest, *, embed: EmbeddingStep | None = Non
                                  index_params(asdict(staged_request)), uri=request.tracking_uri)
         try:
             result = _embed_and_finish(staged, corpus, model, embed, progress)
-        except BaseException:
+        except BaseException as err:
             if run is not None:
-                run.fail()
+                run.fail("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
             raise
         if run is not None:
             if result.published:

@@ -209,11 +209,13 @@ def test_ctrl_c_says_where_the_local_run_stopped(tiny_dataset, tmp_path):
         while not (out / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         assert (out / "last.pt").exists(), proc.stderr.read() if proc.poll() is not None else "no checkpoint in 180 s"
+        sent = time.monotonic()
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
+    print(f"local idml train stopped {time.monotonic() - sent:.1f} s after Ctrl-C")
     assert proc.returncode == INTERRUPTED, err
     assert "Traceback" not in err
     epoch = load_checkpoint(out / "last.pt")["epoch"]  # a whole checkpoint: nothing half-written

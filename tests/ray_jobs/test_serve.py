@@ -47,7 +47,8 @@ def service(tiny):
            "--poll-s", "0.5", "--cpus-per-replica", "0.5", "--max-bytes", str(MAX_BYTES), "--max-images", "4"]
     env = {**env_without_ray_address(), "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(cmd, cwd=tiny["root"], env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            start_new_session=True,  # SIGINT at its default, as a terminal delivers Ctrl-C
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + STARTUP_S
@@ -63,13 +64,16 @@ def service(tiny):
         yield {"url": url, "proc": proc, "log": log}
     finally:
         if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)  # shuts Serve and its Ray instance down, as Ctrl-C does
+            sent = time.monotonic()
+            proc.send_signal(signal.SIGINT)  # Ctrl-C (SIGTERM takes the same way out)
             try:
                 proc.wait(timeout=120)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+            print(f"idml serve stopped {time.monotonic() - sent:.1f} s after Ctrl-C")
     assert proc.returncode == 130, log.read_text()[-3000:]  # the CLI's exit status for an interrupted command
+    assert "idml: stopped (Ctrl-C)" in log.read_text() and "Traceback" not in log.read_text(), log.read_text()[-3000:]
 
 
 def test_app_builder_takes_serve_run_arguments(tiny, tmp_path):

@@ -203,11 +203,13 @@ def test_ctrl_c_says_where_the_ray_run_stopped(cluster, dataset, tmp_path):
                 snapshot.exists() and "checkpoint_epoch_" in snapshot.read_text(errors="replace")):
             time.sleep(0.5)
         assert proc.poll() is None, proc.communicate()
+        sent = time.monotonic()
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
+    print(f"idml train --ray stopped {time.monotonic() - sent:.1f} s after Ctrl-C")
     assert proc.returncode == 130, err[-3000:]
     line = next(line for line in err.splitlines() if line.startswith("idml: stopped (Ctrl-C)"))
     assert f"the last checkpoint of Ray run 'stopped' is {out / 'ray' / 'stopped' / 'checkpoint_epoch_'}" in line

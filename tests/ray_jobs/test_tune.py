@@ -19,6 +19,7 @@ from ray_jobs.ray_helpers import REPO, mlflow_runs, sqlite_uri
 from support import make_class_dataset
 
 from idml.config import load_config
+from idml.errors import InputError
 from pipelines._tune_space import SpaceError, load_space
 from pipelines.cli import main
 from pipelines.tune import TuneOptions, tune_search
@@ -144,8 +145,10 @@ def test_ctrl_c_stops_the_search_without_reporting_half_of_it(cluster, dataset, 
         while not any((out / "trials").glob("*/best.pt")) and driver.poll() is None:
             assert time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.5)
+        sent = time.monotonic()
         driver.send_signal(signal.SIGINT)
         assert driver.wait(timeout=180) == 130, log.read_text()[-3000:]
+        print(f"idml tune stopped {time.monotonic() - sent:.1f} s after Ctrl-C")
     finally:
         if driver.poll() is None:  # never leave a search running on the module's cluster
             driver.kill()
@@ -193,7 +196,8 @@ def test_bad_search_fails_on_the_driver_before_any_trial(cluster, dataset, tmp_p
     overrides = TINY + [f"data.dataset={dataset}"]
     # More concurrent trials than the 3-CPU cluster holds with their decoding.
     space = load_space(_space(tmp_path, concurrency=2), overrides=overrides)
-    with pytest.raises(SpaceError, match=r"concurrency 2 x \(1 workers x 0.5 CPUs \+ 1 CPU for Ray Data\) = 3.02 CPUs, but the cluster has 3"):
+    with pytest.raises(InputError, match=r"2 trial workers x 0.5 CPUs leave 2 of the cluster's 3 CPUs, less than the "
+                                         r"2.02 CPU\(s\) Ray Data needs beside the workers \(1 per trial\); .*\(now 2 trial"):
         tune_search(space, TuneOptions(output_dir=str(tmp_path / "cpu"), tracking_uri=sqlite_uri(tmp_path)))
     assert not (tmp_path / "mlflow.db").exists()  # nothing started: no parent run
     # A dataset without a val split reports no val metric; the CLI prints the error, no traceback.
