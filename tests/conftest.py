@@ -41,3 +41,21 @@ def tiny_config(tiny_overrides):
     from idml.config import load_config
 
     return load_config(overrides=tiny_overrides)
+
+
+@pytest.fixture(scope="session")
+def shared_ray(tmp_path_factory):
+    """One Ray cluster for the whole session (``ray_jobs.ray_helpers.shared_cluster``): the Ray
+    tests that need no cluster of their own connect to it (``ray_connected``) or hand its
+    address to the commands they run, instead of each starting Ray."""
+    from ray_jobs.ray_helpers import shared_cluster
+
+    yield from shared_cluster(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def ray_connected(shared_ray):
+    """This process connected to the shared cluster for one test module, disconnected after it."""
+    from ray_jobs.ray_helpers import connected
+
+    yield from connected(shared_ray)

@@ -77,7 +77,10 @@ class RayCluster:
             self._run([str(REPO / ".venv/bin/ray"), "get-auth-token", "--generate"])
         self.processes = []
         self.temp_dirs: list[str] = []
-        args = ["--head", f"--port={self.port}", f"--num-cpus={cpus}", "--num-gpus=0", "--disable-usage-stats"]
+        # The Ray Client server on a free port, not its default 10001: another Ray instance's on a
+        # shared machine, and when the server exits, `ray start --block` stops the whole node.
+        args = ["--head", f"--port={self.port}", f"--num-cpus={cpus}", "--num-gpus=0", "--disable-usage-stats",
+                f"--ray-client-server-port={free_port()}"]
         if dashboard:
             args += ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}"]
         else:
@@ -121,6 +124,20 @@ class RayCluster:
                 self.stop()
                 raise RuntimeError(f"ray start ({name}) failed:\n{log.read_text()[-3000:]}")
             time.sleep(0.5)
+        # `ray start --block` checks its processes once a second and stops the node when one has
+        # exited (on a loaded machine the Ray Client server gives up waiting for the node to
+        # register): not started after all.
+        time.sleep(3)
+        self.check_alive()
+
+    def check_alive(self) -> None:
+        """Raise (with the log) if a node's ``ray start`` has stopped: connecting would hang."""
+        logs = sorted(self.workdir.glob("ray-*.log"))
+        if any(proc.poll() is not None for proc in self.processes) or any(
+                "exited unexpectedly" in log.read_text() for log in logs):
+            tails = "\n".join(log.read_text()[-3000:] for log in logs)
+            self.stop()
+            raise RuntimeError(f"a node of the Ray cluster at {self.address} has stopped:\n{tails}")
 
     def stop(self) -> None:
         import signal
@@ -199,10 +216,35 @@ def connect(cluster: RayCluster):
     return disconnect
 
 
-def connected_cluster(tmp_path_factory):
-    """A 2-CPU cluster this test process is connected to, for a module-scoped fixture."""
-    cluster = RayCluster(tmp_path_factory.mktemp("ray"), cpus=2)
+# The logical CPUs of the session's shared cluster (tests/conftest.py, ``shared_ray``): those of
+# the 2-core machine the suite is sized for, as each module's own instance had before. (With 3,
+# `idml index build --threads 1` sized a pool of 3 embedding actors and its Ray Data job stalled.)
+SHARED_CPUS = 2
+
+
+def shared_cluster(tmp_path_factory):
+    """The session's Ray cluster (a head node with the dashboard and its job server), started
+    once and shared by the Ray tests that need no cluster of their own; for a session-scoped
+    fixture. Each module connects to it and disconnects again (``connected``), so a module
+    that must run without Ray (``test_serve``) still finds this process unconnected."""
+    try:
+        cluster = RayCluster(tmp_path_factory.mktemp("ray-shared"), cpus=SHARED_CPUS, dashboard=True)
+    except RuntimeError:  # a start that timed out on a loaded machine: every Ray test needs this one
+        cluster = RayCluster(tmp_path_factory.mktemp("ray-shared"), cpus=SHARED_CPUS, dashboard=True)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def connected(cluster: RayCluster):
+    """This test process connected to ``cluster`` for as long as the fixture lives."""
+    import ray
+
+    assert not ray.is_initialized(), "this process is already connected to a Ray instance"
+    cluster.check_alive()
     disconnect = connect(cluster)
-    yield cluster
-    disconnect()
-    cluster.stop()
+    try:
+        yield cluster
+    finally:
+        disconnect()

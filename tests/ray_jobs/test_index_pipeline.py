@@ -1,4 +1,5 @@
-"""End to end: `idml index build|update|query|verify` on a local Ray, real faiss and MLflow."""
+"""End to end: `idml index build|update|query|verify` on the session's shared Ray cluster, real faiss
+and MLflow."""
 
 from __future__ import annotations
 
@@ -29,12 +30,9 @@ def _in_tmp(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+def ray_local(ray_connected):
+    """The session's shared cluster (tests/conftest.py), this process connected to it."""
+    return ray_connected
 
 
 @pytest.fixture(scope="module")
@@ -179,8 +177,8 @@ def test_killed_build_publishes_nothing_and_the_rerun_resumes(ray_local, tiny, t
     index_dir = tmp_path / "index"
     args = ["build", "--index-dir", str(index_dir), "--checkpoint", tiny["checkpoint"], "--corpus", tiny["dataset"],
             "--shards", "4", "--batch-size", "2", "--actors", "1", "--threads", "1", "--tracking-uri", tiny["uri"], "--experiment", "index-crash"]
-    # The child joins this test's Ray instance (no second start-up) and embeds slowly.
-    env = {**os.environ, DELAY_ENV: "0.5", "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,
+    # The child joins this test's Ray cluster (RAY_ADDRESS, no second start-up) and embeds slowly.
+    env = {**os.environ, DELAY_ENV: "0.5", "RAY_ADDRESS": ray_local.address, "RAY_AUTH_MODE": "token",
            "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.index_cli", *args], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

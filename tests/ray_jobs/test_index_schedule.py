@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from support import make_checkpoint, make_image_folder, shape_image
+from support import build_in_process, make_checkpoint, make_image_folder, shape_image
 
 from idml.index import IndexStore
 from pipelines.index import DELAY_ENV
@@ -23,12 +23,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+def ray_local(ray_connected):
+    """The session's shared cluster (tests/conftest.py), this process connected to it."""
+    return ray_connected
 
 
 @pytest.mark.slow
@@ -37,15 +34,17 @@ def test_overlapping_updates_publish_one_sound_version(ray_local, tmp_path, monk
     checkpoint = make_checkpoint(tmp_path / "ckpt.pt")
     folder = Path(make_image_folder(tmp_path / "imgs", 12))
     idx = tmp_path / "idx"
-    assert main(["build", "--index-dir", str(idx), "--checkpoint", checkpoint, "--corpus", str(folder),
-                 "--threads", "1", "--no-mlflow"]) == 0
+    # The published version the scheduled runs update: built in-process (the library's build
+    # workflow the CLI runs; no Ray Data job to start for the set-up).
+    assert build_in_process(idx, str(folder), checkpoint)["version"] == "v000001"
 
     # The corpus changes; then three scheduled runs overlap.
     (folder / "group0" / "pic-00.png").write_bytes(shape_image(900))
     (folder / "group1" / "new.png").write_bytes(shape_image(901))
     update = [sys.executable, "-m", "pipelines.index_cli", "update", "--index-dir", str(idx), "--threads", "1",
               "--actors", "1", "--batch-size", "1", "--no-mlflow"]
-    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO)}
+    # Every run joins the test's cluster, as scheduled runs join the cluster they are sent to.
+    env = {**os.environ, "RAY_ADDRESS": ray_local.address, "RAY_AUTH_MODE": "token", "PYTHONPATH": str(REPO)}
     log = tmp_path / "first.log"
     # The first run embeds slowly (10 s a batch), so it still holds the index while the others start.
     first = subprocess.Popen(update, cwd=tmp_path, env={**env, DELAY_ENV: "10"}, stdout=open(log, "w"),
@@ -85,35 +84,32 @@ def test_overlapping_updates_publish_one_sound_version(ray_local, tmp_path, monk
 
 
 @pytest.mark.slow
-def test_the_documented_job_submit_recipe_treats_nothing_changed_as_success(tmp_path):
-    """docs/indexing.md's cron entrypoint through a real job server: `ray job submit` fails any
-    job that exits non-zero, so the recipe maps 3 (nothing changed) and 4 (busy) to success."""
-    from ray_jobs.ray_helpers import RayCluster
-
+def test_the_documented_job_submit_recipe_treats_nothing_changed_as_success(shared_ray, tmp_path):
+    """docs/indexing.md's cron entrypoint through a real job server (the session's shared
+    cluster's): `ray job submit` fails any job that exits non-zero, so the recipe maps 3 (nothing
+    changed) and 4 (busy) to success."""
     checkpoint = make_checkpoint(tmp_path / "ckpt.pt")
     folder = make_image_folder(tmp_path / "imgs", 6)
     idx = tmp_path / "idx"
-    cluster = RayCluster(tmp_path / "ray", cpus=2, dashboard=True)
-    try:
-        def submit(entrypoint: list[str]) -> subprocess.CompletedProcess:
-            cmd = [str(REPO / ".venv/bin/ray"), "job", "submit", "--address", cluster.dashboard_url, "--", *entrypoint]
-            deadline = time.time() + 120
-            while True:
-                job = subprocess.run(cmd, env=cluster.env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-                # A fresh head's job agent takes a moment to register; the job server says so.
-                if "No available agent" not in job.stderr or time.time() > deadline:
-                    return job
-                time.sleep(2)
+    cluster = shared_ray
 
-        index_cli = f"{sys.executable} -m pipelines.index_cli"
-        build = submit([*index_cli.split(), "build", "--index-dir", str(idx), "--checkpoint", checkpoint,
-                        "--corpus", folder, "--threads", "1", "--no-mlflow"])
-        assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-2000:]
-        recipe = (f"{index_cli} update --index-dir {idx} --threads 1 --no-mlflow; rc=$?; "
-                  "case $rc in 3|4) exit 0;; esac; exit $rc")
-        update = submit(["bash", "-c", recipe])
-        assert update.returncode == 0, update.stdout[-3000:] + update.stderr[-2000:]
-        assert "exit 3: nothing published" in update.stdout and "succeeded" in update.stdout
-    finally:
-        cluster.stop()
+    def submit(entrypoint: list[str]) -> subprocess.CompletedProcess:
+        cmd = [str(REPO / ".venv/bin/ray"), "job", "submit", "--address", cluster.dashboard_url, "--", *entrypoint]
+        deadline = time.time() + 120
+        while True:
+            job = subprocess.run(cmd, env=cluster.env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+            # A fresh head's job agent takes a moment to register; the job server says so.
+            if "No available agent" not in job.stderr or time.time() > deadline:
+                return job
+            time.sleep(2)
+
+    index_cli = f"{sys.executable} -m pipelines.index_cli"
+    build = submit([*index_cli.split(), "build", "--index-dir", str(idx), "--checkpoint", checkpoint,
+                    "--corpus", folder, "--threads", "1", "--no-mlflow"])
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-2000:]
+    recipe = (f"{index_cli} update --index-dir {idx} --threads 1 --no-mlflow; rc=$?; "
+              "case $rc in 3|4) exit 0;; esac; exit $rc")
+    update = submit(["bash", "-c", recipe])
+    assert update.returncode == 0, update.stdout[-3000:] + update.stderr[-2000:]
+    assert "exit 3: nothing published" in update.stdout and "succeeded" in update.stdout
     assert IndexStore(idx).versions() == ["v000001"]

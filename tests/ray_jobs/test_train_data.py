@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from ray_jobs.ray_helpers import TINY, connected_cluster
+from ray_jobs.ray_helpers import TINY
 from support import make_class_dataset
 
 from idml.config import load_config
@@ -21,7 +21,10 @@ from pipelines._data import ClassBalancedPacker, eval_datasets, max_batches, tra
 from pipelines._worker_data import StreamedSplit, iter_train_batches
 
 
-cluster = pytest.fixture(scope="module")(connected_cluster)
+@pytest.fixture(scope="module")
+def cluster(ray_connected):
+    """The session's shared cluster (tests/conftest.py), this process connected to it."""
+    return ray_connected
 
 
 def rows(labels, start=0):

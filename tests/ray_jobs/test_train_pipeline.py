@@ -1,4 +1,4 @@
-"""End to end on a real local Ray cluster (2 CPUs): distributed training with 2 DDP workers, MLflow
+"""End to end on the session's shared Ray cluster (2 CPUs): distributed training with 2 DDP workers, MLflow
 tracking, resuming by run name, recovery from a SIGKILLed worker, and bad input rejected before
 any worker starts."""
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ray_jobs.ray_helpers import TINY, artifact_paths, cluster_processes, connected_cluster, mlflow_runs, sqlite_uri
+from ray_jobs.ray_helpers import TINY, artifact_paths, cluster_processes, mlflow_runs, sqlite_uri
 from support import make_class_dataset
 
 from idml.checkpoint import load_checkpoint, model_from_checkpoint
@@ -28,7 +28,10 @@ EXPECTED_ARTIFACTS = {"checkpoints/best.pt", "config.yaml", "metrics.json",
                       "plots/uncertainty_extremes.png"}
 
 
-cluster = pytest.fixture(scope="module")(connected_cluster)
+@pytest.fixture(scope="module")
+def cluster(ray_connected):
+    """The session's shared cluster (tests/conftest.py), this process connected to it."""
+    return ray_connected
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +45,7 @@ def config(dataset, out, *extra):
 
 
 def options(tmp_path, **kwargs):
-    # 2 workers x 0.5 CPU on a 2-CPU cluster: one CPU stays free for Ray Data.
+    # 2 workers x 0.5 CPU: the cluster keeps CPUs free for Ray Data.
     return RayOptions(num_workers=2, cpus_per_worker=0.5, tracking_uri=sqlite_uri(tmp_path), **kwargs)
 
 
@@ -234,6 +237,9 @@ def test_bad_input_fails_before_workers_start(dataset, tmp_path, overrides, erro
 
 
 def test_workers_that_leave_ray_data_no_cpu_are_refused(cluster, dataset, tmp_path):
+    import ray
+
+    every_cpu = ray.cluster_resources()["CPU"]  # the two workers reserve all of them
     with pytest.raises(ValueError, match="Ray Data"):
-        train_ray(config(dataset, tmp_path / "cpu"), RayOptions(num_workers=2, cpus_per_worker=1.0,
+        train_ray(config(dataset, tmp_path / "cpu"), RayOptions(num_workers=2, cpus_per_worker=every_cpu / 2,
                                                                 tracking_uri=sqlite_uri(tmp_path)))

@@ -1,7 +1,8 @@
 """`idml tune` end to end on a real Ray cluster (3 logical CPUs): tune_spaces/smoke.yaml (3 sampled trials
 + the lambda = 0 trial, one at a time, ASHA) on generated data, the driver SIGKILLed mid-search
-and restarted with the same name; then the table, the MLflow parent and children, and the best
-config trained by `idml train`. Bad spaces fail on the driver before any trial."""
+and restarted with the same name (on a cluster of its own); then the table, the MLflow parent and
+children, and the best config trained by `idml train`. Bad spaces fail on the driver before any
+trial. The other searches run on the session's shared cluster (2 logical CPUs)."""
 
 from __future__ import annotations
 
@@ -30,17 +31,25 @@ TINY = ["model.backbone=resnet18", "model.pretrained=false", "model.embedding_di
         "train.batch_size=8", "train.images_per_class=4", "train.warmup_epochs=0", "train.max_steps_per_epoch=0",
         "eval.batch_size=32"]
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """3 CPUs: a restored search may run two trials at once (Tune does not persist which trials
-    its concurrency limit counts), and two trials' workers on 2 CPUs leave Ray Data none."""
-    from ray_jobs.ray_helpers import RayCluster, connect
+@pytest.fixture
+def own_cluster(tmp_path_factory):
+    """A cluster of its own for the search that is killed and resumed (nothing another test left
+    running competes with the resumed trials). 3 CPUs: a restored search may run two trials at
+    once (Tune does not persist which trials its concurrency limit counts), and two trials'
+    workers on 2 CPUs leave Ray Data none."""
+    from ray_jobs.ray_helpers import RayCluster, connected
 
     cluster = RayCluster(tmp_path_factory.mktemp("ray"), cpus=3)
-    disconnect = connect(cluster)
-    yield cluster
-    disconnect()
-    cluster.stop()
+    try:
+        yield from connected(cluster)
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_connected):
+    """The session's shared cluster (tests/conftest.py; 2 logical CPUs), this process connected to it."""
+    return ray_connected
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +62,8 @@ def _experiment_state_has_finished_trial(storage: Path) -> bool:
     return any("TERMINATED" in p.read_text(errors="replace") for p in storage.glob("smoke-test/experiment_state-*.json"))
 
 
-def test_search_killed_and_resumed_tracks_every_trial_once(cluster, dataset, tmp_path, monkeypatch, capsys):
+def test_search_killed_and_resumed_tracks_every_trial_once(own_cluster, dataset, tmp_path, monkeypatch, capsys):
+    cluster = own_cluster
     out, uri = tmp_path / "search", sqlite_uri(tmp_path)
     # The generated classes are so easy that every trial's val MAP@R is 1 (ties: ASHA cuts
     # nothing); the training loss tells the trials apart, so ASHA ranks on it here.
@@ -194,9 +204,9 @@ def test_bad_spaces_fail_on_load(tmp_path, dataset, changes, match):
 
 def test_bad_search_fails_on_the_driver_before_any_trial(cluster, dataset, tmp_path, capsys):
     overrides = TINY + [f"data.dataset={dataset}"]
-    # More concurrent trials than the 3-CPU cluster holds with their decoding.
+    # More concurrent trials than the 2-CPU cluster holds with their decoding.
     space = load_space(_space(tmp_path, concurrency=2), overrides=overrides)
-    with pytest.raises(InputError, match=r"2 trial workers x 0.5 CPUs leave 2 of the cluster's 3 CPUs, less than the "
+    with pytest.raises(InputError, match=r"2 trial workers x 0.5 CPUs leave 1 of the cluster's 2 CPUs, less than the "
                                          r"2.02 CPU\(s\) Ray Data needs beside the workers \(1 per trial\); .*\(now 2 trial"):
         tune_search(space, TuneOptions(output_dir=str(tmp_path / "cpu"), tracking_uri=sqlite_uri(tmp_path)))
     assert not (tmp_path / "mlflow.db").exists()  # nothing started: no parent run
