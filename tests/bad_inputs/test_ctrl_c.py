@@ -45,7 +45,7 @@ def test_ctrl_c_stops_an_index_build_and_marks_its_run_killed(tmp_path):
                            "--corpus", corpus, "--index-dir", str(tmp_path / "idx")],
                           "embedding 4 file(s)", log=tmp_path / "build.log", cwd=tmp_path,
                           env=_env(tmp_path, IDML_INDEX_EMBED_DELAY_S="2"))
-    assert stopped.assert_clean("idml index", within_s=WITH_RAY_S) == "idml index: stopped (Ctrl-C)"
+    assert stopped.assert_clean(within_s=WITH_RAY_S) == "idml: stopped (Ctrl-C)"
     # Nothing of Ray's on the way out: no core worker line about a shutdown worker, no actor restarts.
     assert "core_worker" not in stopped.output and "max_restarts" not in stopped.output, stopped.output[-3000:]
     _, runs = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "idml-index")
