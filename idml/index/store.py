@@ -34,7 +34,7 @@ from typing import Any, Iterator
 
 from idml.files import file_sha256, fsync_dir, write_json_atomic
 # Aliased: the names this module's code has always used (the definitions moved to idml.integrity).
-from idml.integrity import RACY_SECONDS, read_stamps as _read_stamps, stat_stamp as _stamp
+from idml.integrity import RACY_SECONDS, read_stamps, stat_stamp
 from idml.errors import DamagedFileError
 
 INDEX_FORMAT = "idml-index"
@@ -174,7 +174,7 @@ class IndexStore:
             elif st.st_size != info["bytes"]:
                 problems[rel] = f"{path} has {st.st_size} bytes, the manifest says {info['bytes']}"
             elif checksums:
-                stamp = _stamp(info["sha256"], st)
+                stamp = stat_stamp(info["sha256"], st)
                 if remembered.get(rel) == stamp:
                     sound[rel] = stamp
                 elif file_sha256(path) != info["sha256"]:
@@ -188,7 +188,7 @@ class IndexStore:
     def remembered(self, version: str) -> dict[str, list]:
         """The stamps ``file_problems(remember=True)`` keeps for ``version``: {file: [sha256, inode,
         size, mtime_ns, ctime_ns]} of files found sound."""
-        return _read_stamps(self.stamps_path(version))
+        return read_stamps(self.stamps_path(version))
 
     def merged_dir(self, version: str) -> Path:
         """Where ``version``'s IVF shards are merged into one on-disk index (``combined.merge_ondisk``)."""
@@ -218,7 +218,7 @@ class IndexStore:
                 st = (vdir / rel).stat()
             except OSError:
                 continue
-            stamp = _stamp(info["sha256"], st)
+            stamp = stat_stamp(info["sha256"], st)
             if st.st_size != info["bytes"]:
                 continue
             if parent_stamps.get(rel, [])[:4] == stamp[:4] or st.st_mtime < hashed_since - RACY_SECONDS:
